@@ -1,0 +1,144 @@
+"""Frozen, serialisable configuration objects, one per stage.
+
+Each config is a frozen dataclass with ``to_dict`` / ``from_dict`` so that it can be stored
+in Zarr attrs and in checkpoints for provenance.  Validation happens in ``__post_init__``
+and raises ``ValueError`` with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="_Config")
+
+
+class _Config:
+    """Mixin: dict/JSON round trip for frozen dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        out["__config__"] = type(self).__name__
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        d = dict(d)
+        name = d.pop("__config__", cls.__name__)
+        if name != cls.__name__:
+            raise ValueError(f"config is a {name}, expected {cls.__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} field(s) {sorted(unknown)}; valid fields are {sorted(known)}"
+            )
+        kw = {}
+        for k, v in d.items():
+            kw[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _check(cond: bool, msg: str) -> None:
+    # explicit check instead of assert: asserts vanish under python -O
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class SimConfig(_Config):
+    """Synthetic WS2/WSe2 lateral heterostructure 4D-STEM dataset.
+
+    ``dose`` is electrons per pattern (Poisson); ``None`` gives noise-free expected
+    intensities.  ``background_weight`` is the original benchmark's Lorentzian mixing weight.
+    """
+
+    scan: tuple[int, int] = (64, 64)
+    detector: int = 128
+    dose: float | None = None
+    background_weight: float = 0.0
+    seed: int = 0
+    pixel_size: float = 0.0183  # 1/A per detector pixel: WS2 {100} at ~20 px
+    disk_radius: float = 4.5  # px, from the convergence angle
+    global_rotation_deg: float = 17.0
+    ripple_amplitude_deg: float = 1.5
+    ripple_wavelength: float = 40.0  # scan pixels
+    strain_amplitude: float = 0.01
+    interface_strain: float = 0.01
+    drift_px: float = 3.0
+    diffuse_fraction: float = 0.1
+    central_fraction: float = 0.4
+    n_hot_pixels: int = 4
+    vacuum: bool = True
+
+    def __post_init__(self) -> None:
+        _check(len(self.scan) == 2 and min(self.scan) >= 2, "scan must be (ny, nx) >= 2")
+        _check(self.detector >= 32, "detector must be at least 32 px")
+        _check(self.dose is None or self.dose > 0, "dose must be positive or None (noise-free)")
+        _check(0 <= self.background_weight < 1, "background_weight must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """CC-ST-AE architecture."""
+
+    num_base: int = 3  # dictionary size: phases + vacuum
+    input_size: int = 64  # encoder input (patterns are binned to this)
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    latent: int = 32
+    max_scale: float = 0.1  # |scale - 1| bound of the affine head
+    max_shear: float = 0.1
+    max_shift: float = 0.25  # translation bound, fraction of the half-width
+
+    def __post_init__(self) -> None:
+        _check(self.num_base >= 1, "num_base must be >= 1")
+        _check(self.input_size % 16 == 0, "input_size must be a multiple of 16")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Training loop."""
+
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    max_patterns: int = 8192  # patterns sampled per epoch (subsampled when larger)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.lr > 0, "lr must be positive")
+
+
+@dataclass(frozen=True)
+class MapConfig(_Config):
+    """Inference, per-pattern refinement and strain assembly.
+
+    ``reference`` is ``None`` for the automatic reference, or a scan box
+    ``(y0, y1, x0, x1)`` (half-open, scan pixels).
+    """
+
+    refine_iters: int = 12
+    batch_size: int = 256
+    reference: tuple[int, int, int, int] | None = None
+    symmetry: int = 6  # rotational symmetry of the pattern: theta is unwrapped modulo 360/symmetry
+
+    def __post_init__(self) -> None:
+        _check(self.refine_iters >= 0, "refine_iters must be >= 0")
+        if self.reference is not None:
+            _check(len(self.reference) == 4, "reference must be (y0, y1, x0, x1)")
+            y0, y1, x0, x1 = self.reference
+            _check(y1 > y0 and x1 > x0, "reference box must be non-empty: y1 > y0 and x1 > x0")
+        _check(self.symmetry >= 1, "symmetry must be >= 1")
