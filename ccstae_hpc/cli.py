@@ -1,0 +1,336 @@
+"""The ``ccstae`` command: thin wrappers around the library functions.
+
+Subcommands::
+
+    ccstae simulate OUT.npy [--scan NY NX] [--detector Q] [--dose D] [--seed S] ...
+    ccstae run INPUT.npy --out STORE.zarr [--overwrite] [--epochs N] [--num-base K] ...
+    ccstae ingest ...            (see ``ccstae ingest --help``)
+
+Bad input gets one line ``error: <problem>. <what to do>`` on stderr and exit code 2, and
+nothing is written: every check that can fail runs before any computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ccstae_hpc import store
+from ccstae_hpc.config import MapConfig, ModelConfig, SimConfig, TrainConfig
+
+__all__ = ["CliError", "check_finite", "load_npy", "main", "run_npy", "validate_array"]
+
+EXIT_USAGE = 2
+MIN_DETECTOR = 32  # px per detector axis; the same floor as SimConfig.detector
+MIN_PATTERNS = 16  # probe positions: fewer cannot teach a dictionary (pipeline.validate_input)
+# bytes of input checked for NaN/inf per step: bounded memory whatever the file size
+_CHECK_BLOCK_BYTES = 64 * 2**20
+
+
+class CliError(Exception):
+    """A user error: printed as ``error: <problem>. <what to do>``, exit code 2."""
+
+    def __init__(self, problem: str, todo: str = "") -> None:
+        super().__init__(problem)
+        self.problem = problem.rstrip(".")
+        self.todo = todo
+
+    def line(self) -> str:
+        # one line whatever the wrapped exception's text holds
+        return " ".join(f"error: {self.problem}. {self.todo}".split())
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks (cheap, before any computation)
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Memory-map a ``.npy`` file read-only; raise :class:`CliError` if it is not one."""
+    if not path.exists():
+        raise CliError(f"input file {path} does not exist", "Check the path.")
+    if path.is_dir():
+        raise CliError(f"input {path} is a directory", "Pass a .npy file.")
+    todo = "Pass a NumPy .npy file written by numpy.save."
+    try:
+        with open(path, "rb") as fh:
+            # checking the magic first gives one clear message for any non-npy file
+            np.lib.format.read_magic(fh)
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError as e:
+        raise CliError(
+            f"cannot read {path}: permission denied", "Check the file's permissions."
+        ) from e
+    except (ValueError, OSError, EOFError) as e:
+        raise CliError(f"{path} is not a readable .npy file ({e})", todo) from e
+    if not isinstance(data, np.ndarray):  # defensive: np.load of an archive returns NpzFile
+        raise CliError(f"{path} is not a single .npy array", todo)
+    return data
+
+
+def check_finite(data: np.ndarray, block_bytes: int = _CHECK_BLOCK_BYTES) -> None:
+    """Raise :class:`CliError` at the first NaN/inf, reading a memmap block by block."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return  # integer counts cannot be NaN
+    row_bytes = max(int(np.prod(data.shape[1:], dtype=np.int64)) * data.itemsize, 1)
+    step = max(block_bytes // row_bytes, 1)
+    for y0 in range(0, data.shape[0], step):
+        bad = ~np.isfinite(data[y0 : y0 + step]).all(axis=(-2, -1))
+        if bad.any():
+            y, x = np.argwhere(bad)[0]
+            raise CliError(
+                f"input holds NaN or infinite values (first at scan position y={y0 + y}, x={x})",
+                "Replace them (e.g. with 0 for dead pixels) and save the array again.",
+            )
+
+
+def validate_array(data: np.ndarray, reference: Sequence[int] | None = None) -> None:
+    """Check shape, dtype, detector size, values and the reference box of a 4D-STEM array."""
+    if data.ndim != 4:
+        raise CliError(
+            f"input has {data.ndim} dimensions {tuple(data.shape)}; expected 4 "
+            "(scan_y, scan_x, k_y, k_x)",
+            "Reshape it, e.g. a flattened scan with data.reshape(ny, nx, qy, qx).",
+        )
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise CliError(
+            f"input has dtype {data.dtype}; expected integer counts or real intensities",
+            "Convert it with data.astype(np.float32).",
+        )
+    ny, nx, qy, qx = data.shape
+    if min(qy, qx) < MIN_DETECTOR:
+        raise CliError(
+            f"detector is {qy} x {qx} px; at least {MIN_DETECTOR} x {MIN_DETECTOR} is needed",
+            "Pass the unbinned patterns.",
+        )
+    if ny * nx < MIN_PATTERNS:
+        raise CliError(
+            f"scan is {ny} x {nx}; at least {MIN_PATTERNS} probe positions are needed",
+            "Pass a larger scan.",
+        )
+    if reference is not None:
+        y0, y1, x0, x1 = reference
+        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+            raise CliError(
+                f"--reference {y0} {y1} {x0} {x1} is not a non-empty box inside the "
+                f"{ny} x {nx} scan",
+                "Give Y0 Y1 X0 X1 with 0 <= Y0 < Y1 <= ny and 0 <= X0 < X1 <= nx.",
+            )
+    check_finite(data)
+
+
+def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, MapConfig]:
+    try:
+        model = ModelConfig(**({} if args.num_base is None else {"num_base": args.num_base}))
+        train = TrainConfig(
+            **{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+        )
+        mapping = MapConfig(reference=None if args.reference is None else tuple(args.reference))
+    except ValueError as e:
+        raise CliError(str(e), "Fix the option and run again.") from e
+    return model, train, mapping
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+
+
+def run_npy(
+    inp: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    map_cfg: MapConfig | None = None,
+    progress: bool | Callable[[dict], None] = True,
+) -> xr.Dataset:
+    """What ``ccstae run`` does: check, load, validate, run the pipeline, write the store.
+
+    Every check that can fail runs before any computation.  ``progress`` is passed to
+    ``pipeline.run_array`` (``True`` prints, a callable receives the training records).
+
+    Raises
+    ------
+    CliError
+        Bad input or output path; nothing was written.
+    """
+    inp, out = Path(inp), Path(out)
+    map_cfg = map_cfg or MapConfig()
+    try:
+        store.check_output(out, overwrite)
+    except FileExistsError as e:
+        raise CliError(str(e)) from e
+    data = load_npy(inp)
+    validate_array(data, map_cfg.reference)
+
+    # imported here: torch loads in seconds, and the checks above must stay instant
+    from ccstae_hpc import pipeline
+
+    ny, nx, qy, qx = data.shape
+    print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector, {data.dtype}) -> {out}")
+    try:
+        ds = pipeline.run_array(data, model_cfg, train_cfg, map_cfg, progress=progress)
+    except pipeline.InputError as e:
+        raise CliError(str(e), "Check the input data.") from e
+    try:
+        store.write_strain(ds, out, overwrite=overwrite)
+    except FileExistsError as e:  # the output appeared while we computed
+        raise CliError(str(e)) from e
+    return ds
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ccstae_hpc.evaluate import summarize
+
+    model_cfg, train_cfg, map_cfg = _configs(args)
+    t0 = time.perf_counter()
+    ds = run_npy(
+        args.input,
+        args.out,
+        overwrite=args.overwrite,
+        model_cfg=model_cfg,
+        train_cfg=train_cfg,
+        map_cfg=map_cfg,
+        progress=not args.quiet,
+    )
+    dt = time.perf_counter() - t0
+    print(summarize(ds))
+    print(f"done in {dt:.1f} s; strain maps in {args.out} (group 'strain')")
+    print(f'read them with: xarray.open_zarr("{args.out}", group="strain")')
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise CliError(f"output {out} does not end in .npy", "Name it like data.npy.")
+    truth = out.with_suffix(".truth.npz")
+    for p in (out, truth):
+        if p.exists() and not args.overwrite:
+            raise CliError(f"{p} exists", "Pass --overwrite to replace it or choose another name.")
+    kw = {
+        "scan": None if args.scan is None else tuple(args.scan),
+        "detector": args.detector,
+        "dose": args.dose,
+        "seed": args.seed,
+        "background_weight": args.background_weight,
+    }
+    try:
+        cfg = SimConfig(**{k: v for k, v in kw.items() if v is not None})
+    except ValueError as e:
+        raise CliError(str(e), "Fix the option and run again.") from e
+
+    from ccstae_hpc.simulate import save_simulation
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    npy_path, truth_path = save_simulation(out, cfg)
+    dose = "noise-free" if cfg.dose is None else f"{cfg.dose:g} e-/pattern"
+    print(
+        f"simulated {cfg.scan[0]} x {cfg.scan[1]} scan, {cfg.detector} px detector, {dose} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"data:  {npy_path}\ntruth: {truth_path}")
+    return 0
+
+
+def _exit_code(e: SystemExit) -> int:
+    # sys.exit() semantics: None is success, an int is the code, anything else was printed
+    if e.code is None:
+        return 0
+    return e.code if isinstance(e.code, int) else 1
+
+
+def _cmd_ingest(argv: Sequence[str]) -> int:
+    try:
+        from ccstae_hpc.io.ingest import ingest_main
+    except ImportError as e:
+        raise CliError(f"ingest is not available ({e})", "Reinstall ccstae-hpc.") from e
+    try:
+        return int(ingest_main(list(argv)))
+    except SystemExit as e:  # its own argparse: usage errors and --help
+        return _exit_code(e)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ccstae-hpc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    p = argparse.ArgumentParser(
+        prog="ccstae",
+        description="CC-ST-AE strain mapping for 4D-STEM.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="write a synthetic WS2/WSe2 dataset with ground truth")
+    s.add_argument("out", metavar="OUT.npy", help="data file; the truth goes to OUT.truth.npz")
+    s.add_argument("--scan", type=int, nargs=2, metavar=("NY", "NX"), help="scan size (64 64)")
+    s.add_argument("--detector", type=int, metavar="Q", help="detector size in px (128)")
+    s.add_argument("--dose", type=float, metavar="D", help="e-/pattern (default: noise-free)")
+    s.add_argument("--seed", type=int, metavar="S", help="random seed (0)")
+    s.add_argument("--background-weight", type=float, metavar="W", help="in [0, 1) (0)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.set_defaults(func=_cmd_simulate)
+
+    r = sub.add_parser("run", help="strain maps from a 4D-STEM .npy array")
+    r.add_argument("input", metavar="INPUT.npy", help="(scan_y, scan_x, k_y, k_x) array")
+    r.add_argument("--out", required=True, metavar="STORE.zarr", help="result store")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    r.add_argument(
+        "--epochs", type=int, metavar="N", help=f"training epochs ({TrainConfig.epochs})"
+    )
+    r.add_argument(
+        "--num-base", type=int, metavar="K", help=f"dictionary size ({ModelConfig.num_base})"
+    )
+    r.add_argument(
+        "--reference",
+        type=int,
+        nargs=4,
+        metavar=("Y0", "Y1", "X0", "X1"),
+        help="reference box in scan pixels, half-open (default: automatic)",
+    )
+    r.add_argument("--seed", type=int, metavar="S", help=f"training seed ({TrainConfig.seed})")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=_cmd_run)
+
+    # parsed by ingest_main itself (dispatched in main before argparse); listed for --help
+    sub.add_parser("ingest", help="read a microscope file into a store (see ccstae ingest -h)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ccstae`` console script; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list and args_list[0] == "ingest":
+            return _cmd_ingest(args_list[1:])
+        try:
+            args = build_parser().parse_args(args_list)
+        except SystemExit as e:  # argparse exits on usage errors and --help
+            return _exit_code(e)
+        return int(args.func(args))
+    except CliError as e:
+        print(e.line(), file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
