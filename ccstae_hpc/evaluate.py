@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from ccstae_hpc.config import MapConfig
+from ccstae_hpc.simulate import LATTICE_A
 from ccstae_hpc.strain import reference_deformation, relative_strain
 
 __all__ = [
@@ -93,6 +94,13 @@ def truth_relative(
     phase = _values(ds, "phase")
     ref = _values(ds, "reference").astype(bool)
     F = np.asarray(truth["F"], dtype=np.float64)
+    # truth F is relative to each phase's own relaxed lattice; express it against one common
+    # lattice so that a predicted class mixing two phases shows their mismatch as error
+    tph = np.asarray(truth["phase"])
+    scale = np.ones(tph.shape)
+    for p, a in LATTICE_A.items():
+        scale[tph == p] = a / LATTICE_A[1]
+    F = F * scale[..., None, None]
     if F.shape[:2] != phase.shape:
         raise ValueError(f"truth F has scan shape {F.shape[:2]}, result has {phase.shape}")
     valid = np.isfinite(F).all(axis=(-2, -1))

@@ -26,6 +26,8 @@ __all__ = [
     "unwrap_symmetry",
     "reference_deformation",
     "relative_strain",
+    "robust_inliers",
+    "pool_deformation",
 ]
 
 
@@ -72,7 +74,12 @@ def unwrap_symmetry(M: np.ndarray, target: np.ndarray, symmetry: int) -> np.ndar
 
 
 def reference_deformation(M: np.ndarray, mask: np.ndarray, symmetry: int = 6) -> np.ndarray:
-    """Robust reference deformation: element-wise median of ``M[mask]`` after unwrapping.
+    """Robust reference deformation of the region ``mask``.
+
+    The element-wise median of ``T = M M0^-1`` (``M0`` the mean of the region after
+    symmetry unwrapping), mapped back by ``M0``.  Unlike a plain element-wise median of
+    ``M``, this is equivariant under ``M -> M C`` for any constant ``C``: the arbitrary
+    lattice frame of the learned dictionary cancels exactly.
 
     Parameters
     ----------
@@ -83,12 +90,13 @@ def reference_deformation(M: np.ndarray, mask: np.ndarray, symmetry: int = 6) ->
     if Ms.shape[0] == 0:
         raise ValueError("reference region holds no valid pattern: choose a box inside the sample")
     # provisional target: the rotation whose symmetry-folded angle is the circular mean
-    theta, _ = polar_decompose(Ms)
+    theta, U = polar_decompose(Ms)
     n = max(symmetry, 1)
     phi = np.angle(np.mean(np.exp(1j * np.deg2rad(theta) * n))) / n
-    target = rotation_matrix(np.rad2deg(phi)) @ np.median(polar_decompose(Ms)[1], axis=0)
+    target = rotation_matrix(np.rad2deg(phi)) @ np.median(U, axis=0)
     Ms = unwrap_symmetry(Ms, target, symmetry)
-    return np.median(Ms, axis=0)
+    M0 = Ms.mean(axis=0)
+    return np.median(Ms @ np.linalg.inv(M0), axis=0) @ M0
 
 
 def relative_strain(M: np.ndarray, M_ref: np.ndarray, symmetry: int = 6) -> dict[str, np.ndarray]:
@@ -105,3 +113,38 @@ def relative_strain(M: np.ndarray, M_ref: np.ndarray, symmetry: int = 6) -> dict
         "exy": U[..., 0, 1],
         "theta": theta,
     }
+
+
+def robust_inliers(M: np.ndarray, M_ref: np.ndarray, nsigma: float, symmetry: int = 6
+                   ) -> np.ndarray:
+    """Boolean mask of fits whose strain and rotation lie within ``nsigma`` robust standard
+    deviations (1.4826 MAD) of the median of their group; flags diverged fits."""
+    st = relative_strain(M, M_ref, symmetry)
+    ok = np.all(np.isfinite(M), axis=(-2, -1))
+    for v in st.values():
+        med = np.nanmedian(v)
+        mad = 1.4826 * np.nanmedian(np.abs(v - med)) + 1e-9
+        ok &= np.abs(v - med) <= nsigma * mad
+    return ok
+
+
+def pool_deformation(M: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-weighted average of deformations ``(ny, nx, 2, 2)`` over neighbours.
+
+    Normalised convolution: pixels with ``weight == 0`` (other phases, vacuum, outliers)
+    contribute nothing, so phases never mix.  Returns NaN where no weight is in reach.
+    """
+    from scipy import ndimage  # local: only pooling needs scipy here
+
+    w = weight.astype(np.float64)
+    Mw = np.where(w[..., None, None] > 0, M, 0.0) * w[..., None, None]
+    kw = dict(sigma=sigma, mode="constant", truncate=3.0)
+    den = ndimage.gaussian_filter(w, **kw)
+    num = np.empty_like(Mw)
+    for i in range(2):
+        for j in range(2):
+            num[..., i, j] = ndimage.gaussian_filter(Mw[..., i, j], **kw)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / den[..., None, None]
+    out[den <= 1e-12] = np.nan
+    return out

@@ -1,0 +1,199 @@
+"""Inference: encode patterns, then refine each affine against the cycle loss.
+
+The refinement keeps the dictionary fixed and minimises the cycle term of the loss (the
+dictionary pattern, warped back by the inverse affine, must reproduce the input) for each
+pattern with a batched Gauss-Newton / Levenberg-Marquardt solver.  Only the smooth,
+noise-free dictionary is ever interpolated, never the noisy input, and pixels are weighted
+by the inverse of their expected counts, so the fit is a Poisson maximum-likelihood
+estimate of the affine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .model import CCSTAE, affine_matrix
+
+__all__ = ["encode", "refine", "pixel_grid"]
+
+
+@torch.no_grad()
+def encode(model: CCSTAE, x: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classes ``(N,)`` and affines ``(N, 2, 3)`` from the encoder."""
+    cls, th = [], []
+    for i in range(0, len(x), batch):
+        _, onehot, params = model.encode(x[i:i + batch])
+        cls.append(onehot.argmax(-1))
+        th.append(affine_matrix(params))
+    return torch.cat(cls), torch.cat(th)
+
+
+def pixel_grid(Q: int) -> torch.Tensor:
+    """Normalised ``(x, y)`` coordinates of pixel centres, ``(Q*Q, 2)`` (align_corners=False)."""
+    c = (torch.arange(Q, dtype=torch.float32) + 0.5) * (2.0 / Q) - 1.0
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([xx.ravel(), yy.ravel()], -1)
+
+
+def _channels(dictionary: np.ndarray, masks: np.ndarray, sigma: float) -> torch.Tensor:
+    """Stack ``[D, dD/dx, dD/dy, mask]`` per class ``(K, 4, Q, Q)``; gradients per unit of
+    normalised coordinate."""
+    K, Q, _ = dictionary.shape
+    out = np.empty((K, 4, Q, Q), dtype=np.float32)
+    for k in range(K):
+        d = ndimage.gaussian_filter(dictionary[k].astype(np.float64), sigma) if sigma > 0 \
+            else dictionary[k].astype(np.float64)
+        gy, gx = np.gradient(d)
+        out[k, 0] = d
+        out[k, 1] = gx * (Q / 2.0)
+        out[k, 2] = gy * (Q / 2.0)
+        out[k, 3] = masks[k]
+    return torch.from_numpy(out)
+
+
+def _sample(ch: torch.Tensor, groups: list[tuple[int, int, int]], pts: torch.Tensor,
+            mode: str) -> torch.Tensor:
+    """Sample class images ``ch`` ``(K, C, Q, Q)`` at ``pts`` ``(N, P, 2)``; patterns are
+    sorted by class, ``groups`` holds ``(class, start, stop)`` so no gather is needed."""
+    N, P, _ = pts.shape
+    out = torch.empty(N, ch.shape[1], P)
+    for k, a, z in groups:
+        out[a:z] = F.grid_sample(
+            ch[k:k + 1].expand(z - a, -1, -1, -1), pts[a:z].unsqueeze(1), mode=mode,
+            padding_mode="zeros", align_corners=False,
+        ).squeeze(2)
+    return out
+
+
+def _gn_step(xi, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=True):
+    """One Gauss-Newton step on pixels ``u``; returns updated parameters and the residual.
+
+    The Jacobian is ``[gx*phi, gy*phi, D, 1]`` with ``phi = (u_x, u_y, 1)`` per pixel, so
+    the normal equations reduce to ``(N, P) x (P, 9)`` and ``(N, P) x (P, 3)`` products and
+    the ``(N, P, 8)`` Jacobian is never materialised (its memory traffic dominated).
+    """
+    N, P = xi.shape
+    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    Ds, Gx, Gy, W = _sample(ch, groups, pts, mode).unbind(1)
+    mu = g[:, None] * Ds + b[:, None]
+    r = xi - mu
+    # Poisson weighting: the variance of normalised counts is proportional to the mean
+    floor = floor_frac * mu.mean(1, keepdim=True).clamp(min=1e-6)
+    w = W / torch.maximum(mu, floor)
+    wr = w * r
+    resid = (wr * r).sum(1) / (w * xi * xi).sum(1).clamp(min=1e-12)
+    if not solve:
+        return B, s, g, b, resid
+    phi = torch.cat([u, torch.ones(P, 1)], 1)
+    phi2 = (phi[:, :, None] * phi[:, None, :]).reshape(P, 9)
+    gx, gy = g[:, None] * Gx, g[:, None] * Gy
+    wgx, wgy = w * gx, w * gy
+    wD = w * Ds
+    H = torch.zeros(N, 8, 8)
+    H[:, 0:3, 0:3] = ((wgx * gx) @ phi2).view(N, 3, 3)
+    H[:, 0:3, 3:6] = ((wgx * gy) @ phi2).view(N, 3, 3)
+    H[:, 3:6, 3:6] = ((wgy * gy) @ phi2).view(N, 3, 3)
+    H[:, 0:3, 6] = (wD * gx) @ phi
+    H[:, 3:6, 6] = (wD * gy) @ phi
+    H[:, 0:3, 7] = wgx @ phi
+    H[:, 3:6, 7] = wgy @ phi
+    H[:, 6, 6] = (wD * Ds).sum(1)
+    H[:, 6, 7] = wD.sum(1)
+    H[:, 7, 7] = w.sum(1)
+    H = torch.triu(H) + torch.triu(H, 1).transpose(1, 2)
+    grad = torch.cat([(wr * gx) @ phi, (wr * gy) @ phi,
+                      (wr * Ds).sum(1, keepdim=True), wr.sum(1, keepdim=True)], 1)
+    eye = torch.eye(8)
+    H = H + damping * torch.diagonal(H, dim1=1, dim2=2).unsqueeze(-1) * eye + 1e-9 * eye
+    d = torch.linalg.solve(H, grad)
+    # a trust region: no single step may move the pattern by more than a few pixels; at very
+    # low dose an ill-conditioned first step would otherwise throw the fit out of the basin
+    d = torch.nan_to_num(d)
+    d[:, :6] = d[:, :6].clamp(-0.05, 0.05)
+    # parameter order: (B00, B01, s_x), (B10, B11, s_y), g, b
+    B = B + torch.stack([d[:, 0:2], d[:, 3:5]], 1)
+    s = s + torch.stack([d[:, 2], d[:, 5]], 1)
+    return B, s, g + d[:, 6], b + d[:, 7], resid
+
+
+@torch.no_grad()
+def refine(
+    x: torch.Tensor,
+    classes: torch.Tensor,
+    theta: torch.Tensor,
+    dictionary: np.ndarray,
+    masks: np.ndarray,
+    ring: np.ndarray,
+    iters: int = 6,
+    coarse_sigma: float = 1.5,
+    coarse_iters: int = 3,
+    damping: float = 1e-3,
+    smooth: float = 0.5,
+    mode: str = "bilinear",
+    floor: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
+
+    Parameters
+    ----------
+    x : (N, Q, Q) normalised patterns.
+    classes : (N,) dictionary class per pattern.
+    theta : (N, 2, 3) starting affines ``[A | t]`` (forward sampling convention).
+    dictionary, masks : (K, Q, Q) dictionary patterns and their Bragg-disk weights.
+    ring : (Q, Q) detector region used (excludes the central disk and the border).
+    iters : Gauss-Newton iterations in all; the first ``coarse_iters`` fit a dictionary
+        blurred by ``coarse_sigma`` px on every other pixel, for a wider capture range.
+    smooth : Gaussian blur (px) applied to both the data and the dictionary: it makes the
+        bilinear interpolant of the sharp-edged dictionary consistent with its gradient,
+        which removes a sub-pixel bias of the fit.
+
+    Returns
+    -------
+    theta : (N, 2, 3) refined affines; residual : (N,) weighted relative residual.
+    """
+    N, Q, _ = x.shape
+    order = torch.argsort(classes, stable=True)
+    cls = classes[order]
+    ks, counts = torch.unique_consecutive(cls, return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    groups = [
+        (int(k), e - int(c), e)
+        for k, c, e in zip(ks.tolist(), counts.tolist(), ends, strict=True)
+    ]
+    x = x[order]
+    A = theta[order, :, :2]
+    B = torch.linalg.inv(A)  # the dictionary is sampled at B u + s
+    s = -(B @ theta[order, :, 2:]).squeeze(-1)
+    g = torch.ones(N)
+    b = torch.zeros(N)
+    stacks = {sig: _channels(dictionary, masks, max(sig, smooth)) for sig in {coarse_sigma, 0.0}}
+    if smooth > 0:
+        x = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, smooth, smooth)))
+    # fit only pixels that some pattern of the batch reaches with its (dilated) disk mask:
+    # the masks cover under half of the ring
+    u = pixel_grid(Q)
+    reach = torch.from_numpy(
+        np.stack([ndimage.binary_dilation(m > 0, iterations=4) for m in masks]).astype(np.float32)
+    ).unsqueeze(1)
+    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    hit = (_sample(reach, groups, pts, "bilinear")[:, 0] > 0).any(0)
+    keep = hit & torch.from_numpy(ring.ravel() > 0)
+    idx = torch.arange(Q)
+    coarse_grid = ((idx[:, None] % 2 == 0) & (idx[None, :] % 2 == 0)).ravel()
+    sets = {}
+    for name, k in (("fine", keep), ("coarse", keep & coarse_grid)):
+        sets[name] = (u[k], x.reshape(N, -1)[:, k].contiguous())
+    resid = torch.zeros(N)
+    for it in range(iters + 1):
+        coarse = it < coarse_iters
+        uu, xi = sets["coarse" if coarse else "fine"]
+        ch = stacks[coarse_sigma if coarse else 0.0]
+        B, s, g, b, resid = _gn_step(xi, uu, B, s, g, b, ch, groups, mode, damping, floor,
+                                     solve=it < iters)
+    A = torch.linalg.inv(B)
+    t = -(A @ s.unsqueeze(-1))
+    inv = torch.argsort(order)
+    return torch.cat([A, t], -1)[inv], resid[inv]

@@ -1,0 +1,209 @@
+"""End-to-end CC-ST-AE strain mapping of an in-memory 4D array."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import __version__
+from .config import MapConfig, ModelConfig, TrainConfig
+from .infer import encode, refine
+from .preprocess import disk_contrast, disk_mask, find_hot_pixels, normalise, repair_hot_pixels
+from .strain import (
+    affine_to_deformation,
+    pool_deformation,
+    reference_deformation,
+    relative_strain,
+    robust_inliers,
+)
+from .train import estimate_geometry, train_model
+
+__all__ = ["InputError", "validate_input", "prepare", "run_array", "CONVENTIONS"]
+
+CONVENTIONS = (
+    "axes (scan_y, scan_x, k_y, k_x), detector axes parallel to scan axes; "
+    "strain is real-space, x = scan columns, y = scan rows; "
+    "T = M M_ref^-1 = R U (polar), eps = U - I: exx = U_xx - 1, eyy = U_yy - 1, exy = U_xy "
+    "(tensor shear, fractions); theta in degrees, positive turning +x toward +y, "
+    "relative to the reference and unwrapped modulo 360/symmetry; "
+    "reference = median deformation over the reference pixels of the same phase class"
+)
+
+
+class InputError(ValueError):
+    """The input data cannot be analysed; the message says what to do."""
+
+
+def validate_input(data: np.ndarray, block_rows: int = 8) -> None:
+    """Check a 4D-STEM array before any work: 4D, large enough, numeric, finite."""
+    if data.ndim != 4:
+        raise InputError(
+            f"expected a 4D array (scan_y, scan_x, k_y, k_x), got {data.ndim}D shape "
+            f"{tuple(data.shape)}; reshape the stack to the scan grid first"
+        )
+    if min(data.shape[2:]) < 32:
+        raise InputError(f"detector {data.shape[2:]} is too small; need at least 32x32 pixels")
+    if data.shape[0] * data.shape[1] < 16:
+        raise InputError("fewer than 16 probe positions; a dictionary cannot be learned")
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise InputError(f"dtype {data.dtype} is not numeric")
+    if np.issubdtype(data.dtype, np.floating):
+        for y in range(0, data.shape[0], block_rows):
+            if not np.isfinite(data[y:y + block_rows]).all():
+                raise InputError(
+                    f"non-finite values (NaN or inf) in scan rows {y}..{y + block_rows - 1}; "
+                    "replace them (e.g. with 0) or crop them out"
+                )
+
+
+def prepare(data: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Hot-pixel repair and per-pattern normalisation; returns ``(x (N,Q,Q), info)``."""
+    ny, nx, Q0, Q1 = data.shape
+    flat = data.reshape(ny * nx, Q0, Q1)
+    mean = np.zeros((Q0, Q1))
+    for i in range(0, len(flat), 1024):
+        mean += flat[i:i + 1024].sum(0, dtype=np.float64)
+    mean /= len(flat)
+    hot = find_hot_pixels(mean)
+    x = normalise(repair_hot_pixels(flat, hot))
+    mean_x = x.mean(0)
+    return x, {"hot_pixels": np.argwhere(hot), "mean": mean_x}
+
+
+def run_array(
+    data: np.ndarray,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    map_cfg: MapConfig | None = None,
+    progress: bool | Callable[[dict], None] = True,
+) -> xr.Dataset:
+    """Train CC-ST-AE on ``data`` ``(scan_y, scan_x, k_y, k_x)`` and map strain.
+
+    Returns the ``strain`` Dataset (see README for the contract).
+    """
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()
+    map_cfg = map_cfg or MapConfig()
+    validate_input(data)
+    ny, nx, Q, _ = data.shape
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    x, info = prepare(np.asarray(data))
+    geom = estimate_geometry(info["mean"])
+    timings["prepare_s"] = time.perf_counter() - t
+
+    cb = None
+    if callable(progress):
+        cb = progress
+    elif progress:
+        cb = _printer(train_cfg)
+    t = time.perf_counter()
+    model, history = train_model(x, geom, model_cfg, train_cfg, progress=cb)
+    timings["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    xt = torch.from_numpy(x)
+    classes, theta = encode(model, xt, map_cfg.batch_size)
+    dictionary = model.dictionary().detach().numpy()
+    masks = np.stack([disk_mask(d, geom.ring) for d in dictionary])
+    theta_r = torch.empty_like(theta)
+    resid = torch.empty(len(x))
+    for i in range(0, len(x), map_cfg.batch_size):
+        sl = slice(i, i + map_cfg.batch_size)
+        theta_r[sl], resid[sl] = refine(
+            xt[sl], classes[sl], theta[sl], dictionary, masks, geom.ring, map_cfg.refine_iters
+        )
+    timings["map_s"] = time.perf_counter() - t
+
+    cls = classes.numpy().reshape(ny, nx)
+    # a dictionary entry without Bragg disks is vacuum
+    contrast = np.array([disk_contrast(d, geom.ring) for d in dictionary])
+    vacuum_cls = contrast < 0.15 * contrast.max()
+    sample = ~vacuum_cls[cls]
+    M = affine_to_deformation(theta_r[:, :, :2].numpy().astype(np.float64)).reshape(ny, nx, 2, 2)
+    ref_box = np.zeros((ny, nx), dtype=bool)
+    if map_cfg.reference is None:
+        ref_box[:] = True
+        ref_desc = "automatic: all sample pixels of each phase class (median deformation)"
+    else:
+        y0, y1, x0, x1 = map_cfg.reference
+        ref_box[y0:y1, x0:x1] = True
+        ref_desc = f"box scan_y[{y0}:{y1}], scan_x[{x0}:{x1}] (median deformation per phase)"
+    out = {k: np.full((ny, nx), np.nan, dtype=np.float32) for k in ("exx", "eyy", "exy", "theta")}
+    reference = np.zeros((ny, nx), dtype=bool)
+    inlier = np.zeros((ny, nx), dtype=bool)
+    M_out = np.full_like(M, np.nan)
+    for c in np.unique(cls[sample]):
+        sel = sample & (cls == c)
+        # drop diverged fits before they reach the reference or their neighbours
+        ok = np.zeros_like(sel)
+        ok[sel] = robust_inliers(M[sel], reference_deformation(M, sel, map_cfg.symmetry),
+                                 map_cfg.outlier_mad, map_cfg.symmetry)
+        inlier |= ok
+        Mc = M
+        if map_cfg.pool_sigma > 0:
+            Mc = pool_deformation(M, ok, map_cfg.pool_sigma)
+        else:
+            Mc = np.where(ok[..., None, None], M, np.nan)
+        ref = sel & ref_box & ok
+        if not ref.any():
+            # the user's box misses this phase: fall back to the whole phase
+            ref = sel & ok
+        reference |= ref
+        M_ref = reference_deformation(Mc, ref, map_cfg.symmetry)
+        st = relative_strain(Mc[sel], M_ref, map_cfg.symmetry)
+        M_out[sel] = Mc[sel]
+        for k in out:
+            out[k][sel] = st[k]
+    dims = ("scan_y", "scan_x")
+    ds = xr.Dataset(
+        {
+            "exx": (dims, out["exx"], {"units": "1", "long_name": "normal strain along x"}),
+            "eyy": (dims, out["eyy"], {"units": "1", "long_name": "normal strain along y"}),
+            "exy": (dims, out["exy"], {"units": "1", "long_name": "tensor shear strain"}),
+            "theta": (dims, out["theta"], {"units": "deg", "long_name": "lattice rotation"}),
+            "phase": (dims, cls.astype(np.int16), {"long_name": "dictionary class"}),
+            "sample": (dims, sample, {"long_name": "sample (not vacuum)"}),
+            "residual": (dims, resid.numpy().reshape(ny, nx).astype(np.float32),
+                         {"long_name": "relative weighted cycle residual"}),
+            "reference": (dims, reference, {"long_name": "reference region"}),
+            "fit_ok": (dims, inlier, {"long_name": "per-pattern fit kept (not an outlier)"}),
+            "deformation": (dims + ("i", "j"), M_out.astype(np.float32), {
+                "long_name": "real-space deformation M = A^-T relative to the dictionary entry",
+                "units": "1"}),
+        },
+        coords={"scan_y": np.arange(ny), "scan_x": np.arange(nx)},
+        attrs={
+            "conventions": CONVENTIONS,
+            "reference": ref_desc,
+            "model_config": model_cfg.to_json(),
+            "train_config": train_cfg.to_json(),
+            "map_config": map_cfg.to_json(),
+            "geometry": json.dumps(geom.to_dict()),
+            "hot_pixels": json.dumps(info["hot_pixels"].tolist()),
+            "vacuum_classes": json.dumps(np.nonzero(vacuum_cls)[0].tolist()),
+            "timings": json.dumps(timings),
+            "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
+            "ccstae_hpc_version": __version__,
+        },
+    )
+    ds["scan_y"].attrs["units"] = "px"
+    ds["scan_x"].attrs["units"] = "px"
+    return ds
+
+
+def _printer(train_cfg: TrainConfig) -> Callable[[dict], None]:
+    def cb(rec: dict) -> None:
+        if rec["step"] % 20 == 0:
+            print(
+                f"  epoch {rec['epoch'] + 1}/{train_cfg.epochs} step {rec['step']} "
+                f"loss {rec['loss']:.4g} ({rec['patterns_per_s']:.0f} patterns/s)",
+                flush=True,
+            )
+    return cb

@@ -1,0 +1,157 @@
+"""Preprocessing kernels: pure functions on numpy blocks ``(..., k_y, k_x)``.
+
+Everything here is derived from the data: hot pixels from the mean pattern, the central
+disk and the Bragg ring from the mean pattern, Bragg-disk masks from a dictionary pattern.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "find_hot_pixels",
+    "repair_hot_pixels",
+    "normalise",
+    "central_disk",
+    "ring_mask",
+    "radial_profiles",
+    "kmeans",
+    "disk_mask",
+    "disk_contrast",
+]
+
+
+def find_hot_pixels(mean_pattern: np.ndarray, nsigma: float = 8.0) -> np.ndarray:
+    """Boolean mask of detector pixels far brighter than their neighbourhood.
+
+    A pixel is hot when the mean pattern exceeds the 3x3 median of its neighbours by more
+    than ``nsigma`` robust standard deviations of that difference *and* by a factor of 3:
+    Bragg-disk edges are smooth in the mean and never pass both tests.
+    """
+    m = np.asarray(mean_pattern, dtype=np.float64)
+    med = ndimage.median_filter(m, size=3, mode="nearest")
+    d = m - med
+    mad = np.median(np.abs(d - np.median(d))) * 1.4826 + 1e-12
+    return (d > nsigma * mad) & (m > 3.0 * np.maximum(med, 1e-12))
+
+
+def repair_hot_pixels(block: np.ndarray, hot: np.ndarray) -> np.ndarray:
+    """Replace hot pixels by the mean of their non-hot 8-neighbours (returns float32 copy)."""
+    out = np.array(block, dtype=np.float32, copy=True)
+    if not hot.any():
+        return out
+    Q0, Q1 = hot.shape
+    for r, c in zip(*np.nonzero(hot), strict=True):
+        rr = slice(max(r - 1, 0), min(r + 2, Q0))
+        cc = slice(max(c - 1, 0), min(c + 2, Q1))
+        good = ~hot[rr, cc]
+        win = out[..., rr, cc]
+        out[..., r, c] = (win * good).sum((-1, -2)) / max(int(good.sum()), 1)
+    return out
+
+
+def normalise(block: np.ndarray) -> np.ndarray:
+    """Scale each pattern to mean 1 over the detector (float32).
+
+    Removes dose fluctuations between probe positions so one dictionary fits all; empty
+    patterns stay zero.
+    """
+    b = np.asarray(block, dtype=np.float32)
+    m = b.mean(axis=(-1, -2), keepdims=True)
+    return np.divide(b, m, out=np.zeros_like(b), where=m > 0)
+
+
+def central_disk(mean_pattern: np.ndarray) -> tuple[float, float, float]:
+    """Centre ``(row, col)`` and radius of the central (000) disk of a mean pattern.
+
+    The central disk is the brightest connected region above half of the pattern maximum
+    (after a light blur); its radius comes from its area.
+    """
+    m = ndimage.gaussian_filter(np.asarray(mean_pattern, dtype=np.float64), 1.0)
+    lab, n = ndimage.label(m > 0.5 * m.max())
+    if n == 0:
+        raise ValueError("no central disk found: is the dataset empty or all zero?")
+    k = int(np.argmax(ndimage.maximum(m, lab, index=np.arange(1, n + 1)))) + 1
+    region = lab == k
+    r, c = ndimage.center_of_mass(m * region)
+    radius = float(np.sqrt(region.sum() / np.pi))
+    return float(r), float(c), radius
+
+
+def ring_mask(shape: tuple[int, int], center: tuple[float, float], r_in: float, margin: float = 2.0
+              ) -> np.ndarray:
+    """Annulus from ``r_in`` to the detector edge minus ``margin`` (float32 0/1)."""
+    yy, xx = np.indices(shape, dtype=np.float64)
+    r = np.hypot(yy - center[0], xx - center[1])
+    r_out = min(center[0], center[1], shape[0] - 1 - center[0], shape[1] - 1 - center[1]) - margin
+    return ((r >= r_in) & (r <= r_out)).astype(np.float32)
+
+
+def radial_profiles(block: np.ndarray, center: tuple[float, float], nbins: int) -> np.ndarray:
+    """Azimuthally summed intensity in 1-px rings around ``center``: ``(N, nbins)``."""
+    Q0, Q1 = block.shape[-2:]
+    yy, xx = np.indices((Q0, Q1))
+    rbin = np.hypot(yy - center[0], xx - center[1]).astype(np.int64).ravel()
+    keep = rbin < nbins
+    onehot = np.zeros((Q0 * Q1, nbins), dtype=np.float32)
+    onehot[np.nonzero(keep)[0], rbin[keep]] = 1.0
+    return block.reshape(-1, Q0 * Q1).astype(np.float32) @ onehot
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50, restarts: int = 4
+           ) -> np.ndarray:
+    """Plain k-means (k-means++ seeding, a few restarts); returns labels ``(N,)``."""
+    rng = np.random.default_rng(seed)
+    best, best_cost = None, np.inf
+    x = np.asarray(x, dtype=np.float64)
+    for _ in range(restarts):
+        cent = [x[rng.integers(len(x))]]
+        for _ in range(1, k):
+            d2 = np.min(((x[:, None] - np.asarray(cent)[None]) ** 2).sum(-1), axis=1)
+            p = d2 / d2.sum() if d2.sum() > 0 else None
+            cent.append(x[rng.choice(len(x), p=p)])
+        cent = np.asarray(cent)
+        for _ in range(iters):
+            d2 = ((x[:, None] - cent[None]) ** 2).sum(-1)
+            lab = d2.argmin(1)
+            new = np.array([x[lab == j].mean(0) if np.any(lab == j) else cent[j] for j in range(k)])
+            if np.allclose(new, cent):
+                break
+            cent = new
+        cost = d2.min(1).sum()
+        if cost < best_cost:
+            best, best_cost = lab, cost
+    return best
+
+
+def disk_mask(pattern: np.ndarray, ring: np.ndarray, dilate: int = 2) -> np.ndarray:
+    """Bragg-disk mask of a (dictionary) pattern inside ``ring`` (float32 0/1).
+
+    Pixels whose top-hat (contrast over the local background) exceeds 5% of the
+    brightest disk contrast, dilated by ``dilate`` px so that the disk edges, where the
+    strain information lives, are in.
+    """
+    p = ndimage.gaussian_filter(np.asarray(pattern, dtype=np.float64), 0.7)
+    inside = ring > 0
+    if not inside.any():
+        return np.zeros_like(ring)
+    # white top-hat: disks relative to the local diffuse background, whatever its slope
+    th = p - ndimage.grey_opening(p, size=(13, 13))
+    top = np.percentile(th[inside], 99.5)
+    if top <= 1e-6 * max(float(np.abs(p).max()), 1e-12):
+        return np.zeros_like(ring)
+    m = (th > 0.05 * top) & inside
+    m = ndimage.binary_dilation(m, iterations=dilate) & inside
+    return m.astype(np.float32)
+
+
+def disk_contrast(pattern: np.ndarray, ring: np.ndarray) -> float:
+    """Bragg-disk contrast of a pattern: 99.5th percentile of its top-hat inside ``ring``.
+
+    Relative to the diffuse background, so a vacuum pattern scores near zero.
+    """
+    p = ndimage.gaussian_filter(np.asarray(pattern, dtype=np.float64), 0.7)
+    th = p - ndimage.grey_opening(p, size=(13, 13))
+    inside = ring > 0
+    return float(np.percentile(th[inside], 99.5)) if inside.any() else 0.0
