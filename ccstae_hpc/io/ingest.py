@@ -525,15 +525,15 @@ def ingest(
                 "store path"
             )
         try:
-            group, done = _open_or_create(store, src, layout, config, ident, overwrite,
-                                          calib, unknown, calib_source)
+            group, done, created = _open_or_create(
+                store, src, layout, config, ident, overwrite, calib, unknown, calib_source
+            )
         except OSError as e:
             raise _store_error(store, e, None) from e
-        resumed = bool(done) or group.attrs.get("provenance", {}).get("resumed_at")
         try:
             _run(group, store, src, layout, done, progress)
         except _ReadError as e:
-            if resumed:
+            if not created:
                 raise IngestError(
                     f"{e}. Re-copy or re-export the file and ingest it again with --overwrite "
                     f"(the unfinished store {store} is kept)"
@@ -580,7 +580,8 @@ def _open_or_create(
     calib: dict[str, float | None],
     unknown: list[str],
     calib_source: dict[str, str],
-) -> tuple[zarr.Group, set[int]]:
+) -> tuple[zarr.Group, set[int], bool]:
+    """Open the unfinished store to resume, or create a new one: ``(group, done, created)``."""
     state, g = _store_state(store)
     if state == "not_zarr":
         raise IngestError(
@@ -616,7 +617,7 @@ def _open_or_create(
         if cal != {k: g.attrs.get(k) for k in cal}:
             g[ARRAY].attrs.update(cal)
         g.attrs.update(_jsonable({"provenance": prov, **cal}))
-        return g, _from_ranges(g.attrs.get("ingest_done_shards"))
+        return g, _from_ranges(g.attrs.get("ingest_done_shards")), False
     if state == "foreign_zarr" and not overwrite:
         raise IngestError(
             f"{store} is a Zarr store that was not written by ccstae ingest. Pass --overwrite "
@@ -650,7 +651,7 @@ def _open_or_create(
         "calibration_source": calib_source,
     }
     # an OSError here (full disk, no permission) becomes an IngestError in ingest()
-    return _create_store(store, src, layout, config, attrs), set()
+    return _create_store(store, src, layout, config, attrs), set(), True
 
 
 def _run(
