@@ -163,27 +163,33 @@ def run_npy(
     """
     inp, out = Path(inp), Path(out)
     map_cfg = map_cfg or MapConfig()
-    try:
-        store.check_output(out, overwrite)
-    except FileExistsError as e:
-        raise CliError(str(e)) from e
+    # `run` builds the whole store (raw, prep, model, affine, strain) beside the output and
+    # renames it into place, so --overwrite replaces all of it, and only at the very end
+    if os.path.lexists(out):
+        if not store.is_store(out):
+            raise CliError(f"output {out} exists and is not a Zarr store",
+                           "Choose another --out (it is never replaced, even with --overwrite).")
+        if not overwrite:
+            raise CliError(f"output store {out} exists",
+                           "Pass --overwrite to replace it or choose another --out.")
     data = load_npy(inp)
     validate_array(data, map_cfg.reference)
+    ny, nx, qy, qx = data.shape
+    del data
 
     # imported here: torch loads in seconds, and the checks above must stay instant
-    from ccstae_hpc import pipeline
+    from ccstae_hpc import workflow
 
-    ny, nx, qy, qx = data.shape
-    print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector, {data.dtype}) -> {out}")
+    print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector) -> {out}")
     try:
-        ds = pipeline.run_array(data, model_cfg, train_cfg, map_cfg, progress=progress)
-    except pipeline.InputError as e:
-        raise CliError(str(e), "Check the input data.") from e
-    try:
-        store.write_strain(ds, out, overwrite=overwrite)
+        workflow.run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
+                           train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
+                           log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
     except FileExistsError as e:  # the output appeared while we computed
         raise CliError(str(e)) from e
-    return ds
+    except ValueError as e:  # ingest / preprocessing refused the data
+        raise CliError(str(e), "Check the input data.") from e
+    return store.open_strain(out).load()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -313,7 +319,108 @@ def build_parser() -> argparse.ArgumentParser:
 
     # parsed by ingest_main itself (dispatched in main before argparse); listed for --help
     sub.add_parser("ingest", help="read a microscope file into a store (see ccstae ingest -h)")
+
+    pp = sub.add_parser("preprocess", help="STORE/raw -> STORE/prep on a Dask cluster")
+    pp.add_argument("store", metavar="STORE.zarr")
+    pp.add_argument("--output-size", type=int, metavar="Q", help="model input size (128)")
+    pp.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="local Dask workers (0: threads in this process)")
+    pp.add_argument("--overwrite", action="store_true", help="redo an existing prep group")
+    pp.set_defaults(func=_cmd_preprocess)
+
+    t = sub.add_parser("train", help="train CC-ST-AE on STORE/prep/train -> STORE/model")
+    t.add_argument("store", metavar="STORE.zarr")
+    t.add_argument("--epochs", type=int, metavar="N")
+    t.add_argument("--num-base", type=int, metavar="K")
+    t.add_argument("--seed", type=int, metavar="S")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    m = sub.add_parser("map", help="inference and strain assembly -> STORE/affine, STORE/strain")
+    m.add_argument("store", metavar="STORE.zarr")
+    m.add_argument("--reference", type=int, nargs=4, metavar=("Y0", "Y1", "X0", "X1"))
+    m.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="local Dask workers (0: this process)")
+    m.set_defaults(func=_cmd_map)
     return p
+
+
+def _local_client(n: int):  # noqa: ANN202 - distributed is imported lazily
+    if n <= 0:
+        return None
+    from distributed import Client, LocalCluster
+
+    return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None))
+
+
+def _store_arg(path: str) -> Path:
+    p = Path(path)
+    if not store.is_store(p):
+        raise CliError(f"{p} is not a Zarr store", "Run `ccstae ingest INPUT STORE.zarr` first.")
+    return p
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from ccstae_hpc.prep import PrepConfig, PrepError, preprocess_store
+
+    p = _store_arg(args.store)
+    try:
+        cfg = PrepConfig(**({} if args.output_size is None else
+                            {"output_size": args.output_size}))
+    except ValueError as e:
+        raise CliError(str(e), "Fix the option and run again.") from e
+    client = _local_client(args.workers)
+    try:
+        preprocess_store(p, cfg, client=client, overwrite=args.overwrite, log=print)
+    except PrepError as e:
+        raise CliError(str(e)) from e
+    finally:
+        if client is not None:
+            client.close()
+    print(f"preprocessed: {p}/prep")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ccstae_hpc.prep import PrepError
+    from ccstae_hpc.workflow import train_store
+
+    p = _store_arg(args.store)
+    try:
+        mcfg = ModelConfig(**({} if args.num_base is None else {"num_base": args.num_base}))
+        tcfg = TrainConfig(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed))
+                              if v is not None})
+    except ValueError as e:
+        raise CliError(str(e), "Fix the option and run again.") from e
+    try:
+        hist = train_store(p, mcfg, tcfg, progress=not args.quiet)
+    except PrepError as e:
+        raise CliError(str(e)) from e
+    print(f"trained: {p}/model (final loss {hist[-1]['loss']:.4g})")
+    return 0
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    from ccstae_hpc.prep import PrepError
+    from ccstae_hpc.workflow import map_store
+
+    p = _store_arg(args.store)
+    try:
+        mcfg = MapConfig(reference=None if args.reference is None else tuple(args.reference))
+    except ValueError as e:
+        raise CliError(str(e), "Fix the option and run again.") from e
+    client = _local_client(args.workers)
+    try:
+        map_store(p, mcfg, client=client)
+    except (PrepError, FileNotFoundError) as e:
+        raise CliError(str(e)) from e
+    finally:
+        if client is not None:
+            client.close()
+    print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
+          "group=\"strain\")")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

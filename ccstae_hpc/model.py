@@ -51,13 +51,19 @@ def disk_centroids(
     Centre of mass inside a window of ``radius + 6`` px, re-centred once on the first
     estimate so that descan drift of several pixels is followed.
     """
-    N, Q, _ = x.shape
-    idx = torch.arange(Q, dtype=x.dtype)
-    yy, xx = torch.meshgrid(idx, idx, indexing="ij")
+    N, Q0, Q1 = x.shape
+    # work on a crop around the mean centre only: 16x less than the full detector
+    h = int(math.ceil(radius + 6.0)) + 8
+    r0 = int(min(max(round(float(center[0])) - h, 0), max(Q0 - 2 * h - 1, 0)))
+    c0 = int(min(max(round(float(center[1])) - h, 0), max(Q1 - 2 * h - 1, 0)))
+    xc = x[:, r0:r0 + 2 * h + 1, c0:c0 + 2 * h + 1]
+    yy, xx = torch.meshgrid(
+        torch.arange(xc.shape[1], dtype=x.dtype) + r0,
+        torch.arange(xc.shape[2], dtype=x.dtype) + c0, indexing="ij")
     c = center.to(x.dtype).expand(N, 2)
     for _ in range(iters):
         d = torch.hypot(yy[None] - c[:, :1, None], xx[None] - c[:, 1:, None])
-        w = x * (d <= radius + 6.0)
+        w = xc * (d <= radius + 6.0)
         tot = w.sum((1, 2)).clamp(min=1e-12)
         c = torch.stack([(w * yy).sum((1, 2)) / tot, (w * xx).sum((1, 2)) / tot], 1)
     return c

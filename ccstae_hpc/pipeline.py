@@ -13,6 +13,7 @@ import xarray as xr
 from . import __version__
 from .config import MapConfig, ModelConfig, TrainConfig
 from .infer import encode, refine
+from .model import CCSTAE
 from .preprocess import disk_contrast, disk_mask, find_hot_pixels, normalise, repair_hot_pixels
 from .strain import (
     affine_to_deformation,
@@ -21,9 +22,18 @@ from .strain import (
     relative_strain,
     robust_inliers,
 )
-from .train import estimate_geometry, train_model
+from .train import Geometry, estimate_geometry, train_model
 
-__all__ = ["InputError", "validate_input", "prepare", "run_array", "CONVENTIONS"]
+__all__ = [
+    "InputError",
+    "validate_input",
+    "prepare",
+    "run_array",
+    "map_block",
+    "assemble_strain",
+    "vacuum_classes",
+    "CONVENTIONS",
+]
 
 CONVENTIONS = (
     "axes (scan_y, scan_x, k_y, k_x), detector axes parallel to scan axes; "
@@ -69,64 +79,57 @@ def prepare(data: np.ndarray) -> tuple[np.ndarray, dict]:
     for i in range(0, len(flat), 1024):
         mean += flat[i:i + 1024].sum(0, dtype=np.float64)
     mean /= len(flat)
-    hot = find_hot_pixels(mean)
+    hot = find_hot_pixels(mean, n=len(flat) if np.issubdtype(data.dtype, np.integer) else None)
     x = normalise(repair_hot_pixels(flat, hot))
     mean_x = x.mean(0)
     return x, {"hot_pixels": np.argwhere(hot), "mean": mean_x}
 
 
-def run_array(
-    data: np.ndarray,
-    model_cfg: ModelConfig | None = None,
-    train_cfg: TrainConfig | None = None,
-    map_cfg: MapConfig | None = None,
-    progress: bool | Callable[[dict], None] = True,
-) -> xr.Dataset:
-    """Train CC-ST-AE on ``data`` ``(scan_y, scan_x, k_y, k_x)`` and map strain.
+def map_block(
+    model: CCSTAE, x: np.ndarray, geom: Geometry, map_cfg: MapConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode and refine a block of normalised patterns ``(n, Q, Q)``.
 
-    Returns the ``strain`` Dataset (see README for the contract).
+    Returns ``(theta (n, 2, 3), classes (n,), residual (n,))``.  Pure function of the block:
+    the unit of work of distributed inference.
     """
-    model_cfg = model_cfg or ModelConfig()
-    train_cfg = train_cfg or TrainConfig()
-    map_cfg = map_cfg or MapConfig()
-    validate_input(data)
-    ny, nx, Q, _ = data.shape
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    x, info = prepare(np.asarray(data))
-    geom = estimate_geometry(info["mean"])
-    timings["prepare_s"] = time.perf_counter() - t
-
-    cb = None
-    if callable(progress):
-        cb = progress
-    elif progress:
-        cb = _printer(train_cfg)
-    t = time.perf_counter()
-    model, history = train_model(x, geom, model_cfg, train_cfg, progress=cb)
-    timings["train_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    xt = torch.from_numpy(x)
-    classes, theta = encode(model, xt, map_cfg.batch_size)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     dictionary = model.dictionary().detach().numpy()
     masks = np.stack([disk_mask(d, geom.ring) for d in dictionary])
-    theta_r = torch.empty_like(theta)
-    resid = torch.empty(len(x))
+    th_out = np.empty((len(x), 2, 3), np.float32)
+    cls_out = np.empty(len(x), np.int16)
+    res_out = np.empty(len(x), np.float32)
     for i in range(0, len(x), map_cfg.batch_size):
         sl = slice(i, i + map_cfg.batch_size)
-        theta_r[sl], resid[sl] = refine(
-            xt[sl], classes[sl], theta[sl], dictionary, masks, geom.ring, map_cfg.refine_iters
-        )
-    timings["map_s"] = time.perf_counter() - t
+        classes, theta = encode(model, xt[sl], map_cfg.batch_size)
+        th, res = refine(xt[sl], classes, theta, dictionary, masks, geom.ring,
+                         map_cfg.refine_iters)
+        th_out[sl], cls_out[sl], res_out[sl] = th.numpy(), classes.numpy(), res.numpy()
+    return th_out, cls_out, res_out
 
-    cls = classes.numpy().reshape(ny, nx)
-    # a dictionary entry without Bragg disks is vacuum
-    contrast = np.array([disk_contrast(d, geom.ring) for d in dictionary])
-    vacuum_cls = contrast < 0.15 * contrast.max()
+
+def vacuum_classes(dictionary: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """Dictionary entries without Bragg-disk contrast (< 15% of the strongest) are vacuum."""
+    contrast = np.array([disk_contrast(d, ring) for d in dictionary])
+    return contrast < 0.15 * contrast.max()
+
+
+def assemble_strain(
+    theta: np.ndarray,
+    cls: np.ndarray,
+    resid: np.ndarray,
+    vacuum_cls: np.ndarray,
+    map_cfg: MapConfig,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Strain Dataset from per-pattern affines ``(ny, nx, 2, 3)``, classes and residuals.
+
+    Drops diverged fits, pools over neighbours of the same phase, references each phase and
+    decomposes (see :mod:`ccstae_hpc.strain`).
+    """
+    ny, nx = cls.shape
     sample = ~vacuum_cls[cls]
-    M = affine_to_deformation(theta_r[:, :, :2].numpy().astype(np.float64)).reshape(ny, nx, 2, 2)
+    M = affine_to_deformation(theta[..., :2].astype(np.float64))
     ref_box = np.zeros((ny, nx), dtype=bool)
     if map_cfg.reference is None:
         ref_box[:] = True
@@ -170,7 +173,7 @@ def run_array(
             "theta": (dims, out["theta"], {"units": "deg", "long_name": "lattice rotation"}),
             "phase": (dims, cls.astype(np.int16), {"long_name": "dictionary class"}),
             "sample": (dims, sample, {"long_name": "sample (not vacuum)"}),
-            "residual": (dims, resid.numpy().reshape(ny, nx).astype(np.float32),
+            "residual": (dims, resid.reshape(ny, nx).astype(np.float32),
                          {"long_name": "relative weighted cycle residual"}),
             "reference": (dims, reference, {"long_name": "reference region"}),
             "fit_ok": (dims, inlier, {"long_name": "per-pattern fit kept (not an outlier)"}),
@@ -182,20 +185,65 @@ def run_array(
         attrs={
             "conventions": CONVENTIONS,
             "reference": ref_desc,
-            "model_config": model_cfg.to_json(),
-            "train_config": train_cfg.to_json(),
             "map_config": map_cfg.to_json(),
-            "geometry": json.dumps(geom.to_dict()),
-            "hot_pixels": json.dumps(info["hot_pixels"].tolist()),
             "vacuum_classes": json.dumps(np.nonzero(vacuum_cls)[0].tolist()),
-            "timings": json.dumps(timings),
-            "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
             "ccstae_hpc_version": __version__,
+            **(attrs or {}),
         },
     )
     ds["scan_y"].attrs["units"] = "px"
     ds["scan_x"].attrs["units"] = "px"
     return ds
+
+
+def run_array(
+    data: np.ndarray,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    map_cfg: MapConfig | None = None,
+    progress: bool | Callable[[dict], None] = True,
+) -> xr.Dataset:
+    """Train CC-ST-AE on ``data`` ``(scan_y, scan_x, k_y, k_x)`` in memory and map strain.
+
+    Returns the ``strain`` Dataset (see README for the contract).
+    """
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()
+    map_cfg = map_cfg or MapConfig()
+    validate_input(data)
+    ny, nx, Q, _ = data.shape
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    x, info = prepare(np.asarray(data))
+    geom = estimate_geometry(info["mean"])
+    timings["prepare_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, history = train_model(x, geom, model_cfg, train_cfg, progress=progress_callback(
+        progress, train_cfg))
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    theta, cls, resid = map_block(model, x, geom, map_cfg)
+    timings["map_s"] = time.perf_counter() - t
+    vac = vacuum_classes(model.dictionary().detach().numpy(), geom.ring)
+    return assemble_strain(
+        theta.reshape(ny, nx, 2, 3), cls.reshape(ny, nx), resid.reshape(ny, nx), vac, map_cfg,
+        attrs={
+            "model_config": model_cfg.to_json(),
+            "train_config": train_cfg.to_json(),
+            "geometry": json.dumps(geom.to_dict()),
+            "hot_pixels": json.dumps(info["hot_pixels"].tolist()),
+            "timings": json.dumps(timings),
+            "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
+        },
+    )
+
+
+def progress_callback(progress: bool | Callable[[dict], None], train_cfg: TrainConfig
+                      ) -> Callable[[dict], None] | None:
+    """``True`` prints a line every 20 steps, a callable is used as is, ``False`` is silent."""
+    if callable(progress):
+        return progress
+    return _printer(train_cfg) if progress else None
 
 
 def _printer(train_cfg: TrainConfig) -> Callable[[dict], None]:

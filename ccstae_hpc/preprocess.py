@@ -22,18 +22,23 @@ __all__ = [
 ]
 
 
-def find_hot_pixels(mean_pattern: np.ndarray, nsigma: float = 8.0) -> np.ndarray:
+def find_hot_pixels(mean_pattern: np.ndarray, nsigma: float = 8.0, n: int | None = None
+                    ) -> np.ndarray:
     """Boolean mask of detector pixels far brighter than their neighbourhood.
 
     A pixel is hot when the mean pattern exceeds the 3x3 median of its neighbours by more
-    than ``nsigma`` robust standard deviations of that difference *and* by a factor of 3:
-    Bragg-disk edges are smooth in the mean and never pass both tests.
+    than ``nsigma`` standard deviations *and* by a factor of 3: Bragg-disk edges are smooth
+    in the mean and never pass both tests.  The deviation combines the robust spread of the
+    difference image with, when the mean is over ``n`` patterns of counts, the Poisson noise
+    of the neighbourhood level (sparse low-dose data would otherwise flag every pixel that
+    caught a few more electrons than its neighbours).
     """
     m = np.asarray(mean_pattern, dtype=np.float64)
     med = ndimage.median_filter(m, size=3, mode="nearest")
     d = m - med
     mad = np.median(np.abs(d - np.median(d))) * 1.4826 + 1e-12
-    return (d > nsigma * mad) & (m > 3.0 * np.maximum(med, 1e-12))
+    var = mad**2 + (np.maximum(med, 1.0 / n) / n if n else 0.0)
+    return (d > nsigma * np.sqrt(var)) & (m > 3.0 * np.maximum(med, 1e-12))
 
 
 def repair_hot_pixels(block: np.ndarray, hot: np.ndarray) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""Preprocessing stage on real Zarr stores, on threads and on a real Dask cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from ccstae_hpc.config import SimConfig
+from ccstae_hpc.io import ingest
+from ccstae_hpc.prep import PrepConfig, PrepError, fit_descan, preprocess_store
+from ccstae_hpc.preprocess import find_hot_pixels
+from ccstae_hpc.simulate import save_simulation
+
+
+@pytest.fixture(scope="module")
+def sim_store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prep")
+    cfg = SimConfig(scan=(24, 20), dose=1000.0, seed=5, drift_px=4.0)
+    npy, truth_path = save_simulation(d / "sim.npy", cfg)
+    truth = dict(np.load(truth_path))
+    store = d / "s.zarr"
+    ingest(npy, store)
+    return store, truth, cfg
+
+
+@pytest.fixture(scope="module")
+def prepped(sim_store):
+    store, truth, cfg = sim_store
+    g = preprocess_store(store, PrepConfig(rows_per_block=5, max_train=300, shard_size=128))
+    return g, truth, cfg
+
+
+def test_descan_recovered_to_005_px(prepped):
+    g, truth, _ = prepped
+    err = np.abs(g["origin_fit"][...] - truth["origin"])
+    assert err.max() < 0.05, err.max()
+
+
+def test_hot_pixels_and_vacuum(prepped):
+    g, truth, _ = prepped
+    hot = np.argwhere(g["hot_pixels"][...])
+    assert sorted(map(tuple, hot)) == sorted(map(tuple, truth["hot_pixels"]))
+    assert np.mean(g["vacuum"][...] == (truth["phase"] == 0)) >= 0.99
+
+
+def test_patterns_recentred_and_normalised(prepped):
+    g, truth, _ = prepped
+    pat = g["patterns"][...]
+    assert pat.shape == (24, 20, 128, 128) and pat.dtype == np.float32
+    assert np.allclose(pat.mean((-1, -2)), 1.0, atol=1e-4)
+    # integer re-centring: every residual origin offset is under a pixel
+    rest = truth["origin"] - g["shift"][...] - 63.5
+    assert np.abs(rest).max() < 1.0
+    # hot pixels were repaired before re-centring: none survive in the mean pattern
+    assert not find_hot_pixels(g["mean"][...], n=480).any()
+
+
+def test_training_shards_and_attrs(prepped):
+    g, _, cfg = prepped
+    t = g["train"]
+    assert t.shape == (300, 128, 128) and t.chunks[0] == 128 and t.dtype == np.float16
+    assert g.attrs["complete"] and g.attrs["config"]["max_train"] == 300
+    lat = g.attrs["lattice"]
+    assert lat["found"] and abs(lat["angle_deg"] - 60) < 2
+    # first-order disks at 19.2-20 px (WSe2/WS2) for the simulator's pixel size
+    assert all(18.5 < v < 20.7 for v in lat["lengths_px"])
+    assert g["mask"][...].sum() > 0
+
+
+def test_rerun_is_a_no_op_and_other_settings_need_overwrite(sim_store, prepped):
+    store, _, _ = sim_store
+    cfg = PrepConfig(rows_per_block=5, max_train=300, shard_size=128)
+    before = zarr.open_group(str(store), mode="r")["prep"].attrs["elapsed_s"]
+    g = preprocess_store(store, cfg)
+    assert g.attrs["elapsed_s"] == before
+    with pytest.raises(PrepError, match="--overwrite"):
+        preprocess_store(store, PrepConfig(rows_per_block=5, max_train=200))
+
+
+def test_dask_cluster_gives_identical_patterns(sim_store, prepped, tmp_path):
+    from distributed import Client, LocalCluster
+
+    store, _, _ = sim_store
+    g0, _, _ = prepped
+    ref = g0["patterns"][...]
+    import shutil
+
+    other = tmp_path / "copy.zarr"
+    shutil.copytree(store, other)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cl, Client(cl) as client:
+        g = preprocess_store(other, PrepConfig(rows_per_block=5, max_train=300, shard_size=128),
+                             client=client, overwrite=True)
+        np.testing.assert_array_equal(g["patterns"][...], ref)
+
+
+def test_raw_missing_gives_clear_error(tmp_path):
+    zarr.open_group(str(tmp_path / "e.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(PrepError, match="ccstae ingest"):
+        preprocess_store(tmp_path / "e.zarr")
+
+
+def test_fit_descan_is_robust_to_outliers():
+    ny, nx = 30, 30
+    yy, xx = np.mgrid[0:ny, 0:nx] / 29.0
+    o = np.stack([60 + 3 * yy + 0.5 * xx**2, 64 - 2 * xx], -1)
+    bad = o.copy()
+    bad[3, 4] += 25
+    fit, _ = fit_descan(bad, 2)
+    assert np.abs(fit - o).max() < 1e-6
