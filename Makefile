@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check ccstae_hpc flows tests benchmarks
-	$(BIN)/python -m pytest -q -x --timeout=1200
+	$(BIN)/python -m pytest -q -x -rs --timeout=1200
 
 bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
