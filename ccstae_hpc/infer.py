@@ -39,10 +39,10 @@ def pixel_grid(Q: int) -> torch.Tensor:
 
 
 def _channels(dictionary: np.ndarray, masks: np.ndarray, sigma: float) -> torch.Tensor:
-    """Stack ``[D, dD/dx, dD/dy, mask]`` per class ``(K, 4, Q, Q)``; gradients per unit of
+    """Stack ``[D, dD/dx, dD/dy]`` per class ``(K, 3, Q, Q)``; gradients per unit of
     normalised coordinate."""
     K, Q, _ = dictionary.shape
-    out = np.empty((K, 4, Q, Q), dtype=np.float32)
+    out = np.empty((K, 3, Q, Q), dtype=np.float32)
     for k in range(K):
         d = ndimage.gaussian_filter(dictionary[k].astype(np.float64), sigma) if sigma > 0 \
             else dictionary[k].astype(np.float64)
@@ -50,7 +50,6 @@ def _channels(dictionary: np.ndarray, masks: np.ndarray, sigma: float) -> torch.
         out[k, 0] = d
         out[k, 1] = gx * (Q / 2.0)
         out[k, 2] = gy * (Q / 2.0)
-        out[k, 3] = masks[k]
     return torch.from_numpy(out)
 
 
@@ -68,7 +67,7 @@ def _sample(ch: torch.Tensor, groups: list[tuple[int, int, int]], pts: torch.Ten
     return out
 
 
-def _gn_step(xi, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=True):
+def _gn_step(xi, W, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=True):
     """One Gauss-Newton step on pixels ``u``; returns updated parameters and the residual.
 
     The Jacobian is ``[gx*phi, gy*phi, D, 1]`` with ``phi = (u_x, u_y, 1)`` per pixel, so
@@ -77,7 +76,7 @@ def _gn_step(xi, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=Tru
     """
     N, P = xi.shape
     pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
-    Ds, Gx, Gy, W = _sample(ch, groups, pts, mode).unbind(1)
+    Ds, Gx, Gy = _sample(ch, groups, pts, mode).unbind(1)
     mu = g[:, None] * Ds + b[:, None]
     r = xi - mu
     # Poisson weighting: the variance of normalised counts is proportional to the mean
@@ -183,15 +182,22 @@ def refine(
     keep = hit & torch.from_numpy(ring.ravel() > 0)
     idx = torch.arange(Q)
     coarse_grid = ((idx[:, None] % 2 == 0) & (idx[None, :] % 2 == 0)).ravel()
+    # the disk-mask weights are sampled once at the start: the fit moves a pattern by a pixel
+    # or two at most, which the mask's 2-px dilation absorbs, and fixed weights give the fit
+    # one well-defined objective
+    mask_stack = torch.from_numpy(np.asarray(masks, dtype=np.float32)).unsqueeze(1)
     sets = {}
     for name, k in (("fine", keep), ("coarse", keep & coarse_grid)):
-        sets[name] = (u[k], x.reshape(N, -1)[:, k].contiguous())
+        uk = u[k]
+        pk = torch.einsum("pj,nij->npi", uk, B) + s[:, None, :]
+        W = _sample(mask_stack, groups, pk, "bilinear")[:, 0]
+        sets[name] = (uk, x.reshape(N, -1)[:, k].contiguous(), W)
     resid = torch.zeros(N)
     for it in range(iters + 1):
         coarse = it < coarse_iters
-        uu, xi = sets["coarse" if coarse else "fine"]
+        uu, xi, W = sets["coarse" if coarse else "fine"]
         ch = stacks[coarse_sigma if coarse else 0.0]
-        B, s, g, b, resid = _gn_step(xi, uu, B, s, g, b, ch, groups, mode, damping, floor,
+        B, s, g, b, resid = _gn_step(xi, W, uu, B, s, g, b, ch, groups, mode, damping, floor,
                                      solve=it < iters)
     A = torch.linalg.inv(B)
     t = -(A @ s.unsqueeze(-1))

@@ -41,9 +41,13 @@ def find_hot_pixels(mean_pattern: np.ndarray, nsigma: float = 8.0, n: int | None
     return (d > nsigma * np.sqrt(var)) & (m > 3.0 * np.maximum(med, 1e-12))
 
 
-def repair_hot_pixels(block: np.ndarray, hot: np.ndarray) -> np.ndarray:
-    """Replace hot pixels by the mean of their non-hot 8-neighbours (returns float32 copy)."""
-    out = np.array(block, dtype=np.float32, copy=True)
+def repair_hot_pixels(block: np.ndarray, hot: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Replace hot pixels by the mean of their non-hot 8-neighbours.
+
+    Returns a float32 copy, or repairs ``block`` in place when ``copy=False`` and it is
+    already float32.
+    """
+    out = np.array(block, dtype=np.float32, copy=copy or block.dtype != np.float32)
     if not hot.any():
         return out
     Q0, Q1 = hot.shape
