@@ -126,6 +126,29 @@ def test_dask_array_on_slurm_workers(slurm_client: Client) -> None:
     assert float(slurm_client.compute(y.sum(), sync=True)) == pytest.approx(out.sum())
 
 
+def test_preprocessing_on_slurm_workers(slurm_client: Client, tmp_path: Path) -> None:
+    """The preprocessing stage on SLURM-job workers writes what threads write, and right."""
+    import shutil
+
+    from ccstae_hpc.config import SimConfig
+    from ccstae_hpc.io import ingest
+    from ccstae_hpc.prep import PrepConfig, preprocess_store
+    from ccstae_hpc.simulate import save_simulation
+
+    npy, truth_path = save_simulation(tmp_path / "sim.npy",
+                                      SimConfig(scan=(16, 12), dose=1000.0, seed=2))
+    truth = np.load(truth_path)
+    ingest(npy, tmp_path / "a.zarr")
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    cfg = PrepConfig(rows_per_block=4, max_train=64, shard_size=32)
+    on_slurm = preprocess_store(tmp_path / "a.zarr", cfg, client=slurm_client)
+    local = preprocess_store(tmp_path / "b.zarr", cfg)
+    np.testing.assert_array_equal(on_slurm["patterns"][...], local["patterns"][...])
+    # 192 noisy origins only: looser than the 0.05 px figure of tests/test_prep.py
+    assert np.abs(on_slurm["origin_fit"][...] - truth["origin"]).max() < 0.1
+    assert np.mean(on_slurm["vacuum"][...] == (truth["phase"] == 0)) >= 0.99
+
+
 def test_submit_batch_writes_file(tmp_path: Path) -> None:
     out = tmp_path / "out.txt"
     script = (
