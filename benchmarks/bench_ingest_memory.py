@@ -7,7 +7,7 @@ RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water mark, so no s
 miss a spike).  Printed per stage: both peaks, their ratio large/small (target <= 1.2) and
 whether both stay under 3 GB.
 
-Only ``ingest`` exists so far.  A later stage is appended by writing a function
+A later stage is appended by writing a function
 ``stage(work: Path) -> None`` that reads what the earlier stages left in ``work`` (the input
 is ``work/input.npy``, the store ``work/store.zarr``) and adding it to ``STAGES``.
 
@@ -40,9 +40,19 @@ def stage_ingest(work: Path) -> None:
         raise RuntimeError("ingest did not complete")
 
 
+def stage_preprocess(work: Path) -> None:
+    """``preprocess_store(work/store.zarr)`` with the default PrepConfig (threads)."""
+    from ccstae_hpc.prep import preprocess_store
+
+    g = preprocess_store(work / "store.zarr")
+    if not g.attrs["complete"]:
+        raise RuntimeError("preprocessing did not complete")
+
+
 # name -> function run in its own subprocess; insertion order is execution order
 STAGES: dict[str, Callable[[Path], None]] = {
     "ingest": stage_ingest,
+    "preprocess": stage_preprocess,
 }
 
 

@@ -345,7 +345,8 @@ def preprocess_store(
         x = _recentred(read(y0, y1), hot, shift[y0:y1], size)
         zarr.open_array(store_path, path=f"{PREP}/patterns", mode="r+")[y0:y1] = x
         sel = picks[(picks >= y0 * nx) & (picks < y1 * nx)] - y0 * nx
-        return x.reshape(-1, size, size)[sel], x.sum((0, 1), dtype=np.float64)
+        # float16 already here: the training subset is the one thing gathered in the client
+        return x.reshape(-1, size, size)[sel].astype(np.float16), x.sum((0, 1), dtype=np.float64)
 
     res = _map(write, blocks, client)
     say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
@@ -358,7 +359,7 @@ def preprocess_store(
         chunks=(min(cfg.shard_size, len(train)), size, size),
         compressors=_CODEC,
     )
-    t[:] = train.astype(np.float16)
+    t[:] = train
     t.attrs["source_index"] = "random subset of prep/patterns, shuffled; seed in prep attrs"
 
     # pass 4: masks and lattice on the re-centred mean
