@@ -66,7 +66,7 @@ class PrepConfig(_Config):
     descan_order: int = 2  # polynomial order of the smooth descan fit over the scan
     hot_nsigma: float = 8.0
     recentre: str = "integer"  # "integer" (lossless) or "none"; sub-pixel rest goes to the model
-    rows_per_block: int = 0  # 0: about 64 MB of raw data per block
+    rows_per_block: int = 0  # 0: about 32 MB of raw data per block
     max_train: int = 8192  # patterns in the shuffled training shards
     shard_size: int = 1024  # patterns per training shard
     seed: int = 0
@@ -284,7 +284,7 @@ def preprocess_store(
             return root[PREP]
         raise PrepError(f"{store}/prep exists with other settings; pass --overwrite to redo it")
     ny, nx, Q0, Q1 = raw.shape
-    rows = cfg.rows_per_block or max(1, int(64e6 // (nx * Q0 * Q1 * raw.dtype.itemsize)))
+    rows = cfg.rows_per_block or max(1, int(32e6 // (nx * Q0 * Q1 * raw.dtype.itemsize)))
     blocks = _blocks(ny, rows)
     raw_path = str(store)
     t0 = time.perf_counter()

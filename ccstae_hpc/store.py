@@ -140,6 +140,23 @@ def _sibling(p: Path, tag: str) -> Path:
     return p.with_name(f".{p.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def swap_into_place(tmp: Path, dest: Path) -> None:
+    """Replace the existing ``dest`` by the complete directory ``tmp``.
+
+    Two renames: a crash between them leaves the old store intact at a hidden sibling and
+    the new one complete at ``tmp``; neither is ever partially written.
+    """
+    old = _sibling(dest, "old")
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_strain(
     ds: xr.Dataset, store_path: str | os.PathLike[str], overwrite: bool = False
 ) -> Path:
@@ -189,17 +206,7 @@ def write_strain(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Two renames: a crash between them leaves the old store intact at `old` and the new one
-    # complete at `tmp`; neither is ever partially written.
-    old = _sibling(dest, "old")
-    os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        os.rename(old, dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, dest)
     return dest
 
 
