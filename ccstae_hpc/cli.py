@@ -342,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=0, metavar="N",
                    help="local Dask workers (0: this process)")
     m.set_defaults(func=_cmd_map)
+
+    sv = sub.add_parser(
+        "serve", help="serve the Prefect flows as deployments (schedules from a YAML file)",
+        description="Register the deployments of a schedule file (cron, parameters) with the "
+        "Prefect server of PREFECT_API_URL and serve them until interrupted; each run executes "
+        "in a subprocess. Start a server first: prefect server start --host 127.0.0.1 "
+        "--port 4200.")
+    sv.add_argument("--schedule", metavar="FILE",
+                    help="schedule file (default: flows/schedules.yaml)")
+    sv.add_argument("--limit", type=int, metavar="N", help="flow runs at once (no limit)")
+    sv.add_argument("--check", action="store_true",
+                    help="validate the file and list the deployments; do not serve")
+    sv.set_defaults(func=_cmd_serve)
     return p
 
 
@@ -421,6 +434,17 @@ def _cmd_map(args: argparse.Namespace) -> int:
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ccstae_hpc.serve import ServeError, serve
+
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be >= 1", "Fix the option and run again.")
+    try:
+        return serve(args.schedule, limit=args.limit, check=args.check)
+    except ServeError as e:
+        raise CliError(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:

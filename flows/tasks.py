@@ -1,0 +1,205 @@
+"""Prefect tasks: one per stage, each a call of the library function, skipped when done.
+
+Every task computes the key its stage must have (:mod:`flows.state`), returns at once when
+the store already holds a complete group with that key, and otherwise calls the library
+function and marks the group.  The library functions are looked up on their modules at call
+time (``workflow.train_store``, not a reference bound at import), so tests can count calls.
+
+Retries: ``retries=2`` with short delays, but only for failures that may be transient (lost
+workers, I/O hiccups).  Bad input, bad options and stores that must not be replaced raise
+``ValueError`` subclasses (``IngestError``, ``PrepError``) or ``FileNotFoundError`` /
+``FileExistsError``; retrying those would only repeat the same message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+import ccstae_hpc.io as cio
+from ccstae_hpc import prep as cprep
+from ccstae_hpc import workflow
+from ccstae_hpc.config import MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.prep import PrepConfig
+
+from . import report, state
+from .cluster import DaskCluster
+from .params import IngestOptions
+
+__all__ = ["RETRIES", "RETRY_DELAYS", "ingest_task", "map_task", "preprocess_task",
+           "report_task", "train_task"]
+
+RETRIES = 2
+RETRY_DELAYS = [2, 10]  # seconds before the first and the second retry
+_PERMANENT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+              NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _transient(task: Any, task_run: Any, st: Any) -> bool:
+    """Retry condition: everything but errors that a retry would only repeat."""
+    try:
+        st.result()
+    except _PERMANENT:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+# Prefect's own result cache is off: whether a stage is done is decided by the store (its
+# markers), which a cache kept outside the store cannot know (a store deleted or rewritten
+# by hand would still look done)
+_TASK_OPTIONS: dict[str, Any] = {
+    "retries": RETRIES,
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_condition_fn": _transient,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+def _same_source(attrs: dict[str, Any], ident: dict[str, Any]) -> bool:
+    src = attrs.get("source") or {}
+    return all(src.get(k) == ident[k] for k in ("path", "size_bytes", "mtime_ns"))
+
+
+@task(name="ingest", **_TASK_OPTIONS)
+def ingest_task(input_path: str, store_path: str, options: IngestOptions,
+                overwrite: bool = False) -> str:
+    """Stream the input into ``STORE/raw`` unless the store already holds this input.
+
+    An unfinished ingest (interrupted run) resumes; a complete ingest of another input is
+    replaced only with ``overwrite`` (the library refuses otherwise).  Returns the stage key.
+    """
+    log = get_run_logger()
+    ident = state.file_identity(input_path)
+    key = state.expected_key("ingest", None, {"input": ident, "options": options.identity()})
+    if state.is_done(store_path, "ingest", key):
+        log.info("ingest: %s already holds %s; skipped", store_path, ident["path"])
+        return key
+    attrs = state.group_attrs(store_path, "ingest")
+    if (attrs and attrs.get("complete") and state.MARK not in attrs and not overwrite
+            and _same_source(attrs, ident)):
+        # ingested outside the flows (ccstae ingest / ccstae run): same file, keep it
+        log.info("ingest: %s holds a complete ingest of %s made outside the flows; adopted",
+                 store_path, ident["path"])
+        state.write_marker(store_path, "ingest", key, {"input": ident, "adopted": True})
+        return key
+    t0 = time.perf_counter()
+    cio.ingest(input_path, store_path, overwrite=overwrite, **options.kwargs())
+    state.write_marker(store_path, "ingest", key, {"input": ident})
+    log.info("ingest: %s -> %s/raw in %.1f s", ident["path"], store_path,
+             time.perf_counter() - t0)
+    return key
+
+
+@task(name="preprocess", **_TASK_OPTIONS)
+def preprocess_task(store_path: str, config: PrepConfig, cluster: DaskCluster,
+                    upstream: str | None = None) -> str:
+    """``raw`` -> ``prep`` on the Dask cluster unless done with this config and raw."""
+    log = get_run_logger()
+    key = state.expected_key("prep", state.identity(store_path, "ingest"), config.to_dict())
+    if state.is_done(store_path, "prep", key):
+        log.info("preprocess: %s/prep is up to date; skipped", store_path)
+        return key
+    state.refresh_consolidated(store_path)
+    t0 = time.perf_counter()
+    # overwrite: the key differs, so an existing prep group is stale (other config or raw)
+    cprep.preprocess_store(store_path, config, client=cluster.client(), overwrite=True,
+                           log=lambda s: log.info("preprocess %s", s))
+    state.write_marker(store_path, "prep", key)
+    state.refresh_consolidated(store_path)
+    log.info("preprocess: %s/prep written in %.1f s", store_path, time.perf_counter() - t0)
+    return key
+
+
+def _train_logger(log: Any, epochs: int) -> Callable[[dict], None]:
+    def cb(rec: dict) -> None:
+        if rec.get("step", 0) % 20 == 0:
+            log.info("train: epoch %d/%d step %d loss %.4g (%.0f patterns/s)",
+                     rec.get("epoch", 0) + 1, epochs, rec.get("step", 0), rec["loss"],
+                     rec.get("patterns_per_s", float("nan")))
+    return cb
+
+
+def _train(store_path: str, model_config: ModelConfig, train_config: TrainConfig,
+           log: Any) -> list[dict]:
+    """``train_store``; an interrupted run of the same settings resumes from its checkpoint.
+
+    A checkpoint that cannot be resumed (other settings or training data: the stage key
+    changed) makes ``train_store`` raise ``TrainError``; the stage then starts over, which
+    is what the new key asks for.
+    """
+    cb = _train_logger(log, train_config.epochs)
+    try:
+        return workflow.train_store(store_path, model_config, train_config, cb)
+    except ValueError as e:
+        restartable = "restart" in inspect.signature(workflow.train_store).parameters
+        if type(e).__name__ != "TrainError" or not restartable:
+            raise
+        log.warning("train: %s; starting over", e)
+        return workflow.train_store(store_path, model_config, train_config, cb, restart=True)
+
+
+@task(name="train", **_TASK_OPTIONS)
+def train_task(store_path: str, model_config: ModelConfig, train_config: TrainConfig,
+               upstream: str | None = None) -> str:
+    """``prep/train`` -> ``model`` unless trained with these configs on this prep group."""
+    log = get_run_logger()
+    key = state.expected_key("train", state.identity(store_path, "prep"),
+                             {"model": model_config.to_dict(), "train": train_config.to_dict()})
+    if state.is_done(store_path, "train", key):
+        log.info("train: %s/model is up to date; skipped", store_path)
+        return key
+    state.refresh_consolidated(store_path)
+    t0 = time.perf_counter()
+    history = _train(store_path, model_config, train_config, log)
+    state.write_marker(store_path, "train", key)
+    state.refresh_consolidated(store_path)
+    final = f"{history[-1]['loss']:.4g}" if history else "n/a"
+    log.info("train: %s/model written in %.1f s (%d steps, final loss %s)", store_path,
+             time.perf_counter() - t0, len(history), final)
+    return key
+
+
+@task(name="map", **_TASK_OPTIONS)
+def map_task(store_path: str, config: MapConfig, cluster: DaskCluster,
+             upstream: str | None = None) -> str:
+    """``model`` + ``prep`` -> ``affine`` and ``strain`` unless done with this model/config."""
+    log = get_run_logger()
+    key = state.expected_key("map", state.identity(store_path, "train"), config.to_dict())
+    if state.is_done(store_path, "map", key):
+        log.info("map: %s/strain is up to date; skipped", store_path)
+        return key
+    state.refresh_consolidated(store_path)
+    t0 = time.perf_counter()
+    workflow.map_store(store_path, config, client=cluster.client())
+    state.write_marker(store_path, "map", key)
+    log.info("map: %s/strain written in %.1f s", store_path, time.perf_counter() - t0)
+    return key
+
+
+@task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      persist_result=False)
+def report_task(store_path: str, truth_path: str | None = None,
+                upstream: str | None = None) -> dict[str, Any]:
+    """Figures next to the store and the run's artifacts (see :mod:`flows.report`)."""
+    log = get_run_logger()
+    r = report.write_report(store_path, truth_path)
+    log.info("report: strain figure %s, loss figure %s", r["strain_figure"], r["loss_figure"])
+    for row in r["phases"]:
+        log.info("report: %s", row)
+    if "errors" in r:
+        e = r["errors"]
+        log.info("report: vs truth: sample accuracy %.3f, phase accuracy %.3f, MAE exx %.2e "
+                 "eyy %.2e exy %.2e theta %.3f deg", e["acc_sample"], e["acc_phase"],
+                 e["mae_exx"], e["mae_eyy"], e["mae_exy"], e["mae_theta"])
+    log.info("report: results in %s (xarray.open_zarr(%r, group='strain'))",
+             Path(store_path).resolve(), str(Path(store_path).resolve()))
+    return r
