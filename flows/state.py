@@ -15,10 +15,10 @@ The markers live in the groups they describe, so deleting or rewriting a group (
 ``preprocess_store(overwrite=True)`` recreates ``prep``) removes its marker with it, which a
 cache outside the store (Prefect's result storage) could not notice.
 
-Every read here bypasses the consolidated metadata block at the store root, and
-:func:`refresh_consolidated` rewrites that block after a stage changed the store: zarr serves
-a child's attributes from that block when it exists, and it goes stale as soon as a group is
-rewritten after ``map_store`` consolidated it.
+Every read here bypasses the consolidated metadata block at the store root, and the stages
+run inside :func:`unconsolidated`: zarr serves a child's metadata from that block when it
+exists, and it goes stale as soon as a group is rewritten after ``map_store`` consolidated
+it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ __all__ = [
     "group_attrs",
     "identity",
     "is_done",
-    "refresh_consolidated",
+    "unconsolidated",
     "write_marker",
 ]
 
@@ -158,7 +160,29 @@ def _consolidate(store: str | os.PathLike[str]) -> None:
         zarr.consolidate_metadata(str(Path(store)))
 
 
-def refresh_consolidated(store: str | os.PathLike[str]) -> None:
-    """Rewrite the root's consolidated metadata if the store has any (no-op otherwise)."""
-    if _has_consolidated(store):
-        _consolidate(store)
+@contextmanager
+def unconsolidated(store: str | os.PathLike[str]) -> Iterator[None]:
+    """Run a stage with the root's consolidated metadata block removed, then rewrite it.
+
+    Library code opens groups with zarr's default (use the block when present); a stage that
+    deletes and recreates a group under a block reads a stale or missing node.  Without a
+    block every read goes to the nodes' own metadata.  The block is rewritten afterwards
+    (also after a failure: the store's readers expect one) if there was one or the stage
+    wrote one.
+    """
+    had = _has_consolidated(store)
+    if had:
+        # rewriting the root's metadata through a non-consolidated handle drops the block
+        zarr.open_group(str(store), mode="r+", zarr_format=3,
+                        use_consolidated=False).update_attributes({})
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if had or _has_consolidated(store):
+            try:
+                _consolidate(store)
+            except Exception:
+                if ok:  # after a failure, the stage's own error is the one to report
+                    raise

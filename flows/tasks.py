@@ -108,13 +108,12 @@ def preprocess_task(store_path: str, config: PrepConfig, cluster: DaskCluster,
     if state.is_done(store_path, "prep", key):
         log.info("preprocess: %s/prep is up to date; skipped", store_path)
         return key
-    state.refresh_consolidated(store_path)
     t0 = time.perf_counter()
-    # overwrite: the key differs, so an existing prep group is stale (other config or raw)
-    cprep.preprocess_store(store_path, config, client=cluster.client(), overwrite=True,
-                           log=lambda s: log.info("preprocess %s", s))
-    state.write_marker(store_path, "prep", key)
-    state.refresh_consolidated(store_path)
+    with state.unconsolidated(store_path):
+        # overwrite: the key differs, so an existing prep group is stale (other config/raw)
+        cprep.preprocess_store(store_path, config, client=cluster.client(), overwrite=True,
+                               log=lambda s: log.info("preprocess %s", s))
+        state.write_marker(store_path, "prep", key)
     log.info("preprocess: %s/prep written in %.1f s", store_path, time.perf_counter() - t0)
     return key
 
@@ -157,11 +156,10 @@ def train_task(store_path: str, model_config: ModelConfig, train_config: TrainCo
     if state.is_done(store_path, "train", key):
         log.info("train: %s/model is up to date; skipped", store_path)
         return key
-    state.refresh_consolidated(store_path)
     t0 = time.perf_counter()
-    history = _train(store_path, model_config, train_config, log)
-    state.write_marker(store_path, "train", key)
-    state.refresh_consolidated(store_path)
+    with state.unconsolidated(store_path):
+        history = _train(store_path, model_config, train_config, log)
+        state.write_marker(store_path, "train", key)
     final = f"{history[-1]['loss']:.4g}" if history else "n/a"
     log.info("train: %s/model written in %.1f s (%d steps, final loss %s)", store_path,
              time.perf_counter() - t0, len(history), final)
@@ -177,10 +175,10 @@ def map_task(store_path: str, config: MapConfig, cluster: DaskCluster,
     if state.is_done(store_path, "map", key):
         log.info("map: %s/strain is up to date; skipped", store_path)
         return key
-    state.refresh_consolidated(store_path)
     t0 = time.perf_counter()
-    workflow.map_store(store_path, config, client=cluster.client())
-    state.write_marker(store_path, "map", key)
+    with state.unconsolidated(store_path):
+        workflow.map_store(store_path, config, client=cluster.client())
+        state.write_marker(store_path, "map", key)
     log.info("map: %s/strain written in %.1f s", store_path, time.perf_counter() - t0)
     return key
 

@@ -103,7 +103,7 @@ def test_served_pipeline_runs_on_a_real_server(tmp_path: Path) -> None:
     from ccstae_hpc.evaluate import load_truth, strain_errors
     from ccstae_hpc.store import open_strain
 
-    npy, truth = save_simulation(tmp_path / "scan.npy", SimConfig(scan=(24, 24), dose=None))
+    npy, truth = save_simulation(tmp_path / "scan.npy", SimConfig(scan=(16, 16), dose=None))
     store = tmp_path / "scan.zarr"
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
