@@ -328,19 +328,45 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--overwrite", action="store_true", help="redo an existing prep group")
     pp.set_defaults(func=_cmd_preprocess)
 
-    t = sub.add_parser("train", help="train CC-ST-AE on STORE/prep/train -> STORE/model")
+    t = sub.add_parser(
+        "train", help="train CC-ST-AE on STORE/prep/train -> STORE/model",
+        description="Train CC-ST-AE on the shards of STORE/prep/train and write STORE/model. "
+        "An interrupted run resumes from its last checkpoint (with the settings it was "
+        "started with) unless --restart is given. Ranks: this process (default), one per "
+        "Dask worker (--workers/--scheduler), or one per process of a job started by "
+        "srun/torchrun/mpiexec (--launcher env: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+        "MASTER_PORT, or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID).")
     t.add_argument("store", metavar="STORE.zarr")
-    t.add_argument("--epochs", type=int, metavar="N")
-    t.add_argument("--num-base", type=int, metavar="K")
-    t.add_argument("--seed", type=int, metavar="S")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--epochs", type=int, metavar="N",
+                   help=f"training epochs ({TrainConfig.epochs})")
+    t.add_argument("--num-base", type=int, metavar="K",
+                   help=f"dictionary size ({ModelConfig.num_base})")
+    t.add_argument("--seed", type=int, metavar="S", help=f"training seed ({TrainConfig.seed})")
+    t.add_argument("--batch-size", type=int, metavar="B",
+                   help=f"global batch, split over the ranks ({TrainConfig.batch_size})")
+    t.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="steps between checkpoints in STORE/model (100; 0: only at the end)")
+    t.add_argument("--restart", action="store_true",
+                   help="discard an interrupted run's checkpoint and start over")
+    t.add_argument("--launcher", choices=("single", "dask", "env"),
+                   help="how ranks are started (default: dask with --workers/--scheduler, "
+                   "else single)")
+    t.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="ranks on a local Dask cluster of N worker processes")
+    t.add_argument("--scheduler", metavar="ADDRESS",
+                   help="one rank per worker of this running Dask scheduler")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("map", help="inference and strain assembly -> STORE/affine, STORE/strain")
     m.add_argument("store", metavar="STORE.zarr")
     m.add_argument("--reference", type=int, nargs=4, metavar=("Y0", "Y1", "X0", "X1"))
     m.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="local Dask workers (0: this process)")
+                   help="local Dask worker processes (0: threads in this process)")
+    m.add_argument("--scheduler", metavar="ADDRESS", help="map on this running Dask scheduler")
+    m.add_argument("--rows-per-block", type=int, default=8, metavar="R",
+                   help="scan rows per task; bounds each worker's memory (8)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_map)
 
     sv = sub.add_parser(
@@ -396,25 +422,46 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ccstae_hpc.ddp import dask_client, env_from_environ
     from ccstae_hpc.prep import PrepError
+    from ccstae_hpc.train import CheckpointConfig, TrainError
     from ccstae_hpc.workflow import train_store
 
     p = _store_arg(args.store)
+    dask = bool(args.workers or args.scheduler)
+    launcher = args.launcher or ("dask" if dask else "single")
+    if launcher == "dask" and not dask:
+        raise CliError("--launcher dask needs --workers N or --scheduler ADDRESS",
+                       "Give one of them.")
+    if launcher != "dask" and dask:
+        raise CliError(f"--workers/--scheduler start Dask ranks; they do not go with "
+                       f"--launcher {launcher}", "Drop one of them.")
+    model_kw = {k: v for k, v in (("num_base", args.num_base),) if v is not None}
+    train_kw = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed),
+                                   ("batch_size", args.batch_size)) if v is not None}
     try:
-        mcfg = ModelConfig(**({} if args.num_base is None else {"num_base": args.num_base}))
-        tcfg = TrainConfig(**{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed))
-                              if v is not None})
+        # no option: None, so that a resumed run keeps the settings it was started with
+        mcfg = ModelConfig(**model_kw) if model_kw else None
+        tcfg = TrainConfig(**train_kw) if train_kw else None
+        ckpt = CheckpointConfig(**({} if args.checkpoint_every is None
+                                   else {"every": args.checkpoint_every}))
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
+    main_rank = launcher != "env" or env_from_environ().rank == 0
     try:
-        hist = train_store(p, mcfg, tcfg, progress=not args.quiet)
-    except PrepError as e:
+        with dask_client(args.workers, args.scheduler) as client:
+            hist = train_store(p, mcfg, tcfg, progress=not args.quiet, client=client,
+                               launcher=launcher, restart=args.restart, checkpoint=ckpt)
+    except (PrepError, TrainError) as e:
         raise CliError(str(e)) from e
-    print(f"trained: {p}/model (final loss {hist[-1]['loss']:.4g})")
+    if main_rank:
+        last = f"final loss {hist[-1]['loss']:.4g}, " if hist else ""
+        print(f"trained: {p}/model ({last}{len(hist)} steps)")
     return 0
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
+    from ccstae_hpc.ddp import dask_client
     from ccstae_hpc.prep import PrepError
     from ccstae_hpc.workflow import map_store
 
@@ -423,14 +470,14 @@ def _cmd_map(args: argparse.Namespace) -> int:
         mcfg = MapConfig(reference=None if args.reference is None else tuple(args.reference))
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
-    client = _local_client(args.workers)
+    if args.rows_per_block < 1:
+        raise CliError("--rows-per-block must be >= 1", "Fix the option and run again.")
     try:
-        map_store(p, mcfg, client=client)
+        with dask_client(args.workers, args.scheduler) as client:
+            map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
+                      progress=not args.quiet)
     except (PrepError, FileNotFoundError) as e:
         raise CliError(str(e)) from e
-    finally:
-        if client is not None:
-            client.close()
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")
     return 0

@@ -23,10 +23,10 @@ import zarr
 from . import __version__
 from .config import MapConfig, ModelConfig, TrainConfig
 from .model import CCSTAE
-from .pipeline import assemble_strain, map_block, progress_callback, vacuum_classes
+from .pipeline import assemble_strain, vacuum_classes
 from .prep import PrepConfig, open_prep, preprocess_store
 from .preprocess import ring_mask
-from .train import Geometry, train_model
+from .train import Geometry
 
 __all__ = [
     "geometry_from_prep",
@@ -90,23 +90,67 @@ def load_model(store: str | Path) -> tuple[CCSTAE, ModelConfig, TrainConfig]:
 
 def train_store(store: str | Path, model_cfg: ModelConfig | None = None,
                 train_cfg: TrainConfig | None = None,
-                progress: bool | Callable[[dict], None] = False) -> list[dict]:
-    """Train on the shuffled shards of ``prep/train``; write ``model/``."""
-    model_cfg = model_cfg or ModelConfig()
-    train_cfg = train_cfg or TrainConfig()
-    prep = open_prep(store)
-    geom = geometry_from_prep(prep)
-    x = np.asarray(prep["train"][...], dtype=np.float32)
-    model, history = train_model(x, geom, model_cfg, train_cfg,
-                                 progress=progress_callback(progress, train_cfg))
-    root = zarr.open_group(str(store), mode="r+", zarr_format=3)
-    save_model(root, model, model_cfg, train_cfg, history)
-    return history
+                progress: bool | Callable[[dict], None] = False, *,
+                client: Any | None = None, launcher: str = "auto", restart: bool = False,
+                checkpoint: Any | None = None) -> list[dict]:
+    """Train on the shards of ``prep/train``; write ``model/`` (checkpoints, then weights).
+
+    An incomplete checkpoint in ``model/`` is resumed (its configs are used when none are
+    given; given ones must match) unless ``restart``.
+
+    Parameters
+    ----------
+    progress : True shows a tqdm bar on rank 0; a callable gets each step's record on rank 0
+        (in the worker process under Dask).
+    client : a ``distributed.Client``: one DDP rank per worker (``launcher="auto"``).
+    launcher : ``"auto"`` (Dask ranks with a client, else this process), ``"single"``,
+        ``"dask"``, or ``"env"`` (this process is one rank of a job started by
+        srun/torchrun/mpiexec; see :func:`ccstae_hpc.ddp.env_from_environ`).
+    restart : discard an incomplete checkpoint and start over.
+    checkpoint : a :class:`ccstae_hpc.train.CheckpointConfig` (every 100 steps by default).
+
+    Returns
+    -------
+    The loss curve (one record per step) on rank 0; ``[]`` on other ranks.
+    """
+    from .ddp import DistEnv, env_from_environ, run_on_dask
+    from .train import train_rank
+
+    open_prep(store)  # fail here, with the message that says what to do
+    kw = {"checkpoint": checkpoint, "restart": restart, "progress": progress}
+    if launcher == "auto":
+        launcher = "dask" if client is not None else "single"
+    if launcher == "dask":
+        if client is None:
+            raise ValueError("launcher 'dask' needs a distributed.Client")
+        # workers resolve the path themselves: make it absolute (shared file system)
+        return run_on_dask(client, train_rank, str(Path(store).resolve()), model_cfg,
+                           train_cfg, **kw)[0]
+    if launcher == "env":
+        return train_rank(env_from_environ(), store, model_cfg, train_cfg, **kw)
+    if launcher == "single":
+        return train_rank(DistEnv(), store, model_cfg, train_cfg, **kw)
+    raise ValueError(f"unknown launcher {launcher!r}; use auto, single, dask or env")
 
 
 def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any | None = None,
-              rows_per_block: int = 8) -> Path:
-    """Blockwise inference into ``affine/``, then the ``strain`` group of the store."""
+              rows_per_block: int = 8, *, threads: int = 1, workers: int | None = None,
+              progress: bool = False) -> Path:
+    """Blockwise inference into ``affine/``, then the ``strain`` group of the store.
+
+    Each block of ``rows_per_block`` scan rows is one task that reads its patterns, maps
+    them and writes its rows of ``affine/`` (a region write): no patterns reach the caller.
+    The model goes once to each worker.  Every task runs with ``threads`` torch threads, so
+    the results are the same on any number of workers and in this process.
+
+    Parameters
+    ----------
+    client : a ``distributed.Client`` to map on; None maps in this process on ``workers``
+        threads (default: the CPUs available).
+    threads : torch threads per task.
+    progress : a tqdm bar over the blocks.
+    """
+    from .ddp import map_payload, map_rows
     from .store import _write_group, with_pixel_coords
 
     map_cfg = map_cfg or MapConfig()
@@ -115,7 +159,8 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
     geom = geometry_from_prep(prep)
     model, mcfg, tcfg = load_model(store)
     ny, nx = prep["patterns"].shape[:2]
-    root = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    # the consolidated block (written with strain/) is stale for the groups rewritten here
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
     if "affine" in root:
         del root["affine"]
     aff = root.create_group("affine")
@@ -126,29 +171,49 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                      dimension_names=("scan_y", "scan_x"))
     aff.create_array("residual", shape=(ny, nx), dtype="float32", chunks=(rows_per_block, nx),
                      dimension_names=("scan_y", "scan_x"))
-    path = str(store)
-
-    def one(y0: int) -> int:
-        y1 = min(y0 + rows_per_block, ny)
-        x = np.asarray(zarr.open_array(path, path="prep/patterns", mode="r")[y0:y1])
-        th, cls, res = map_block(model, x.reshape(-1, *x.shape[2:]), geom, map_cfg)
-        g = zarr.open_group(path, mode="r+", zarr_format=3)["affine"]
-        # region writes aligned with the row chunks: blocks never share a chunk
-        g["theta"][y0:y1] = th.reshape(y1 - y0, nx, 2, 3)
-        g["phase"][y0:y1] = cls.reshape(y1 - y0, nx)
-        g["residual"][y0:y1] = res.reshape(y1 - y0, nx)
-        return y1 - y0
-
-    t0 = time.perf_counter()
+    payload = map_payload(str(store.resolve()), model, geom, map_cfg, (ny, nx), rows_per_block,
+                          threads)
     starts = list(range(0, ny, rows_per_block))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ny * nx, unit="pattern", desc="map", dynamic_ncols=True)
+    t0 = time.perf_counter()
     if client is not None:
-        client.gather(client.map(one, starts, pure=False))
+        from distributed import as_completed
+
+        n_workers = len(client.scheduler_info()["workers"])
+        [shared] = client.scatter([payload], broadcast=True, hash=False)
+        futures = client.map(map_rows, starts, payload=shared, pure=False)
+        try:
+            for fut in as_completed(futures):
+                n = fut.result()  # raises the first failed block's error
+                if bar is not None:
+                    bar.update(n)
+        finally:
+            client.cancel([*futures, shared])
     else:
-        for y0 in starts:
-            one(y0)
+        from concurrent.futures import ThreadPoolExecutor
+
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        n_workers = workers or (len(cpus) if cpus else os.cpu_count() or 1)
+        before = torch.get_num_threads()
+        try:
+            # torch releases the GIL inside its kernels: threads run blocks in parallel
+            with ThreadPoolExecutor(n_workers) as ex:
+                for n in ex.map(lambda y0: map_rows(y0, payload), starts):
+                    if bar is not None:
+                        bar.update(n)
+        finally:
+            torch.set_num_threads(before)
+    if bar is not None:
+        bar.close()
     dt = time.perf_counter() - t0
     aff.attrs.update({"map_config": map_cfg.to_dict(), "elapsed_s": dt,
-                      "patterns_per_s": ny * nx / dt, "complete": True})
+                      "patterns_per_s": ny * nx / dt, "workers": n_workers,
+                      "threads_per_task": threads, "rows_per_block": rows_per_block,
+                      "complete": True})
     vac = vacuum_classes(model.dictionary().detach().numpy(), geom.ring)
     ds = assemble_strain(aff["theta"][...], aff["phase"][...], aff["residual"][...], vac,
                          map_cfg, attrs={

@@ -1,0 +1,396 @@
+"""Distributed execution: DDP ranks for training, model-once-per-worker tasks for inference.
+
+Training runs one rank per process, started in one of three ways:
+
+* **single process**: ``DistEnv()`` (world size 1, no process group);
+* **Dask**: :func:`run_on_dask` pins one task per worker of a ``distributed.Client`` (rank
+  ``r`` on the ``r``-th worker in address order) and passes each the rendezvous address
+  (rank 0's host, a port found free there);
+* **environment**: ranks started by ``srun``/``torchrun``/``mpiexec`` read
+  :func:`env_from_environ` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+  ``MASTER_PORT``, with SLURM/PMI/Open MPI fallbacks).
+
+Each rank then enters :func:`process_group` (NCCL on ``cuda:LOCAL_RANK`` where CUDA is
+available, gloo on CPU) and runs the same training function; :class:`Comm` wraps the few
+collectives that training needs so that the single-process path runs the same code.
+
+Inference (:func:`map_rows`) maps one block of scan rows per task; the model travels once to
+each worker (:func:`map_payload`, scattered with ``broadcast=True``) and is rebuilt once per
+worker process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "Comm",
+    "env_from_environ",
+    "free_port",
+    "device_for",
+    "process_group",
+    "run_on_dask",
+    "map_payload",
+    "map_rows",
+    "dask_client",
+]
+
+# how long a rank waits for its peers (rendezvous and each collective) before failing
+DEFAULT_TIMEOUT_S = 600.0
+
+# standard variable first, then SLURM, PMI (MPICH/Cray/PALS) and Open MPI equivalents
+_RANK_VARS = ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+_WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+_LOCAL_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this rank sits in the job and how to reach rank 0."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.local_rank < 0:
+            raise ValueError(f"local rank {self.local_rank} is negative")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    for n in names:
+        v = environ.get(n)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """This rank's :class:`DistEnv` from the launcher's environment variables.
+
+    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun, or set in the batch script) take
+    precedence over ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` and the PMI/Open MPI
+    equivalents.  Without any, this is a single process.  ``MASTER_ADDR`` defaults to
+    127.0.0.1 (right for ranks on one host) and ``MASTER_PORT`` to 29500.
+    """
+    env = os.environ if environ is None else environ
+    rank = int(_first(env, _RANK_VARS) or 0)
+    world = int(_first(env, _WORLD_VARS) or 1)
+    local = int(_first(env, _LOCAL_VARS) or 0)
+    addr = env.get("MASTER_ADDR") or "127.0.0.1"
+    port = int(env.get("MASTER_PORT") or 29500)
+    return DistEnv(rank, world, local, addr, port)
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port that is free on this host now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def device_for(local_rank: int) -> torch.device:
+    """``cuda:LOCAL_RANK`` where CUDA is available, else the CPU.
+
+    A worker that sees a single GPU (``CUDA_VISIBLE_DEVICES`` restricted per worker, as
+    :mod:`ccstae_hpc.cluster` does) uses it whatever its local rank.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
+    """Join the default process group for the duration of the block (no-op for one rank)."""
+    if not env.distributed:
+        yield
+        return
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group is already active in this "
+                           "process; run one rank per process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=env.timeout_s),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class Comm:
+    """The collectives training needs; identities when there is a single rank.
+
+    Arrays travel as float64 (or int64) tensors on the process group's device.
+    """
+
+    def __init__(self, env: DistEnv, device: torch.device) -> None:
+        self.env = env
+        self.device = device
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world(self) -> int:
+        return self.env.world_size
+
+    def allreduce_sum(self, a: np.ndarray) -> np.ndarray:
+        """Elementwise sum over ranks."""
+        if not self.env.distributed:
+            return np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
+    def broadcast(self, a: np.ndarray) -> np.ndarray:
+        """Rank 0's array on every rank (shape and dtype must agree)."""
+        if not self.env.distributed:
+            return np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        dist.broadcast(t, src=0)
+        return t.cpu().numpy()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable object on every rank."""
+        if not self.env.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order, on every rank."""
+        if not self.env.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+
+# ------------------------------------------------------------------------------ Dask launcher
+
+
+def _worker_threads() -> int:
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return max(1, torch.get_num_threads())
+
+
+def _rank_task(fn: Callable[..., Any], env: DistEnv, args: tuple, kwargs: dict) -> Any:
+    """Body of one pinned Dask task: run ``fn(env, *args, **kwargs)`` as one rank."""
+    before = torch.get_num_threads()
+    # one torch thread per worker thread: ranks sharing a host must not oversubscribe it
+    torch.set_num_threads(_worker_threads())
+    try:
+        return fn(env, *args, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _peer_failure(e: BaseException | None) -> bool:
+    """An error raised because another rank went away (not a cause of its own)."""
+    text = str(e)
+    return isinstance(e, dist.DistBackendError) or any(
+        w in text for w in ("Connection closed by peer", "Connection reset by peer",
+                            "Broken pipe", "NCCL communicator was aborted"))
+
+
+def run_on_dask(
+    client: Any,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    workers: list[str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(env, *args, **kwargs)`` as one rank per Dask worker; results in rank order.
+
+    Each rank is one ``client.submit(..., workers=[addr], pure=False)`` pinned to its worker.
+    Rank 0 is the first worker in address order; the rendezvous is a port found free on
+    rank 0's host.  Every worker must be its own process (``torch.distributed`` keeps one
+    process group per process) and have a free thread: a busy worker delays every rank.
+
+    Raises
+    ------
+    RuntimeError
+        Fewer than one worker, or workers that share a process.
+    Exception
+        The first rank's failure; the other ranks are cancelled (they also fail on their
+        own once their peer's connections close).
+    """
+    from distributed import as_completed, wait
+    from distributed.comm import get_address_host
+
+    addrs = sorted(workers or client.scheduler_info()["workers"])
+    if not addrs:
+        raise RuntimeError("the Dask cluster has no workers; start some before training")
+    pids = client.run(os.getpid, workers=addrs)
+    if len(set(pids.values())) < len(addrs):
+        raise RuntimeError(
+            "Dask workers share a process; DDP needs one process per rank "
+            "(LocalCluster(processes=True) or one worker process per GPU)")
+    hosts = [get_address_host(a) for a in addrs]
+    master = hosts[0]
+    port = client.run(free_port, workers=[addrs[0]])[addrs[0]]
+    seen: dict[str, int] = {}
+    futures = []
+    for rank, (addr, host) in enumerate(zip(addrs, hosts, strict=True)):
+        local = seen.get(host, 0)
+        seen[host] = local + 1
+        env = DistEnv(rank, len(addrs), local, master, int(port), timeout_s)
+        futures.append(client.submit(_rank_task, fn, env, args, kwargs, workers=[addr],
+                                     allow_other_workers=False, pure=False,
+                                     key=f"ccstae-ddp-rank{rank}-{port}"))
+    # fail fast: the first failure cancels what has not started instead of leaving ranks
+    # blocked in a collective until the timeout.  Peers of a failed rank fail too (their
+    # connections close), often first: report the rank whose error is not such a follow-on.
+    for fut in as_completed(futures):
+        if fut.status == "error":
+            try:
+                wait(futures, timeout=10)
+            except TimeoutError:
+                pass
+            errors = [f for f in futures if f.status == "error"]
+            cause = next((f for f in errors if not _peer_failure(f.exception())), fut)
+            client.cancel([f for f in futures if f.status == "pending"])
+            cause.result()  # re-raises that rank's exception with its remote traceback
+    return client.gather(futures)
+
+
+# ----------------------------------------------------------------------- inference on workers
+
+# the model of the current map run, built once per worker process: token -> (model, geom, cfg)
+_MAP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
+_MAP_LOCK = threading.Lock()
+
+
+def map_payload(store: str, model: Any, geom: Any, map_cfg: Any, shape: tuple[int, int],
+                rows: int, threads: int) -> dict:
+    """Everything a worker needs to map blocks of ``store``: plain arrays and dicts.
+
+    Sent once per worker (``client.scatter(..., broadcast=True)``); the model is rebuilt
+    from it once per worker process and cached under the payload's token.
+    """
+    return {
+        "token": uuid.uuid4().hex,
+        "store": store,
+        "weights": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+        "model_config": model.cfg.to_dict(),
+        "detector": int(model.detector),
+        "center": [float(c) for c in geom.center],
+        "radius": float(geom.radius),
+        "map_config": map_cfg.to_dict(),
+        "shape": [int(shape[0]), int(shape[1])],
+        "rows": int(rows),
+        "threads": int(threads),
+    }
+
+
+def _cached(payload: dict) -> tuple[Any, Any, Any]:
+    from .config import MapConfig, ModelConfig
+    from .model import CCSTAE
+    from .preprocess import ring_mask
+    from .train import Geometry
+
+    with _MAP_LOCK:
+        hit = _MAP_CACHE.get(payload["token"])
+        if hit is None:
+            _MAP_CACHE.clear()  # one map run at a time per process: drop older models
+            w = {k: torch.from_numpy(v) for k, v in payload["weights"].items()}
+            Q = payload["detector"]
+            model = CCSTAE(ModelConfig.from_dict(payload["model_config"]), Q,
+                           tuple(payload["center"]), payload["radius"])
+            model.load_state_dict(w)
+            model.eval()
+            c, r = tuple(payload["center"]), payload["radius"]
+            geom = Geometry(c, r, ring_mask((Q, Q), c, 2 * r + 2))
+            hit = (model, geom, MapConfig.from_dict(payload["map_config"]))
+            _MAP_CACHE[payload["token"]] = hit
+    return hit
+
+
+def map_rows(y0: int, payload: dict) -> int:
+    """Map scan rows ``y0 : y0 + rows`` of ``prep/patterns`` into ``affine/`` (a region write).
+
+    The unit of distributed inference, run the same way in a Dask worker and in a local
+    thread: reads its own block (nothing is gathered), fixes torch's thread count so that
+    the result does not depend on where it runs, and returns only the number of patterns.
+    """
+    import zarr
+
+    from .pipeline import map_block
+
+    # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
+    torch.set_num_threads(payload["threads"])
+    model, geom, cfg = _cached(payload)
+    ny, nx = payload["shape"]
+    y1 = min(y0 + payload["rows"], ny)
+    path = payload["store"]
+    x = np.asarray(zarr.open_array(path, path="prep/patterns", mode="r")[y0:y1])
+    th, cls, res = map_block(model, x.reshape(-1, *x.shape[2:]), geom, cfg)
+    del x
+    # region writes aligned with the row chunks: blocks never share a chunk
+    for name, v in (("theta", th.reshape(y1 - y0, nx, 2, 3)), ("phase", cls.reshape(y1 - y0, nx)),
+                    ("residual", res.reshape(y1 - y0, nx))):
+        zarr.open_array(path, path=f"affine/{name}", mode="r+")[y0:y1] = v
+    return (y1 - y0) * nx
+
+
+@contextmanager
+def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]:
+    """A client of a running scheduler, of a new local cluster of ``workers`` processes
+    (one thread each), or None (neither given); closed, with its cluster, on exit."""
+    if not scheduler and workers <= 0:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client

@@ -1,0 +1,98 @@
+"""Distributed inference: identical strain maps on 1 and 2 Dask workers and in process.
+
+A 16 x 16 scan (64 px detector), a model trained for one short epoch; blocks of 2 rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from ccstae_hpc import cli, ddp, workflow
+from ccstae_hpc.config import SimConfig, TrainConfig
+from ccstae_hpc.io import ingest
+from ccstae_hpc.prep import PrepConfig, preprocess_store
+from ccstae_hpc.simulate import save_simulation
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("map")
+    save_simulation(d / "s.npy", SimConfig(scan=(16, 16), detector=64, dose=1000, seed=1))
+    ingest(d / "s.npy", d / "s.zarr")
+    preprocess_store(d / "s.zarr", PrepConfig(max_train=256, shard_size=128))
+    workflow.train_store(d / "s.zarr", train_cfg=TrainConfig(epochs=1, batch_size=64))
+    return d / "s.zarr"
+
+
+def _group(store: Path, name: str) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(store), mode="r", use_consolidated=False)[name]
+    return {k: np.asarray(g[k][...]) for k in g.array_keys()}
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        # bit for bit, NaN where NaN
+        assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+
+
+@pytest.mark.timeout(300)
+def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
+                                                                tmp_path: Path) -> None:
+    stores = {n: shutil.copytree(trained, tmp_path / f"w{n}.zarr") for n in (0, 1, 2)}
+    workflow.map_store(stores[0], rows_per_block=2, workers=2)  # two threads here
+    for n in (1, 2):
+        argv = ["map", str(stores[n]), "--workers", str(n), "--rows-per-block", "2", "--quiet"]
+        assert cli.main(argv) == 0
+    ref = _group(stores[1], "strain")
+    assert {"exx", "eyy", "exy", "theta", "phase", "deformation"} <= ref.keys()
+    assert np.isfinite(ref["exx"][ref["sample"]]).mean() > 0.9
+    for n in (0, 2):
+        _same(ref, _group(stores[n], "strain"))
+        _same(_group(stores[1], "affine"), _group(stores[n], "affine"))
+    a = zarr.open_group(str(stores[2]), mode="r", use_consolidated=False)["affine"].attrs
+    assert a["workers"] == 2 and a["threads_per_task"] == 1 and a["complete"]
+
+
+@pytest.mark.timeout(300)
+def test_model_once_per_worker_and_no_patterns_gathered(trained: Path, tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    s = shutil.copytree(trained, tmp_path / "s.zarr")
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        seen: list = []
+        real_map = client.map
+
+        def spy(*args, **kw):  # the tasks' arguments: a block start and the shared payload
+            futs = real_map(*args, **kw)
+            seen.append((list(args[1]), kw))
+            return futs
+
+        client.map = spy
+        workflow.map_store(s, client=client, rows_per_block=2)
+        [(starts, kw)] = seen
+        assert starts == list(range(0, 16, 2))
+        # the model went as one scattered future, not inside every task
+        assert set(kw) == {"payload", "pure"} and type(kw["payload"]).__name__ == "Future"
+        # each worker process rebuilt it once and holds only that one
+        tokens = client.run(lambda: list(ddp._MAP_CACHE))
+        assert all(len(t) == 1 for t in tokens.values())
+        assert len({t[0] for t in tokens.values()}) == 1
+    # a block's task hands back a count, never patterns
+    payload = ddp.map_payload(str(s), *_model_geom(s), (16, 16), 2, 1)
+    assert ddp.map_rows(14, payload) == 2 * 16
+
+
+def _model_geom(store: Path) -> tuple:
+    from ccstae_hpc.config import MapConfig
+    from ccstae_hpc.prep import open_prep
+
+    model, _, _ = workflow.load_model(store)
+    return model, workflow.geometry_from_prep(open_prep(store)), MapConfig()
