@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -150,6 +151,7 @@ def run_npy(
     train_cfg: TrainConfig | None = None,
     map_cfg: MapConfig | None = None,
     progress: bool | Callable[[dict], None] = True,
+    engine: str = "prefect",
 ) -> xr.Dataset:
     """What ``ccstae run`` does: check, load, validate, run the pipeline, write the store.
 
@@ -177,19 +179,54 @@ def run_npy(
     ny, nx, qy, qx = data.shape
     del data
 
-    # imported here: torch loads in seconds, and the checks above must stay instant
-    from ccstae_hpc import workflow
-
     print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector) -> {out}")
     try:
-        workflow.run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
-                           train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
-                           log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
+        if engine == "prefect":
+            _run_flow(inp, out, overwrite, model_cfg, train_cfg, map_cfg)
+        else:
+            # imported here: torch loads in seconds, and the checks above must stay instant
+            from ccstae_hpc import workflow
+
+            workflow.run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
+                               train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
+                               log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
     except FileExistsError as e:  # the output appeared while we computed
         raise CliError(str(e)) from e
     except ValueError as e:  # ingest / preprocessing refused the data
         raise CliError(str(e), "Check the input data.") from e
     return store.open_strain(out).load()
+
+
+def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | None,
+              train_cfg: TrainConfig | None, map_cfg: MapConfig | None) -> None:
+    """The Prefect ``pipeline`` flow, embedded (no separate server), into a sibling store
+    that replaces ``out`` only once complete."""
+    # no network here and no server to wait for: Prefect's defaults assume both
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.params import PipelineConfig
+    from flows.pipeline import run_pipeline_embedded
+    from flows.report import figure_paths
+
+    cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
+                         map=map_cfg or MapConfig())
+    tmp = store._sibling(out, "tmp")
+    try:
+        run_pipeline_embedded(inp, tmp, config=cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.lexists(out):
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        store.swap_into_place(tmp, out)
+    else:
+        os.rename(tmp, out)
+    # the flow's figures sit next to the store it wrote: give them the final store's name
+    for src, dst in zip(figure_paths(tmp), figure_paths(out), strict=True):
+        if src.exists():
+            os.replace(src, dst)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -205,6 +242,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         train_cfg=train_cfg,
         map_cfg=map_cfg,
         progress=not args.quiet,
+        engine=args.engine,
     )
     dt = time.perf_counter() - t0
     print(summarize(ds))
@@ -315,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", type=int, metavar="S", help=f"training seed ({TrainConfig.seed})")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--engine", choices=("prefect", "direct"), default="prefect",
+                   help="run the stages as the Prefect pipeline flow, embedded without a "
+                   "server (default), or call them directly")
     r.set_defaults(func=_cmd_run)
 
     # parsed by ingest_main itself (dispatched in main before argparse); listed for --help
