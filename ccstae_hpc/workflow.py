@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,10 +228,6 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
     return store
 
 
-def _sibling(p: Path, tag: str) -> Path:
-    return p.with_name(f".{p.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def run_store(
     inp: str | Path,
     out: str | Path,
@@ -252,6 +247,7 @@ def run_store(
     complete: a failure at any stage leaves ``out`` as it was.
     """
     from .io import ingest
+    from .store import _sibling, swap_into_place
 
     out = Path(out)
     tmp = _sibling(out, "tmp")
@@ -272,14 +268,7 @@ def run_store(
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        old = _sibling(out, "old")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, out)
     else:
         os.rename(tmp, out)
     return out
