@@ -13,6 +13,7 @@ start-up are excluded) and their ratio.  Both runs compute the same global batch
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -54,6 +55,7 @@ def main() -> None:
                                     dashboard_address=None) for n in (1, 2)}
         clients = {n: Client(c) for n, c in clusters.items()}
         best = {1: float("inf"), 2: float("inf")}
+        load0 = os.getloadavg()[0]
         try:
             for r in range(args.repeats + 1):  # the first round warms the workers up
                 for n in (1, 2):  # alternate, so load from other jobs hits both alike
@@ -74,7 +76,8 @@ def main() -> None:
                 c.close()
     print(f"DDP step time (global batch {args.batch}, 128 px, gloo, 1 thread per rank): "
           f"1 rank {best[1] * 1e3:.0f} ms, 2 ranks {best[2] * 1e3:.0f} ms; "
-          f"speed-up 1/2 = {best[1] / best[2]:.2f}")
+          f"speed-up 1/2 = {best[1] / best[2]:.2f}; 1-min load average {load0:.1f} -> "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other jobs share them)")
 
 
 if __name__ == "__main__":
