@@ -216,13 +216,7 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.lexists(out):
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        store.swap_into_place(tmp, out)
-    else:
-        os.rename(tmp, out)
+    store.publish(tmp, out, overwrite)
     # the flow's figures sit next to the store it wrote: give them the final store's name
     for src, dst in zip(figure_paths(tmp), figure_paths(out), strict=True):
         if src.exists():

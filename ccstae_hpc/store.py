@@ -157,6 +157,18 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move the complete store ``tmp`` to ``dest``; an existing ``dest`` is replaced only with
+    ``overwrite`` (else ``tmp`` is removed and ``FileExistsError`` raised)."""
+    if os.path.lexists(dest):
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
+        swap_into_place(tmp, dest)
+    else:
+        os.rename(tmp, dest)
+
+
 def write_strain(
     ds: xr.Dataset, store_path: str | os.PathLike[str], overwrite: bool = False
 ) -> Path:

@@ -247,7 +247,7 @@ def run_store(
     complete: a failure at any stage leaves ``out`` as it was.
     """
     from .io import ingest
-    from .store import _sibling, swap_into_place
+    from .store import _sibling, publish
 
     out = Path(out)
     tmp = _sibling(out, "tmp")
@@ -264,11 +264,5 @@ def run_store(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.lexists(out):
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        swap_into_place(tmp, out)
-    else:
-        os.rename(tmp, out)
+    publish(tmp, out, overwrite)
     return out
