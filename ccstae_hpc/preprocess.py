@@ -15,7 +15,6 @@ __all__ = [
     "normalise",
     "central_disk",
     "ring_mask",
-    "radial_profiles",
     "kmeans",
     "disk_mask",
     "disk_contrast",
@@ -95,17 +94,6 @@ def ring_mask(shape: tuple[int, int], center: tuple[float, float], r_in: float, 
     r = np.hypot(yy - center[0], xx - center[1])
     r_out = min(center[0], center[1], shape[0] - 1 - center[0], shape[1] - 1 - center[1]) - margin
     return ((r >= r_in) & (r <= r_out)).astype(np.float32)
-
-
-def radial_profiles(block: np.ndarray, center: tuple[float, float], nbins: int) -> np.ndarray:
-    """Azimuthally summed intensity in 1-px rings around ``center``: ``(N, nbins)``."""
-    Q0, Q1 = block.shape[-2:]
-    yy, xx = np.indices((Q0, Q1))
-    rbin = np.hypot(yy - center[0], xx - center[1]).astype(np.int64).ravel()
-    keep = rbin < nbins
-    onehot = np.zeros((Q0 * Q1, nbins), dtype=np.float32)
-    onehot[np.nonzero(keep)[0], rbin[keep]] = 1.0
-    return block.reshape(-1, Q0 * Q1).astype(np.float32) @ onehot
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50, restarts: int = 4
