@@ -361,6 +361,7 @@ def map_rows(y0: int, payload: dict) -> int:
     import zarr
 
     from .pipeline import map_block
+    from .prep import read_patterns
 
     # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
     torch.set_num_threads(payload["threads"])
@@ -368,7 +369,7 @@ def map_rows(y0: int, payload: dict) -> int:
     ny, nx = payload["shape"]
     y1 = min(y0 + payload["rows"], ny)
     path = payload["store"]
-    x = np.asarray(zarr.open_array(path, path="prep/patterns", mode="r")[y0:y1])
+    x = read_patterns(path, y0, y1)
     th, cls, res = map_block(model, x.reshape(-1, *x.shape[2:]), geom, cfg)
     del x
     # region writes aligned with the row chunks: blocks never share a chunk

@@ -10,13 +10,16 @@ Passes
 1. sum pattern -> hot pixels, central disk (centre, radius);
 2. per pattern: hot-pixel repair, central-disk origin, Bragg-ring fraction (vacuum);
 3. smooth descan fit of the origins (robust polynomial over the scan);
-4. per pattern: repair, integer re-centring on the fitted origin, crop/bin, normalise ->
-   ``prep/patterns``; a random subset is returned for the shuffled training shards;
+4. per pattern: repair, integer re-centring on the fitted origin, bin/crop -> ``prep/patterns``
+   and its normalising ``scale``; a random subset is returned for the shuffled training shards;
 5. mean pattern of the re-centred data -> Bragg-disk mask and lattice fit.
 
-``prep/`` holds ``patterns``, ``origin`` (measured), ``origin_fit`` (descan model),
-``shift`` (integer shift applied), ``vacuum``, ``ring_fraction``, ``mask``, ``mean``,
-``train`` (shuffled training shards); every parameter is in its attrs.
+``prep/`` holds ``patterns`` (repaired, re-centred, binned counts in an integer dtype for
+counting detectors: lossless and half the bytes of float), ``scale`` (per pattern: ``patterns
+* scale`` has mean 1 and is the model input, see :func:`read_patterns`), ``origin``
+(measured), ``origin_fit`` (descan model), ``shift`` (shift applied), ``vacuum``,
+``ring_fraction``, ``mask``, ``mean`` (of the model input), ``train`` (shuffled training
+shards, normalised float16); every parameter is in its attrs.
 """
 
 from __future__ import annotations
@@ -30,13 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from scipy import ndimage
 
 from . import __version__
 from .config import _check, _Config
-from .model import disk_centroids
 from .preprocess import (
     central_disk,
     disk_mask,
@@ -45,7 +46,8 @@ from .preprocess import (
     ring_mask,
 )
 
-__all__ = ["PrepConfig", "PrepError", "preprocess_store", "fit_descan", "open_prep", "fit_lattice"]
+__all__ = ["PrepConfig", "PrepError", "fit_descan", "fit_lattice", "normalised", "open_prep",
+           "pattern_dtype", "preprocess_store", "read_patterns"]
 
 PREP = "prep"
 # zstd level 1: as fast as writing uncompressed through zarr here, and 4x smaller than lz4
@@ -65,7 +67,11 @@ class PrepConfig(_Config):
     output_size: int = 128
     descan_order: int = 2  # polynomial order of the smooth descan fit over the scan
     hot_nsigma: float = 8.0
-    recentre: str = "integer"  # "integer" (lossless) or "none"; sub-pixel rest goes to the model
+    # "integer" (default): whole-pixel shifts, lossless, Poisson counts kept, the sub-pixel
+    # rest (< 0.5 px, measured in prep/origin_fit) is left to the model's translation;
+    # "subpixel": bilinear shift onto the exact origin (float32 patterns; interpolation
+    # correlates neighbouring pixels' noise); "none"
+    recentre: str = "integer"
     rows_per_block: int = 0  # 0: about 32 MB of raw data per block
     max_train: int = 8192  # patterns in the shuffled training shards
     shard_size: int = 1024  # patterns per training shard
@@ -74,7 +80,8 @@ class PrepConfig(_Config):
     def __post_init__(self) -> None:
         _check(self.output_size >= 32, "output_size must be >= 32")
         _check(self.descan_order in (0, 1, 2, 3), "descan_order must be 0..3")
-        _check(self.recentre in ("integer", "none"), "recentre must be 'integer' or 'none'")
+        _check(self.recentre in ("integer", "subpixel", "none"),
+               "recentre must be 'integer', 'subpixel' or 'none'")
         _check(self.max_train >= 1 and self.shard_size >= 1, "max_train/shard_size must be >= 1")
 
 
@@ -82,65 +89,139 @@ class PrepConfig(_Config):
 
 def _origins(block: np.ndarray, hot: np.ndarray, center: np.ndarray, radius: float,
              r_in: float) -> tuple[np.ndarray, np.ndarray]:
-    """Central-disk origin (row, col) and Bragg-ring intensity fraction per pattern."""
+    """Central-disk origin (row, col) and Bragg-ring intensity fraction per pattern.
+
+    ``block`` is repaired in place (it is a fresh read).  Only a crop around the mean centre
+    becomes float: the origin and the inside of the ring need nothing else, and the total
+    comes from an integer sum, so this pass reads the data once and converts 1/10 of it.
+    """
     b, nx, Q0, Q1 = block.shape
-    x = repair_hot_pixels(block.reshape(b * nx, Q0, Q1), hot)
-    cen = disk_centroids(torch.from_numpy(x), torch.tensor(center, dtype=torch.float32),
-                         radius).numpy()
-    # ring fraction about the measured origin: Bragg + diffuse share outside r_in, from the
-    # inside of a crop (the outside is the total minus the inside)
-    h = int(math.ceil(r_in)) + 1
-    tot = x.sum((1, 2)).clip(min=1e-12)
-    inside = np.zeros(len(x))
-    ci = np.rint(cen).astype(int)
-    dy, dx = np.mgrid[-h:h + 1, -h:h + 1]
-    for n in range(len(x)):  # a 23x23 crop per pattern: cheap next to the read
-        r0, c0 = ci[n]
-        ys, xs = r0 + dy, c0 + dx
-        ok = (ys >= 0) & (ys < Q0) & (xs >= 0) & (xs < Q1)
-        rr = np.hypot(ys - cen[n, 0], xs - cen[n, 1])
-        inside[n] = x[n, ys[ok & (rr <= r_in)], xs[ok & (rr <= r_in)]].sum()
+    x = repair_hot_pixels(block.reshape(b * nx, Q0, Q1), hot, copy=False)
+    tot = x.sum((1, 2), dtype=np.float64).clip(min=1e-12)
+    # half-width: the centroid window of disk_centroids, and the ring radius plus 8 px of
+    # descan drift
+    H = int(math.ceil(max(radius + 14.0, r_in + 9.0)))
+    r0, c0 = (max(int(round(float(v))) - H, 0) for v in center)
+    crop = x[:, r0:r0 + 2 * H + 1, c0:c0 + 2 * H + 1].astype(np.float32)
+    yy = np.arange(crop.shape[1], dtype=np.float32)[None, :, None]
+    xx = np.arange(crop.shape[2], dtype=np.float32)[None, None, :]
+
+    def dist2(c: np.ndarray) -> np.ndarray:
+        return (yy - c[:, :1, None]) ** 2 + (xx - c[:, 1:, None]) ** 2
+
+    # centre of mass within radius + 6 px, re-centred once (follows drift of several px);
+    # numpy, not torch: torch's OpenMP threads spin between calls and starve the other
+    # block-worker threads
+    cen = np.tile(np.asarray(center, np.float32) - [r0, c0], (len(x), 1))
+    for _ in range(2):
+        w = crop * (dist2(cen) <= (radius + 6.0) ** 2)
+        sw = w.sum((1, 2)).clip(min=1e-12)
+        cen = np.stack([w.sum(2) @ yy[0, :, 0], w.sum(1) @ xx[0, 0]], 1) / sw[:, None]
+    # ring fraction about the measured origin: the share outside r_in (total - inside)
+    inside = (crop * (dist2(cen) <= r_in**2)).sum((1, 2), dtype=np.float64)
     frac = 1.0 - inside / tot
-    return cen.reshape(b, nx, 2), frac.reshape(b, nx)
+    return (cen + [r0, c0]).reshape(b, nx, 2), frac.reshape(b, nx)
 
 
-def _bin_crop(x: np.ndarray, size: int) -> np.ndarray:
-    """Bin by the largest integer factor that keeps >= ``size`` px, then centre-crop."""
+def _bin_crop(x: np.ndarray, size: int, dtype: np.dtype | None = None) -> np.ndarray:
+    """Sum ``f x f`` bins, ``f`` the largest integer factor keeping >= ``size`` px, then
+    centre-crop to ``size``.  Sums (not means) keep counts integer; ``dtype`` holds them."""
     Q0, Q1 = x.shape[-2:]
     f = max(1, min(Q0, Q1) // size)
     if f > 1:
         q0, q1 = Q0 // f, Q1 // f
-        x = x[..., : q0 * f, : q1 * f].reshape(*x.shape[:-2], q0, f, q1, f).mean((-3, -1))
+        x = x[..., : q0 * f, : q1 * f].reshape(*x.shape[:-2], q0, f, q1, f).sum(
+            (-3, -1), dtype=dtype)
     q0, q1 = x.shape[-2:]
     a, c = (q0 - size) // 2, (q1 - size) // 2
     return x[..., a:a + size, c:c + size]
 
 
+def pattern_dtype(raw_dtype: np.dtype, binned: bool, subpixel: bool = False) -> np.dtype:
+    """Dtype of ``prep/patterns``: the raw counts' own dtype (uint32 for sums of bins of
+    8/16-bit counts), float32 for float data or sub-pixel re-centring."""
+    dt = np.dtype(raw_dtype)
+    if subpixel:
+        return np.dtype(np.float32)
+    if np.issubdtype(dt, np.unsignedinteger) and dt.itemsize <= 4:
+        return np.dtype(np.uint32) if binned and dt.itemsize < 4 else dt
+    if np.issubdtype(dt, np.signedinteger) and dt.itemsize <= 4:
+        return np.dtype(np.int32) if binned and dt.itemsize < 4 else dt
+    return np.dtype(np.float32)
+
+
 def _recentred(block: np.ndarray, hot: np.ndarray, shift: np.ndarray, size: int
-               ) -> np.ndarray:
-    """Repair, shift each pattern by its integer ``shift`` (rows, cols), crop/bin, normalise."""
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Repair, shift each pattern by ``shift`` (rows, cols), bin/crop.
+
+    Integer shifts copy pixels; a float ``shift`` is applied as its whole-pixel part, then a
+    bilinear interpolation by the fractional rest.
+
+    Returns the patterns in :func:`pattern_dtype` (counts stay counts: lossless, and half
+    the bytes of float32) and the per-pattern scale ``1 / mean`` that normalises them.
+    ``block`` (a fresh read) is repaired in place.
+    """
     b, nx, Q0, Q1 = block.shape
-    # one float32 copy, then everything in place: this kernel is memory-bound
-    x = block.reshape(b * nx, Q0, Q1).astype(np.float32)
-    x = repair_hot_pixels(x, hot, copy=False)
+    f = max(1, min(Q0, Q1) // size)
+    subpixel = np.issubdtype(shift.dtype, np.floating)
+    dt = pattern_dtype(block.dtype, f > 1, subpixel)
+    x = repair_hot_pixels(block.reshape(b * nx, Q0, Q1), hot, copy=False)
     s = shift.reshape(-1, 2)
+    if subpixel:
+        whole = np.floor(s)
+        rest, s = (s - whole).astype(np.float32), whole.astype(np.int64)
     if np.any(s):
-        out = np.zeros_like(x)
-        # group by shift: one vectorised slice copy per distinct shift (a handful per block)
+        # into a new array, casting while copying: one pass over the data.  Grouped by shift:
+        # one vectorised slice copy per distinct shift (a handful per block); only the
+        # strips the shift uncovers are zeroed
+        out = np.empty(x.shape, dt if f == 1 else x.dtype)
         keys = s[:, 0] * 4096 + s[:, 1]
         for key in np.unique(keys):
             sel = np.nonzero(keys == key)[0]
-            dy, dx = s[sel[0]]
+            dy, dx = (int(v) for v in s[sel[0]])
+            sel = slice(sel[0], sel[-1] + 1) if sel[-1] - sel[0] + 1 == len(sel) else sel
             src_y = slice(max(dy, 0), Q0 + min(dy, 0))
             dst_y = slice(max(-dy, 0), Q0 + min(-dy, 0))
             src_x = slice(max(dx, 0), Q1 + min(dx, 0))
             dst_x = slice(max(-dx, 0), Q1 + min(-dx, 0))
             out[sel, dst_y, dst_x] = x[sel, src_y, src_x]
+            for ys in (slice(0, max(-dy, 0)), slice(Q0 + min(-dy, 0), Q0)):
+                out[sel, ys] = 0
+            for xs in (slice(0, max(-dx, 0)), slice(Q1 + min(-dx, 0), Q1)):
+                out[sel, dst_y, xs] = 0
         x = out
-    x = _bin_crop(x, size)
-    m = x.mean(axis=(-1, -2), keepdims=True)
-    np.divide(x, m, out=x, where=m > 0)
-    return x.reshape(b, nx, size, size)
+    if subpixel:
+        x = _bilinear(x if x.dtype == dt else x.astype(dt), rest)
+    x = _bin_crop(x, size, dt)
+    if x.dtype != dt:
+        x = x.astype(dt)
+    tot = x.sum((-1, -2), dtype=np.float64)
+    scale = np.divide(size * size, tot, out=np.zeros_like(tot), where=tot > 0)
+    return x.reshape(b, nx, size, size), scale.astype(np.float32).reshape(b, nx)
+
+
+def _bilinear(x: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """``out[p] = x[p + rest]`` per pattern, ``0 <= rest < 1`` (rows, cols); the last row and
+    column, which would need pixels beyond the detector, are zero."""
+    fy, fx = rest[:, 0, None, None], rest[:, 1, None, None]
+    out = np.zeros_like(x)
+    out[:, :-1, :-1] = ((1 - fy) * (1 - fx) * x[:, :-1, :-1] + (1 - fy) * fx * x[:, :-1, 1:]
+                        + fy * (1 - fx) * x[:, 1:, :-1] + fy * fx * x[:, 1:, 1:])
+    return out
+
+
+def normalised(patterns: np.ndarray, scale: np.ndarray, dtype: type = np.float32
+               ) -> np.ndarray:
+    """Model input from ``prep/patterns`` and ``prep/scale``: each pattern at mean 1."""
+    out = np.asarray(patterns).astype(dtype)
+    out *= np.asarray(scale, dtype)[..., None, None]
+    return out
+
+
+def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
+    """Normalised float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
+    g = zarr.open_group(str(store), mode="r", zarr_format=3)[PREP]
+    return normalised(g["patterns"][y0:y1], g["scale"][y0:y1])
 
 
 def fit_descan(origin: np.ndarray, order: int = 2, weight: np.ndarray | None = None,
@@ -323,14 +404,19 @@ def preprocess_store(
     size = min(cfg.output_size, Q0, Q1)
     f = max(1, min(Q0, Q1) // size)
     target = np.array([(Q0 - 1) / 2, (Q1 - 1) / 2])
-    shift = np.rint(origin_fit - target).astype(np.int64) if cfg.recentre == "integer" \
-        else np.zeros_like(origin_fit, dtype=np.int64)
+    if cfg.recentre == "integer":
+        shift = np.rint(origin_fit - target).astype(np.int64)
+    elif cfg.recentre == "subpixel":
+        shift = (origin_fit - target).astype(np.float64)
+    else:
+        shift = np.zeros_like(origin_fit, dtype=np.int64)
     if PREP in root:
         del root[PREP]
     g = root.create_group(PREP)
     g.attrs.update({"complete": False})
+    pdt = pattern_dtype(raw.dtype, f > 1, cfg.recentre == "subpixel")
     g.create_array(
-        "patterns", shape=(ny, nx, size, size), dtype="float32",
+        "patterns", shape=(ny, nx, size, size), dtype=pdt,
         chunks=(1, nx, size, size), shards=(rows, nx, size, size),
         dimension_names=("scan_y", "scan_x", "k_y", "k_x"),
         compressors=_CODEC,
@@ -340,18 +426,28 @@ def preprocess_store(
     picks = np.sort(rng.choice(ny * nx, n_train, replace=False))
     store_path = str(store)
 
-    def write(b: tuple[int, int]) -> np.ndarray:
+    def write(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         y0, y1 = b
-        x = _recentred(read(y0, y1), hot, shift[y0:y1], size)
-        zarr.open_array(store_path, path=f"{PREP}/patterns", mode="r+")[y0:y1] = x
+        x, sc = _recentred(read(y0, y1), hot, shift[y0:y1], size)
+        out = zarr.open_array(store_path, path=f"{PREP}/patterns", mode="r+")
+        # zarr otherwise compares every chunk with the fill value before writing it (~40%
+        # of the write time): patterns are never empty
+        out.with_config({"write_empty_chunks": True})[y0:y1] = x
+        flat, sflat = x.reshape(-1, size * size), sc.ravel()
         sel = picks[(picks >= y0 * nx) & (picks < y1 * nx)] - y0 * nx
         # float16 already here: the training subset is the one thing gathered in the client
-        return x.reshape(-1, size, size)[sel].astype(np.float16), x.sum((0, 1), dtype=np.float64)
+        train = normalised(x.reshape(-1, size, size)[sel], sflat[sel]).astype(np.float16)
+        # sum of the normalised patterns, a few rows at a time (no float copy of the block)
+        acc = np.zeros(size * size)
+        for i in range(0, len(flat), 256):
+            acc += sflat[i:i + 256] @ flat[i:i + 256].astype(np.float32)
+        return train, acc.reshape(size, size), sc
 
     res = _map(write, blocks, client)
     say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
     train = np.concatenate([r[0] for r in res])
     mean = (np.sum([r[1] for r in res], 0) / (ny * nx)).astype(np.float32)
+    scale = np.concatenate([r[2] for r in res])
     train = train[rng.permutation(len(train))]
     # float16 halves the shards; training needs no more than 3 significant digits
     t = g.create_array(
@@ -359,7 +455,7 @@ def preprocess_store(
         chunks=(min(cfg.shard_size, len(train)), size, size),
         compressors=_CODEC,
     )
-    t[:] = train
+    t.with_config({"write_empty_chunks": True})[:] = train
     t.attrs["source_index"] = "random subset of prep/patterns, shuffled; seed in prep attrs"
 
     # pass 4: masks and lattice on the re-centred mean
@@ -371,9 +467,11 @@ def preprocess_store(
     for name, arr, dims in (
         ("origin", origin.astype(np.float32), ("scan_y", "scan_x", "yx")),
         ("origin_fit", origin_fit.astype(np.float32), ("scan_y", "scan_x", "yx")),
-        ("shift", shift.astype(np.int16), ("scan_y", "scan_x", "yx")),
+        ("shift", shift.astype(np.float32 if cfg.recentre == "subpixel" else np.int16),
+         ("scan_y", "scan_x", "yx")),
         ("vacuum", vacuum, ("scan_y", "scan_x")),
         ("ring_fraction", frac.astype(np.float32), ("scan_y", "scan_x")),
+        ("scale", scale, ("scan_y", "scan_x")),
         ("mean", mean, ("k_y", "k_x")),
         ("mask", mask.astype(np.float32), ("k_y", "k_x")),
         ("hot_pixels", hot, ("k_y_raw", "k_x_raw")),

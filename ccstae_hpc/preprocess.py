@@ -43,19 +43,20 @@ def find_hot_pixels(mean_pattern: np.ndarray, nsigma: float = 8.0, n: int | None
 def repair_hot_pixels(block: np.ndarray, hot: np.ndarray, copy: bool = True) -> np.ndarray:
     """Replace hot pixels by the mean of their non-hot 8-neighbours.
 
-    Returns a float32 copy, or repairs ``block`` in place when ``copy=False`` and it is
-    already float32.
+    Returns a float32 copy, or repairs ``block`` in place (any dtype; integer counts get the
+    rounded mean) when ``copy=False``.
     """
-    out = np.array(block, dtype=np.float32, copy=copy or block.dtype != np.float32)
+    out = np.array(block, dtype=np.float32) if copy else block
     if not hot.any():
         return out
     Q0, Q1 = hot.shape
+    integer = np.issubdtype(out.dtype, np.integer)
     for r, c in zip(*np.nonzero(hot), strict=True):
         rr = slice(max(r - 1, 0), min(r + 2, Q0))
         cc = slice(max(c - 1, 0), min(c + 2, Q1))
         good = ~hot[rr, cc]
-        win = out[..., rr, cc]
-        out[..., r, c] = (win * good).sum((-1, -2)) / max(int(good.sum()), 1)
+        v = (out[..., rr, cc] * good).sum((-1, -2), dtype=np.float64) / max(int(good.sum()), 1)
+        out[..., r, c] = np.rint(v) if integer else v
     return out
 
 
