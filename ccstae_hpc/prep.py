@@ -18,8 +18,9 @@ Passes
 counting detectors: lossless and half the bytes of float), ``scale`` (per pattern: ``patterns
 * scale`` has mean 1 and is the model input, see :func:`read_patterns`), ``origin``
 (measured), ``origin_fit`` (descan model), ``shift`` (shift applied), ``vacuum``,
-``ring_fraction``, ``mask``, ``mean`` (of the model input), ``train`` (shuffled training
-shards, normalised float16); every parameter is in its attrs.
+``ring_fraction``, ``mask``, ``mean`` (of the model input), ``train`` and ``train_scale``
+(shuffled training shards: counts and scale like ``patterns``, or normalised float16 for
+float patterns); every parameter is in its attrs.
 """
 
 from __future__ import annotations
@@ -424,9 +425,13 @@ def preprocess_store(
     rng = np.random.default_rng(cfg.seed)
     n_train = min(cfg.max_train, ny * nx)
     picks = np.sort(rng.choice(ny * nx, n_train, replace=False))
+    slot = rng.permutation(n_train)  # picks[i] goes to prep/train[slot[i]]: shuffled shards
+    # counts stay counts in the shards too (with their scale); float patterns are stored
+    # normalised in float16 (scale 1)
+    tdt = pdt if np.issubdtype(pdt, np.integer) else np.dtype(np.float16)
     store_path = str(store)
 
-    def write(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def write(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         y0, y1 = b
         x, sc = _recentred(read(y0, y1), hot, shift[y0:y1], size)
         out = zarr.open_array(store_path, path=f"{PREP}/patterns", mode="r+")
@@ -435,27 +440,36 @@ def preprocess_store(
         out.with_config({"write_empty_chunks": True})[y0:y1] = x
         flat, sflat = x.reshape(-1, size * size), sc.ravel()
         sel = picks[(picks >= y0 * nx) & (picks < y1 * nx)] - y0 * nx
-        # float16 already here: the training subset is the one thing gathered in the client
-        train = normalised(x.reshape(-1, size, size)[sel], sflat[sel]).astype(np.float16)
+        # the training subset is the one thing gathered in the client
+        sub, ssub = x.reshape(-1, size, size)[sel], sflat[sel]
+        if tdt == np.float16:
+            sub, ssub = normalised(sub, ssub).astype(np.float16), np.ones_like(ssub)
         # sum of the normalised patterns, a few rows at a time (no float copy of the block)
         acc = np.zeros(size * size)
         for i in range(0, len(flat), 256):
             acc += sflat[i:i + 256] @ flat[i:i + 256].astype(np.float32)
-        return train, acc.reshape(size, size), sc
+        return sub, ssub, acc.reshape(size, size), sc
 
     res = _map(write, blocks, client)
     say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
-    train = np.concatenate([r[0] for r in res])
-    mean = (np.sum([r[1] for r in res], 0) / (ny * nx)).astype(np.float32)
-    scale = np.concatenate([r[2] for r in res])
-    train = train[rng.permutation(len(train))]
-    # float16 halves the shards; training needs no more than 3 significant digits
+    mean = (np.sum([r[2] for r in res], 0) / (ny * nx)).astype(np.float32)
+    scale = np.concatenate([r[3] for r in res])
+    # scatter each block's picks straight to their shuffled slots: one copy, no concatenate
+    train = np.empty((n_train, size, size), tdt)
+    train_scale = np.empty(n_train, np.float32)
+    i = 0
+    for r in res:
+        train[slot[i:i + len(r[0])]] = r[0]
+        train_scale[slot[i:i + len(r[0])]] = r[1]
+        i += len(r[0])
+    del res
     t = g.create_array(
-        "train", shape=train.shape, dtype="float16",
+        "train", shape=train.shape, dtype=tdt,
         chunks=(min(cfg.shard_size, len(train)), size, size),
         compressors=_CODEC,
     )
     t.with_config({"write_empty_chunks": True})[:] = train
+    g.create_array("train_scale", data=train_scale, dimension_names=("pattern",))
     t.attrs["source_index"] = "random subset of prep/patterns, shuffled; seed in prep attrs"
 
     # pass 4: masks and lattice on the re-centred mean

@@ -64,7 +64,13 @@ def test_patterns_recentred_and_normalised(sim_store, prepped):
 def test_training_shards_and_attrs(prepped):
     g, _, cfg = prepped
     t = g["train"]
-    assert t.shape == (300, 128, 128) and t.chunks[0] == 128 and t.dtype == np.float16
+    assert t.shape == (300, 128, 128) and t.chunks[0] == 128 and t.dtype == np.uint16
+    # the shuffled shards are patterns of prep/patterns with their scale
+    pat = g["patterns"][...].reshape(-1, 128 * 128)
+    ts = g["train_scale"][...]
+    for j in (0, 150, 299):
+        hit = np.nonzero((pat == t[j].ravel()).all(1))[0]
+        assert len(hit) == 1 and g["scale"][...].ravel()[hit[0]] == ts[j]
     assert g.attrs["complete"] and g.attrs["config"]["max_train"] == 300
     lat = g.attrs["lattice"]
     assert lat["found"] and abs(lat["angle_deg"] - 60) < 2
