@@ -18,9 +18,9 @@ Passes
 counting detectors: lossless and half the bytes of float), ``scale`` (per pattern: ``patterns
 * scale`` has mean 1 and is the model input, see :func:`read_patterns`), ``origin``
 (measured), ``origin_fit`` (descan model), ``shift`` (shift applied), ``vacuum``,
-``ring_fraction``, ``mask``, ``mean`` (of the model input), ``train`` and ``train_scale``
-(shuffled training shards: counts and scale like ``patterns``, or normalised float16 for
-float patterns); every parameter is in its attrs.
+``ring_fraction``, ``mask``, ``mean`` (sum of all patterns scaled to mean 1), ``train`` and
+``train_scale`` (shuffled training shards: counts and scale like ``patterns``, or normalised
+float16 for float patterns); every parameter is in its attrs.
 """
 
 from __future__ import annotations
@@ -444,31 +444,33 @@ def preprocess_store(
         sub, ssub = x.reshape(-1, size, size)[sel], sflat[sel]
         if tdt == np.float16:
             sub, ssub = normalised(sub, ssub).astype(np.float16), np.ones_like(ssub)
-        # sum of the normalised patterns, a few rows at a time (no float copy of the block)
-        acc = np.zeros(size * size)
-        for i in range(0, len(flat), 256):
-            acc += sflat[i:i + 256] @ flat[i:i + 256].astype(np.float32)
+        # sum pattern (exact for counts) and total: the mean pattern at mean 1 is their ratio
+        acc = flat.sum(0, dtype=np.float64)
         return sub, ssub, acc.reshape(size, size), sc
 
     res = _map(write, blocks, client)
     say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
-    mean = (np.sum([r[2] for r in res], 0) / (ny * nx)).astype(np.float32)
+    total = np.sum([r[2] for r in res], 0)
+    mean = (total * (size * size / max(total.sum(), 1e-12))).astype(np.float32)
     scale = np.concatenate([r[3] for r in res])
-    # scatter each block's picks straight to their shuffled slots: one copy, no concatenate
-    train = np.empty((n_train, size, size), tdt)
-    train_scale = np.empty(n_train, np.float32)
-    i = 0
-    for r in res:
-        train[slot[i:i + len(r[0])]] = r[0]
-        train_scale[slot[i:i + len(r[0])]] = r[1]
-        i += len(r[0])
-    del res
-    t = g.create_array(
-        "train", shape=train.shape, dtype=tdt,
-        chunks=(min(cfg.shard_size, len(train)), size, size),
-        compressors=_CODEC,
-    )
-    t.with_config({"write_empty_chunks": True})[:] = train
+    # shuffled shards, one at a time through one reused buffer: the client never holds a
+    # second copy of the training subset (first-touch of fresh memory is slow on VMs)
+    parts = [r[0] for r in res]
+    src = np.argsort(slot)  # train index j holds pick src[j]
+    train_scale = np.concatenate([r[1] for r in res])[src]
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    S = min(cfg.shard_size, n_train)
+    t = g.create_array("train", shape=(n_train, size, size), dtype=tdt, chunks=(S, size, size),
+                       compressors=_CODEC).with_config({"write_empty_chunks": True})
+    buf = np.empty((S, size, size), tdt)
+    for j0 in range(0, n_train, S):
+        js = src[j0:j0 + S]
+        part = np.searchsorted(starts, js, side="right") - 1
+        for k in np.unique(part):
+            at = np.nonzero(part == k)[0]
+            buf[at] = parts[k][js[at] - starts[k]]
+        t[j0:j0 + len(js)] = buf[:len(js)]
+    del res, parts
     g.create_array("train_scale", data=train_scale, dimension_names=("pattern",))
     t.attrs["source_index"] = "random subset of prep/patterns, shuffled; seed in prep attrs"
 
@@ -502,7 +504,7 @@ def preprocess_store(
         "descan_order": cfg.descan_order,
         "lattice": json.loads(json.dumps(lattice)),
         "n_hot_pixels": int(hot.sum()),
-        "n_train": int(len(train)),
+        "n_train": int(n_train),
         "elapsed_s": time.perf_counter() - t0,
         "ccstae_hpc_version": __version__,
         "complete": True,
