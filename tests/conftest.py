@@ -1,8 +1,10 @@
-"""Shared, session-cached simulated datasets (cheap: a 12 x 12 scan renders in ~0.1 s)."""
+"""Session fixtures: cached simulated datasets (a 12 x 12 scan renders in ~0.1 s) and the
+one Prefect test server of the session."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -41,3 +43,31 @@ def make_sim() -> Callable[..., SimResult]:
 def sim_small(make_sim: Callable[..., SimResult]) -> SimResult:
     """Noise-free 12 x 12 scan, 128 px detector, default config: ``(data, truth, cfg)``."""
     return make_sim()
+
+
+PREFECT_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect server (and database) for every flow test of the session.
+
+    A fresh database takes ~25 s to migrate on two cores, and Prefect keeps one test harness
+    per process: tests/test_flows.py and tests/test_slurm.py share this one.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    saved = {k: os.environ.get(k) for k in PREFECT_ENV}
+    os.environ.update(PREFECT_ENV)
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

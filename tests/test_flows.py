@@ -1,17 +1,18 @@
 """Prefect flows on a small simulated dataset, all under one session-scoped Prefect test server.
 
-A fresh Prefect database takes ~25 s to migrate on two cores: every flow test here shares one
-``prefect_test_harness``.  The full pipeline runs once (module fixture ``done``); the other
-tests rerun it with counted (and, for failure injection, failing) library functions.
+A fresh Prefect database takes ~25 s to migrate on two cores: every flow test of the session
+(here and in tests/test_slurm.py) shares one ``prefect_test_harness``, the fixture
+``prefect_server`` of tests/conftest.py.  The full pipeline runs once (module fixture
+``done``); the other tests rerun it with counted (and, for failure injection, failing)
+library functions.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,6 @@ from ccstae_hpc.simulate import save_simulation
 
 pytestmark = pytest.mark.timeout(900)
 
-PREFECT_ENV = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
 # small and fast; the stages only have to run, not to be accurate
 CONFIG: dict[str, Any] = {
     "prep": {"max_train": 256},
@@ -43,24 +40,6 @@ LIBRARY = (
     (ccstae_hpc.workflow, "train_store", "train"),
     (ccstae_hpc.workflow, "map_store", "map"),
 )
-
-
-@pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """One temporary Prefect server (and database) for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    saved = {k: os.environ.get(k) for k in PREFECT_ENV}
-    os.environ.update(PREFECT_ENV)
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Calls:

@@ -3,13 +3,21 @@
 `.ci/run` starts a single-node SLURM with scripts/slurm_up.sh before `make test`; elsewhere
 these tests are skipped with the reason.  The session fixture ``slurm_client`` (a client on
 two SLURM-job workers of the ``slurm-test`` section) is meant for other SLURM tests too.
+
+Training on SLURM (2 Dask ranks in 2 jobs; 2 srun ranks of the ddp.sbatch template) is
+checked against one process on the dataset of tests/test_ddp.py (16 x 16 scan, 64 px
+detector, 4 training shards of 64 patterns, one epoch of batch 32 = 8 steps), with its
+tolerances; the store and the one-rank reference are module fixtures made once.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
+import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,10 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 from distributed import Client
 
+from ccstae_hpc import workflow
 from ccstae_hpc.cluster import (
     default_partition,
     make_cluster,
@@ -28,6 +38,7 @@ from ccstae_hpc.cluster import (
     submit_batch,
     wait_for_jobs_gone,
 )
+from ccstae_hpc.config import SimConfig, TrainConfig
 
 _REASON = slurm_unavailable_reason()
 pytestmark = [
@@ -35,6 +46,10 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=f"no usable SLURM: {_REASON}"),
 ]
 N_WORKERS = 2
+# as in tests/test_ddp.py: 1 and 2 ranks sum each batch in another order, which Adam
+# amplifies to ~4e-3 relative L2 in the worst tensor after these 8 steps
+TC = TrainConfig(epochs=1, batch_size=32)
+TOL, LOSS_RTOL = 1e-2, 1e-3
 
 
 def _partition() -> str:
@@ -59,6 +74,15 @@ def _worker_getenv() -> Callable[[str], str | None]:
     # a local function travels to the workers by value (this test module is not importable
     # there), and a bare os.environ.get would carry this process's environment along
     return getenv
+
+
+def _worker_peak_rss() -> Callable[[], int]:
+    def peak_rss_bytes() -> int:
+        import resource  # Linux: ru_maxrss in KiB
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    return peak_rss_bytes  # by value, as _worker_getenv
 
 
 def _job_ids(cluster: Any) -> list[str]:
@@ -95,6 +119,51 @@ def slurm_client(slurm_cluster: Any) -> Iterator[Client]:
         yield client
     finally:
         client.close()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _weights(store: Path) -> dict[str, np.ndarray]:
+    model, _, _ = workflow.load_model(store)
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _model_attrs(store: Path) -> dict[str, Any]:
+    return dict(zarr.open_group(str(store), mode="r", use_consolidated=False)["model"].attrs)
+
+
+def _assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tol: float) -> None:
+    """Every tensor equal to ``tol`` in relative L2 norm."""
+    assert a.keys() == b.keys()
+    rel = {k: float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(a[k]), 1e-12)) for k in a}
+    assert max(rel.values()) <= tol, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+
+
+@pytest.fixture(scope="module")
+def prepped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The preprocessed store of tests/test_ddp.py (absolute path: the jobs share it)."""
+    from ccstae_hpc.io import ingest
+    from ccstae_hpc.prep import PrepConfig, preprocess_store
+    from ccstae_hpc.simulate import save_simulation
+
+    d = tmp_path_factory.mktemp("slurm-ddp").resolve()
+    save_simulation(d / "s.npy", SimConfig(scan=(16, 16), detector=64, dose=1000, seed=0))
+    ingest(d / "s.npy", d / "s.zarr")
+    preprocess_store(d / "s.zarr", PrepConfig(max_train=256, shard_size=64))
+    return d / "s.zarr"
+
+
+@pytest.fixture(scope="module")
+def one_rank(prepped: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Reference: one process, global batch 32 -> (weights, loss curve)."""
+    s = _copy(prepped, tmp_path_factory.mktemp("one-rank") / "s.zarr")
+    hist = workflow.train_store(s, train_cfg=TC)
+    assert len(hist) == 8  # 256 patterns, batch 32
+    return _weights(s), [h["loss"] for h in hist]
 
 
 def test_workers_are_slurm_jobs(slurm_cluster: Any, slurm_client: Client) -> None:
@@ -147,6 +216,35 @@ def test_preprocessing_on_slurm_workers(slurm_client: Client, tmp_path: Path) ->
     # 192 noisy origins only: looser than the 0.05 px figure of tests/test_prep.py
     assert np.abs(on_slurm["origin_fit"][...] - truth["origin"]).max() < 0.1
     assert np.mean(on_slurm["vacuum"][...] == (truth["phase"] == 0)) >= 0.99
+
+
+@pytest.mark.timeout(300)
+def test_two_ddp_ranks_in_two_slurm_jobs_match_one_rank(
+    slurm_cluster: Any, slurm_client: Client, prepped: Path, tmp_path: Path,
+    one_rank: tuple[dict[str, np.ndarray], list[float]],
+) -> None:
+    """2 gloo ranks x batch 16, one per SLURM-job Dask worker == 1 rank x batch 32."""
+    # every worker of the client is its own job (see test_workers_are_slurm_jobs): with one
+    # rank pinned to each worker, the two ranks run in two different SLURM jobs
+    job_of = slurm_client.run(_worker_getenv(), "SLURM_JOB_ID")
+    assert len(job_of) == N_WORKERS
+    assert sorted(job_of.values()) == sorted(_job_ids(slurm_cluster))
+    assert len(set(job_of.values())) == N_WORKERS
+
+    s = _copy(prepped, tmp_path / "s.zarr")
+    hist = workflow.train_store(s, train_cfg=TC, client=slurm_client)
+    w1, loss1 = one_rank
+    attrs = _model_attrs(s)
+    assert attrs["complete"] and attrs["world_size"] == N_WORKERS
+    assert len(hist) == len(loss1)
+    np.testing.assert_allclose([h["loss"] for h in hist], loss1, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(attrs["loss"], loss1, rtol=LOSS_RTOL)
+    _assert_close(w1, _weights(s), TOL)
+    # the section's 1 GiB per worker holds a rank (~0.5 GiB peak) below Dask's pause at 80%
+    limit = slurm_client.scheduler_info(n_workers=-1)["workers"]
+    peak = slurm_client.run(_worker_peak_rss())
+    for addr, rss in peak.items():
+        assert rss < 0.8 * limit[addr]["memory_limit"], (addr, rss / 2**20)
 
 
 def test_submit_batch_writes_file(tmp_path: Path) -> None:
@@ -210,6 +308,80 @@ def test_ddp_template_rendezvous_under_srun(tmp_path: Path) -> None:
     assert ranks[0]["ARGS"] == f"-m ccstae_hpc.cli train {store} --launcher env --epochs 1"
 
 
+@pytest.mark.timeout(300)
+def test_ddp_template_trains_two_ranks_and_checkpoints(
+    prepped: Path, tmp_path: Path, one_rank: tuple[dict[str, np.ndarray], list[float]],
+) -> None:
+    """ddp.sbatch with the real interpreter: 2 srun ranks train, checkpoint, match 1 rank."""
+    from ccstae_hpc.ddp import free_port
+    from ccstae_hpc.train import _read_packed, read_checkpoint
+
+    s = _copy(prepped, tmp_path / "s.zarr")
+    text = render_template(
+        "ddp.sbatch",
+        store=str(s),
+        nodes=1,
+        gpus_per_node=0,
+        ranks_per_node=2,
+        cpus_per_task=1,
+        partition=_partition(),
+        walltime="00:05:00",
+        python=sys.executable,
+        master_port=free_port(),
+        # 8 steps: checkpoints after steps 4 and 8, in slots checkpoint_a and checkpoint_b
+        train_args=["--epochs", "1", "--batch-size", "32", "--checkpoint-every", "4",
+                    "--quiet"],
+        output=str(tmp_path / "ddp-%j.out"),
+        extra="#SBATCH --mem=2G",
+    )
+    job_id, rc = submit_batch(text, wait=True, cwd=tmp_path, timeout=240)
+    log = (tmp_path / f"ddp-{job_id}.out").read_text()
+    assert rc == 0, log
+    assert "1 node(s) x 2 rank(s)" in log
+    assert log.count("trained:") == 1, log  # rank 0 alone reports
+
+    w1, loss1 = one_rank
+    a = _model_attrs(s)
+    assert a["complete"] and a["world_size"] == 2 and a["resumed_from_step"] == 0
+    assert a["checkpoint_config"]["every"] == 4
+    assert TrainConfig.from_dict(a["train_config"]) == TC
+    np.testing.assert_allclose(a["loss"], loss1, rtol=LOSS_RTOL)
+    weights = _weights(s)
+    _assert_close(w1, weights, TOL)
+
+    # the checkpoints: the pointer names the last one, at the end of the epoch ...
+    assert a["checkpoint"] == {"slot": "checkpoint_b", "step": 8, "epoch": 1,
+                               "step_in_epoch": 0}
+    model = zarr.open_group(str(s), mode="r", use_consolidated=False)["model"]
+    last, first = model["checkpoint_b"], model["checkpoint_a"]
+    assert (last.attrs["step"], first.attrs["step"]) == (8, 4)
+    assert (first.attrs["epoch"], first.attrs["step_in_epoch"]) == (0, 4)
+    # ... holding the final weights and the loss curve
+    ck_w = _read_packed(last["weights"])
+    assert ck_w.keys() == weights.keys()
+    for k in weights:
+        np.testing.assert_array_equal(ck_w[k], weights[k], err_msg=k)
+    np.testing.assert_array_equal(np.asarray(last["history"][:, 2]), a["loss"])
+
+    # the step-4 checkpoint resumes: the store as a job killed after step 4 would leave it
+    # (pointer at checkpoint_a, no later slot, no final model), continued by one process
+    r = _copy(s, tmp_path / "resumed.zarr")
+    g = zarr.open_group(str(r), mode="r+", use_consolidated=False)["model"]
+    for name in ("checkpoint_b", "weights", "dictionary"):
+        del g[name]
+    g.attrs.update({"complete": False, "loss": a["loss"][:4],
+                    "checkpoint": {"slot": "checkpoint_a", "step": 4, "epoch": 0,
+                                   "step_in_epoch": 4}})
+    state = read_checkpoint(r)
+    assert state is not None and state["step"] == 4 and len(state["history"]) == 4
+    workflow.train_store(r, checkpoint=None)  # no configs given: the checkpoint's are used
+    b = _model_attrs(r)
+    assert b["complete"] and b["resumed_from_step"] == 4 and b["world_size"] == 1
+    np.testing.assert_array_equal(b["loss"][:4], a["loss"][:4])
+    np.testing.assert_allclose(b["loss"], loss1, rtol=LOSS_RTOL)
+    _assert_close(w1, _weights(r), TOL)
+
+
 def test_gpu_preload_pins_one_device_per_worker() -> None:
     """Two worker processes in one SLURM job each see one of the job's (pretend) GPUs."""
     cluster = make_cluster(
@@ -246,3 +418,111 @@ def test_scale_and_wait_reports_pending_jobs() -> None:
             scale_and_wait(cluster, 1, timeout=5)
     finally:
         _close(cluster)
+
+
+def _jobs_named(name: str) -> list[str]:
+    res = subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"],
+                         capture_output=True, text=True, check=False)
+    return res.stdout.split()
+
+
+def _worker_executed() -> Callable[..., int]:
+    def executed(dask_worker: Any) -> int:
+        return int(dask_worker.state.executed_count)
+
+    return executed  # by value, as _worker_getenv
+
+
+@pytest.mark.timeout(420)
+def test_pipeline_flow_with_its_dask_cluster_on_slurm(
+    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Prefect ``pipeline`` flow, cluster ``slurm-test``: its workers are SLURM jobs."""
+    import ccstae_hpc.cluster as site
+    import ccstae_hpc.prep
+    from ccstae_hpc.evaluate import load_truth, strain_errors
+    from ccstae_hpc.simulate import save_simulation
+    from ccstae_hpc.store import open_strain
+    from flows.pipeline import pipeline
+
+    npy, truth_path = save_simulation(
+        tmp_path / "data.npy", SimConfig(scan=(16, 16), detector=64, dose=1000.0, seed=0))
+    store = tmp_path / "data.zarr"
+    # a job name of this run alone: its worker logs are {log_directory}/{job_name}-{id}.err
+    job_name = f"ccstae-flow-{uuid.uuid4().hex[:8]}"
+    log_dir = Path(site.load_cluster_config("slurm-test").options["log_directory"])
+
+    # spies, not stand-ins: what the flow's cluster started, and the work its workers did
+    seen: dict[str, Any] = {"jobs": [], "executed": []}
+    real_scale = site.scale_and_wait
+
+    def scale_and_wait(cluster: Any, n: int, timeout: float = 120.0) -> Client:
+        client = real_scale(cluster, n, timeout)
+        seen["jobs"] = _job_ids(cluster)
+        seen["client"] = client
+        seen["job_of"] = client.run(_worker_getenv(), "SLURM_JOB_ID")
+        return client
+
+    def counting(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            # the client of the SLURM cluster the spy saw start, not another (local) one
+            assert kwargs.get("client") is seen.get("client"), f"{stage}: {kwargs.get('client')}"
+            out = fn(*args, **kwargs)
+            seen["executed"].append((stage, sum(kwargs["client"].run(_worker_executed())
+                                                .values())))
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(site, "scale_and_wait", scale_and_wait)
+    monkeypatch.setattr(ccstae_hpc.prep, "preprocess_store",
+                        counting(ccstae_hpc.prep.preprocess_store, "prep"))
+    monkeypatch.setattr(workflow, "map_store", counting(workflow.map_store, "map"))
+    config = {
+        "prep": {"max_train": 256, "shard_size": 64},
+        # 192 steps: fewer (e.g. 6 epochs of batch 64) often leave this small scan in one
+        # class, vacuum included
+        "train": {"epochs": 12, "batch_size": 16},
+        "cluster": {"queue": _partition(), "job_name": job_name},
+        "workers": N_WORKERS,
+    }
+    try:
+        st = pipeline(input_path=str(npy), store_path=str(store), cluster="slurm-test",
+                      config=config, truth_path=str(truth_path), return_state=True)
+        assert st.is_completed(), st
+        assert st.result() == str(store.resolve())
+    finally:
+        # the flow closes its cluster: no job of it may be left, whatever happened (jobs
+        # submitted but never seen by the spy are found by their name)
+        left = wait_for_jobs_gone(seen["jobs"], timeout=30)
+        left += [j for j in _jobs_named(job_name) if j not in left]
+        if left:
+            subprocess.run(["scancel", *left], check=False)
+    assert not left, f"SLURM jobs {left} of the flow still queued after it ended"
+
+    # the flow's workers were SLURM jobs of this run: 2 jobs, one worker in each, and the
+    # jobs wrote their logs under this run's job name
+    jobs = seen["jobs"]
+    assert len(jobs) == N_WORKERS, seen
+    assert sorted(seen["job_of"].values()) == sorted(jobs)
+    logs = sorted(log_dir.glob(f"{job_name}-*.err"))
+    assert sorted(p.stem.rsplit("-", 1)[1] for p in logs) == sorted(jobs)
+    assert all("Registered to:" in p.read_text() for p in logs)
+    # ... and they did the chunked stages: tasks ran on them in preprocess and in map
+    (s1, n_prep), (s2, n_map) = seen["executed"]
+    assert (s1, s2) == ("prep", "map")
+    assert 0 < n_prep < n_map, seen["executed"]
+
+    # the strain maps against the simulator's truth.  Measured: sample/vacuum all right,
+    # phases >= 0.96, MAE 0.2 % (exx, eyy, exy), 0.12 deg; one collapsed class instead gives
+    # 0.82, 0.65 and 0.5 %
+    ds = open_strain(store)
+    assert ds.exx.shape == (16, 16)
+    err = strain_errors(ds, load_truth(truth_path))
+    assert err["acc_sample"] >= 0.98, err
+    assert err["acc_phase"] >= 0.9, err
+    assert err["n_eval"] >= 0.95 * err["n_both_sample"], err
+    for k in ("exx", "eyy", "exy"):
+        assert err[f"mae_{k}"] <= 0.004, (k, err)
+    assert err["mae_theta"] <= 0.3, err
+    assert (store.parent / "data.strain_maps.png").stat().st_size > 0
