@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="STORE.zarr", help="result store")
     r.add_argument("--overwrite", action="store_true", help="replace an existing store")
     r.add_argument(
-        "--epochs", type=int, metavar="N", help=f"training epochs ({TrainConfig.epochs})"
+        "--epochs", type=int, metavar="N",
+        help="training epochs (default: 6, more on small scans to make 200 steps)"
     )
     r.add_argument(
         "--num-base", type=int, metavar="K", help=f"dictionary size ({ModelConfig.num_base})"
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MASTER_PORT, or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID).")
     t.add_argument("store", metavar="STORE.zarr")
     t.add_argument("--epochs", type=int, metavar="N",
-                   help=f"training epochs ({TrainConfig.epochs})")
+                   help="training epochs (default: 6, more on small scans to make 200 steps)")
     t.add_argument("--num-base", type=int, metavar="K",
                    help=f"dictionary size ({ModelConfig.num_base})")
     t.add_argument("--seed", type=int, metavar="S", help=f"training seed ({TrainConfig.seed})")

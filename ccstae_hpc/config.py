@@ -111,7 +111,10 @@ class ModelConfig(_Config):
 class TrainConfig(_Config):
     """Training loop."""
 
-    epochs: int = 6
+    # None: 6 epochs, or as many more as make ``min_steps`` optimiser steps: an epoch of a
+    # small scan is a few steps, and ~100 steps leave the classifier on one class
+    epochs: int | None = None
+    min_steps: int = 200
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
@@ -119,9 +122,17 @@ class TrainConfig(_Config):
     class_anchor: float = 1.0  # weight of the pull toward the data-derived classes
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, "epochs must be >= 1 (or None)")
+        _check(self.min_steps >= 0, "min_steps must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be positive")
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Epochs to run at ``steps_per_epoch``: ``epochs`` when given, else
+        ``max(6, ceil(min_steps / steps_per_epoch))``."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(6, -(-self.min_steps // max(1, steps_per_epoch)))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dose", type=float, default=1000.0, help="electrons per pattern (1000)")
     p.add_argument("--scan", type=int, default=64, help="scan size, square (64)")
     p.add_argument("--seed", type=int, default=0, help="simulation and training seed (0)")
-    p.add_argument("--epochs", type=int, default=None, help=f"({TrainConfig.epochs})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="(default: 6, more on small scans to make 200 steps)")
     return p
 
 
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         losses.append(float(rec["loss"]))
         if rec.get("step", 0) % 20 == 0:
             print(
-                f"  epoch {rec.get('epoch', 0) + 1}/{train_cfg.epochs} step {rec.get('step')} "
+                f"  epoch {rec.get('epoch', 0) + 1}/{rec.get('epochs')} step {rec.get('step')} "
                 f"loss {rec['loss']:.4g}",
                 flush=True,
             )

@@ -250,7 +250,7 @@ def _printer(train_cfg: TrainConfig) -> Callable[[dict], None]:
     def cb(rec: dict) -> None:
         if rec["step"] % 20 == 0:
             print(
-                f"  epoch {rec['epoch'] + 1}/{train_cfg.epochs} step {rec['step']} "
+                f"  epoch {rec['epoch'] + 1}/{rec['epochs']} step {rec['step']} "
                 f"loss {rec['loss']:.4g} ({rec['patterns_per_s']:.0f} patterns/s)",
                 flush=True,
             )

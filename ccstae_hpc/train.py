@@ -387,7 +387,8 @@ def fit(
     if not data.shards:
         raise ValueError(f"rank {comm.rank} holds no training shard")
     steps = steps_per_epoch(N, train_cfg)
-    total = steps * train_cfg.epochs
+    epochs = train_cfg.epochs_for(steps)
+    total = steps * epochs
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     model = CCSTAE(model_cfg, data.detector, geom.center, geom.radius)
@@ -440,7 +441,7 @@ def fit(
     callback = progress if main and callable(progress) else None
     t0, done = time.perf_counter(), 0
     try:
-        for epoch in range(epoch0, train_cfg.epochs):
+        for epoch in range(epoch0, epochs):
             plan = epoch_plan(data.sizes, train_cfg, epoch, data.local())
             for s in range(s0 if epoch == epoch0 else 0, plan.steps):
                 torch.manual_seed(_step_seed(train_cfg.seed, step, comm.rank))
@@ -483,7 +484,7 @@ def fit(
                 value = float(loss.detach())
                 if comm.world > 1:
                     value = float(comm.allreduce_sum(np.array([value * n_loc]))[0] / n_glob)
-                rec = {"step": step, "epoch": epoch, "loss": value,
+                rec = {"step": step, "epoch": epoch, "epochs": epochs, "loss": value,
                        "patterns_per_s": done / (time.perf_counter() - t0)}
                 history.append(rec)
                 last = s + 1 == plan.steps
@@ -661,6 +662,7 @@ class CheckpointWriter:
                        dimension_names=("class", "k_y", "k_x"))
         g.attrs.update({
             "loss": [h["loss"] for h in history],
+            "epochs_run": history[-1]["epoch"] + 1 if history else 0,
             "patterns_per_s": history[-1]["patterns_per_s"] if history else None,
             **extra, "complete": True,
         })

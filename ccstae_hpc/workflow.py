@@ -63,6 +63,7 @@ def save_model(root: zarr.Group, model: CCSTAE, model_cfg: ModelConfig, train_cf
         "train_config": train_cfg.to_dict(),
         "detector": model.detector,
         "loss": [h["loss"] for h in history],
+        "epochs_run": history[-1]["epoch"] + 1 if history else 0,
         "patterns_per_s": history[-1]["patterns_per_s"] if history else None,
         "ccstae_hpc_version": __version__,
         "complete": True,

@@ -122,7 +122,7 @@ def write_report(store: str | Path, truth_path: str | Path | None = None,
     model = zarr.open_group(str(store / "model"), mode="r", zarr_format=3,
                             use_consolidated=False)
     losses = [float(x) for x in model.attrs.get("loss", [])]
-    epochs = (model.attrs.get("train_config") or {}).get("epochs")
+    epochs = model.attrs.get("epochs_run") or (model.attrs.get("train_config") or {}).get("epochs")
     plot.loss_figure(losses, loss_png)
     out: dict[str, Any] = {
         "store": str(store), "strain_figure": str(strain_png), "loss_figure": str(loss_png),

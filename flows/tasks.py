@@ -118,11 +118,11 @@ def preprocess_task(store_path: str, config: PrepConfig, cluster: DaskCluster,
     return key
 
 
-def _train_logger(log: Any, epochs: int) -> Callable[[dict], None]:
+def _train_logger(log: Any) -> Callable[[dict], None]:
     def cb(rec: dict) -> None:
         if rec.get("step", 0) % 20 == 0:
             log.info("train: epoch %d/%d step %d loss %.4g (%.0f patterns/s)",
-                     rec.get("epoch", 0) + 1, epochs, rec.get("step", 0), rec["loss"],
+                     rec.get("epoch", 0) + 1, rec.get("epochs", 0), rec.get("step", 0), rec["loss"],
                      rec.get("patterns_per_s", float("nan")))
     return cb
 
@@ -135,7 +135,7 @@ def _train(store_path: str, model_config: ModelConfig, train_config: TrainConfig
     changed) makes ``train_store`` raise ``TrainError``; the stage then starts over, which
     is what the new key asks for.
     """
-    cb = _train_logger(log, train_config.epochs)
+    cb = _train_logger(log)
     try:
         return workflow.train_store(store_path, model_config, train_config, cb)
     except ValueError as e:

@@ -6,6 +6,8 @@ reference, against the simulator's ground truth.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,17 @@ def test_validate_input_rejects_bad_arrays():
     bad[1, 2, 3, 4] = np.nan
     with pytest.raises(InputError, match="non-finite"):
         validate_input(bad)
+
+
+def test_small_scan_trains_long_enough_to_keep_the_phases():
+    """A 20x20 scan is 6 steps per epoch: 6 epochs left this seed at 85% phase accuracy;
+    the default (at least TrainConfig.min_steps steps) separates WS2/WSe2."""
+    from ccstae_hpc.config import TrainConfig
+
+    assert TrainConfig().epochs_for(6) == 34 and TrainConfig().epochs_for(64) == 6
+    assert TrainConfig(epochs=2).epochs_for(6) == 2
+    data, truth = simulate(SimConfig(scan=(20, 20), detector=64, dose=1000.0, seed=0))
+    ds = run_array(data, progress=False)
+    assert json.loads(ds.attrs["train_config"])["epochs"] is None
+    err = strain_errors(ds, truth)
+    assert err["acc_sample"] >= 0.98 and err["acc_phase"] >= 0.98, err
