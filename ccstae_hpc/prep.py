@@ -43,6 +43,7 @@ from .preprocess import (
     central_disk,
     disk_mask,
     find_hot_pixels,
+    radial_background,
     repair_hot_pixels,
     ring_mask,
 )
@@ -73,6 +74,12 @@ class PrepConfig(_Config):
     # "subpixel": bilinear shift onto the exact origin (float32 patterns; interpolation
     # correlates neighbouring pixels' noise); "none"
     recentre: str = "integer"
+    # "none" (default): the refinement fits a constant offset per pattern; "radial": the
+    # model input is normalised pattern - prep/background, the radially symmetric diffuse
+    # halo of the mean pattern between the Bragg disks (preprocess.radial_background).
+    # Stored patterns stay counts; the subtraction happens on reading (read_patterns,
+    # training shards), unbiased for sparse counts (no clipping at 0)
+    background: str = "none"
     rows_per_block: int = 0  # 0: about 32 MB of raw data per block
     max_train: int = 8192  # patterns in the shuffled training shards
     shard_size: int = 1024  # patterns per training shard
@@ -83,6 +90,7 @@ class PrepConfig(_Config):
         _check(self.descan_order in (0, 1, 2, 3), "descan_order must be 0..3")
         _check(self.recentre in ("integer", "subpixel", "none"),
                "recentre must be 'integer', 'subpixel' or 'none'")
+        _check(self.background in ("none", "radial"), "background must be 'none' or 'radial'")
         _check(self.max_train >= 1 and self.shard_size >= 1, "max_train/shard_size must be >= 1")
 
 
@@ -138,11 +146,12 @@ def _bin_crop(x: np.ndarray, size: int, dtype: np.dtype | None = None) -> np.nda
     return x[..., a:a + size, c:c + size]
 
 
-def pattern_dtype(raw_dtype: np.dtype, binned: bool, subpixel: bool = False) -> np.dtype:
+def pattern_dtype(raw_dtype: np.dtype, binned: bool, floats: bool = False) -> np.dtype:
     """Dtype of ``prep/patterns``: the raw counts' own dtype (uint32 for sums of bins of
-    8/16-bit counts), float32 for float data or sub-pixel re-centring."""
+    8/16-bit counts), float32 for float data, or when ``floats`` (sub-pixel re-centring,
+    background subtraction)."""
     dt = np.dtype(raw_dtype)
-    if subpixel:
+    if floats:
         return np.dtype(np.float32)
     if np.issubdtype(dt, np.unsignedinteger) and dt.itemsize <= 4:
         return np.dtype(np.uint32) if binned and dt.itemsize < 4 else dt
@@ -211,18 +220,22 @@ def _bilinear(x: np.ndarray, rest: np.ndarray) -> np.ndarray:
     return out
 
 
-def normalised(patterns: np.ndarray, scale: np.ndarray, dtype: type = np.float32
-               ) -> np.ndarray:
-    """Model input from ``prep/patterns`` and ``prep/scale``: each pattern at mean 1."""
+def normalised(patterns: np.ndarray, scale: np.ndarray, dtype: type = np.float32,
+               background: np.ndarray | None = None) -> np.ndarray:
+    """Model input from ``prep/patterns``, ``prep/scale`` (each pattern at mean 1) and
+    ``prep/background`` (subtracted)."""
     out = np.asarray(patterns).astype(dtype)
     out *= np.asarray(scale, dtype)[..., None, None]
+    if background is not None and np.any(background):
+        out -= np.asarray(background, dtype)
     return out
 
 
 def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
-    """Normalised float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
+    """Float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
     g = zarr.open_group(str(store), mode="r", zarr_format=3)[PREP]
-    return normalised(g["patterns"][y0:y1], g["scale"][y0:y1])
+    bg = g["background"][...] if "background" in g else None
+    return normalised(g["patterns"][y0:y1], g["scale"][y0:y1], background=bg)
 
 
 def fit_descan(origin: np.ndarray, order: int = 2, weight: np.ndarray | None = None,
@@ -480,6 +493,8 @@ def preprocess_store(
     ring = ring_mask((size, size), tuple(c_new), r_in / f)
     mask = disk_mask(mean, ring)
     lattice = fit_lattice(mean, c_new, r_in / f)
+    background = (radial_background(mean, tuple(c_new), r_in / f, mask > 0)
+                  if cfg.background == "radial" else np.zeros_like(mean))
     for name, arr, dims in (
         ("origin", origin.astype(np.float32), ("scan_y", "scan_x", "yx")),
         ("origin_fit", origin_fit.astype(np.float32), ("scan_y", "scan_x", "yx")),
@@ -491,6 +506,7 @@ def preprocess_store(
         ("mean", mean, ("k_y", "k_x")),
         ("mask", mask.astype(np.float32), ("k_y", "k_x")),
         ("hot_pixels", hot, ("k_y_raw", "k_x_raw")),
+        ("background", background, ("k_y", "k_x")),
     ):
         g.create_array(name, data=arr, dimension_names=dims)
     g.attrs.update({

@@ -15,6 +15,7 @@ __all__ = [
     "normalise",
     "central_disk",
     "ring_mask",
+    "radial_background",
     "kmeans",
     "disk_mask",
     "disk_contrast",
@@ -95,6 +96,30 @@ def ring_mask(shape: tuple[int, int], center: tuple[float, float], r_in: float, 
     r = np.hypot(yy - center[0], xx - center[1])
     r_out = min(center[0], center[1], shape[0] - 1 - center[0], shape[1] - 1 - center[1]) - margin
     return ((r >= r_in) & (r <= r_out)).astype(np.float32)
+
+
+def radial_background(mean_pattern: np.ndarray, center: tuple[float, float], r_min: float,
+                      disks: np.ndarray | None = None) -> np.ndarray:
+    """Radially symmetric diffuse background of a mean pattern, as an image.
+
+    Per 1-px annulus about ``center``, the mean of the pixels outside the Bragg disks
+    (``disks``, boolean); annuli with no such pixel are interpolated from their neighbours.
+    Inside ``r_min`` (the central disk and its rim) the value at ``r_min``.  A mean, not a
+    quantile: the mean pattern of sparse counts is itself quantised.
+    """
+    m = np.asarray(mean_pattern, dtype=np.float64)
+    yy, xx = np.indices(m.shape, dtype=np.float64)
+    r = np.hypot(yy - center[0], xx - center[1])
+    rb = np.floor(r).astype(np.int64)
+    keep = np.ones(m.shape, bool) if disks is None else ~np.asarray(disks, bool)
+    n = np.bincount(rb[keep], minlength=rb.max() + 1).astype(np.float64)
+    tot = np.bincount(rb[keep], weights=m[keep], minlength=rb.max() + 1)
+    k = np.arange(len(n))
+    ok = n >= 8
+    prof = np.interp(k, k[ok], tot[ok] / n[ok]) if ok.any() else np.zeros(len(n))
+    k0 = min(int(np.ceil(r_min)), len(prof) - 1)
+    prof[:k0] = prof[k0]
+    return np.interp(r, k + 0.5, prof).astype(np.float32)
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50, restarts: int = 4

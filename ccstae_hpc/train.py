@@ -196,7 +196,8 @@ def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
     """Rank ``rank``'s shards of ``prep/train`` (shards ``rank, rank + world, ...``).
 
     Shards are the array's chunks along the pattern axis, so every read is whole chunks.
-    Shards of counts are normalised with ``prep/train_scale``; patterns stay float16 in memory
+    Shards of counts are normalised with ``prep/train_scale`` and ``prep/background`` is
+    subtracted (:func:`ccstae_hpc.prep.normalised`); patterns stay float16 in memory
     and become float32 one batch at a time.
     """
     arr = zarr.open_array(str(store), path="prep/train", mode="r")
@@ -208,13 +209,19 @@ def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
             f"use at most {len(sizes)} ranks or preprocess again with a smaller shard_size")
     g = zarr.open_group(str(store), mode="r")["prep"]
     scale = g["train_scale"][...] if "train_scale" in g else None
+    bg = g["background"][...] if "background" in g else None
+    bg = torch.from_numpy(bg) if bg is not None and np.any(bg) else None
     shards = {}
     for k in range(rank, len(sizes), world):
         x = np.asarray(arr[k * S:k * S + sizes[k]])
-        if scale is not None and x.dtype != np.float16:
-            # counts * scale = the model input; torch converts to float16 ~4x faster
+        if (scale is not None and x.dtype != np.float16) or bg is not None:
+            # counts * scale - background = the model input (prep.normalised); torch
+            # converts to float16 ~4x faster
             t = torch.from_numpy(x.astype(np.float32))
-            t *= torch.from_numpy(scale[k * S:k * S + sizes[k]])[:, None, None]
+            if x.dtype != np.float16:
+                t *= torch.from_numpy(scale[k * S:k * S + sizes[k]])[:, None, None]
+            if bg is not None:
+                t -= bg
             x = t.half().numpy()
         shards[k] = x
     return TrainData(sizes, shards)
