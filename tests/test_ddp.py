@@ -1,67 +1,35 @@
 """Data-parallel training: one rank vs two gloo ranks, resume after a kill, launchers.
 
-A 16 x 16 scan (64 px detector) preprocessed into 4 training shards of 64 patterns; one
-epoch of batch 32 is 8 steps.
+The training set and the comparisons are in tests/ddp_helpers.py (shared with the SLURM
+tests).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
+from ddp_helpers import LOSS_RTOL, TC, TOL, make_prepped
+from ddp_helpers import assert_close as _assert_close
+from ddp_helpers import copy_store as _copy
+from ddp_helpers import model_attrs as _attrs
+from ddp_helpers import weights as _weights
 
 from ccstae_hpc import cli, workflow
-from ccstae_hpc.config import SimConfig, TrainConfig
+from ccstae_hpc.config import TrainConfig
 from ccstae_hpc.ddp import DistEnv, env_from_environ, free_port
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import PrepConfig, preprocess_store
-from ccstae_hpc.simulate import save_simulation
 from ccstae_hpc.train import CheckpointConfig, epoch_plan, read_checkpoint, shard_sizes
 
-TC = TrainConfig(epochs=1, batch_size=32)
-# 1 rank and 2 ranks sum the same batch in a different order.  Adam normalises each
-# gradient element (and the top-1 code is an argmax), so last-bit differences grow: one
-# process run with 1 and with 2 torch threads differs by up to 4e-3 (relative L2, in the
-# zero-initialised last layer) and 1.2e-4 in the loss after these 8 steps.  The tolerance
-# sits just above that float-noise floor.
-TOL, LOSS_RTOL = 1e-2, 1e-3
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ddp")
-    save_simulation(d / "s.npy", SimConfig(scan=(16, 16), detector=64, dose=1000, seed=0))
-    ingest(d / "s.npy", d / "s.zarr")
-    preprocess_store(d / "s.zarr", PrepConfig(max_train=256, shard_size=64))
-    return d / "s.zarr"
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _weights(store: Path) -> dict[str, np.ndarray]:
-    model, _, _ = workflow.load_model(store)
-    return {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def _attrs(store: Path) -> dict:
-    return dict(zarr.open_group(str(store), mode="r", use_consolidated=False)["model"].attrs)
-
-
-def _assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tol: float) -> None:
-    """Every tensor equal to ``tol`` in relative L2 norm."""
-    assert a.keys() == b.keys()
-    rel = {k: float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(a[k]), 1e-12)) for k in a}
-    assert max(rel.values()) <= tol, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+    return make_prepped(tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")

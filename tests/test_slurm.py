@@ -26,6 +26,11 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from ddp_helpers import LOSS_RTOL, TC, TOL, make_prepped
+from ddp_helpers import assert_close as _assert_close
+from ddp_helpers import copy_store as _copy
+from ddp_helpers import model_attrs as _model_attrs
+from ddp_helpers import weights as _weights
 from distributed import Client
 
 from ccstae_hpc import workflow
@@ -46,10 +51,6 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=f"no usable SLURM: {_REASON}"),
 ]
 N_WORKERS = 2
-# as in tests/test_ddp.py: 1 and 2 ranks sum each batch in another order, which Adam
-# amplifies to ~4e-3 relative L2 in the worst tensor after these 8 steps
-TC = TrainConfig(epochs=1, batch_size=32)
-TOL, LOSS_RTOL = 1e-2, 1e-3
 
 
 def _partition() -> str:
@@ -121,39 +122,10 @@ def slurm_client(slurm_cluster: Any) -> Iterator[Client]:
         client.close()
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _weights(store: Path) -> dict[str, np.ndarray]:
-    model, _, _ = workflow.load_model(store)
-    return {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def _model_attrs(store: Path) -> dict[str, Any]:
-    return dict(zarr.open_group(str(store), mode="r", use_consolidated=False)["model"].attrs)
-
-
-def _assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tol: float) -> None:
-    """Every tensor equal to ``tol`` in relative L2 norm."""
-    assert a.keys() == b.keys()
-    rel = {k: float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(a[k]), 1e-12)) for k in a}
-    assert max(rel.values()) <= tol, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
-
-
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The preprocessed store of tests/test_ddp.py (absolute path: the jobs share it)."""
-    from ccstae_hpc.io import ingest
-    from ccstae_hpc.prep import PrepConfig, preprocess_store
-    from ccstae_hpc.simulate import save_simulation
-
-    d = tmp_path_factory.mktemp("slurm-ddp").resolve()
-    save_simulation(d / "s.npy", SimConfig(scan=(16, 16), detector=64, dose=1000, seed=0))
-    ingest(d / "s.npy", d / "s.zarr")
-    preprocess_store(d / "s.zarr", PrepConfig(max_train=256, shard_size=64))
-    return d / "s.zarr"
+    return make_prepped(tmp_path_factory.mktemp("slurm-ddp").resolve())
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +169,6 @@ def test_dask_array_on_slurm_workers(slurm_client: Client) -> None:
 
 def test_preprocessing_on_slurm_workers(slurm_client: Client, tmp_path: Path) -> None:
     """The preprocessing stage on SLURM-job workers writes what threads write, and right."""
-    import shutil
 
     from ccstae_hpc.config import SimConfig
     from ccstae_hpc.io import ingest
@@ -264,6 +235,17 @@ def test_submit_batch_writes_file(tmp_path: Path) -> None:
     assert rc2 == 3 and job_id2 != job_id
 
 
+def _ddp_script(tmp_path: Path, store: Path, python: str, port: int, train_args: list[str],
+                extra: str) -> str:
+    """cluster/templates/ddp.sbatch for 2 ranks on 1 CPU each of the local node."""
+    return render_template(
+        "ddp.sbatch", store=str(store), nodes=1, gpus_per_node=0, ranks_per_node=2,
+        cpus_per_task=1, partition=_partition(), walltime="00:05:00", python=python,
+        master_port=port, train_args=train_args, output=str(tmp_path / "ddp-%j.out"),
+        extra=extra,
+    )
+
+
 def test_ddp_template_rendezvous_under_srun(tmp_path: Path) -> None:
     """The rendered ddp.sbatch, with a stand-in python, starts 2 ranks through srun."""
     fake = tmp_path / "fake-python"
@@ -277,21 +259,8 @@ def test_ddp_template_rendezvous_under_srun(tmp_path: Path) -> None:
     )
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     store = tmp_path / "s.zarr"
-    text = render_template(
-        "ddp.sbatch",
-        store=str(store),
-        nodes=1,
-        gpus_per_node=0,
-        ranks_per_node=2,
-        cpus_per_task=1,
-        partition=_partition(),
-        walltime="00:05:00",
-        python=str(fake),
-        master_port=29511,
-        train_args=["--epochs", "1"],
-        output=str(tmp_path / "ddp-%j.out"),
-        extra=f"#SBATCH --mem=200M\nexport OUT={tmp_path}",
-    )
+    text = _ddp_script(tmp_path, store, str(fake), 29511, ["--epochs", "1"],
+                       f"#SBATCH --mem=200M\nexport OUT={tmp_path}")
     job_id, rc = submit_batch(text, wait=True, cwd=tmp_path, timeout=120)
     log = (tmp_path / f"ddp-{job_id}.out").read_text()
     assert rc == 0, log
@@ -317,23 +286,10 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
     from ccstae_hpc.train import _read_packed, read_checkpoint
 
     s = _copy(prepped, tmp_path / "s.zarr")
-    text = render_template(
-        "ddp.sbatch",
-        store=str(s),
-        nodes=1,
-        gpus_per_node=0,
-        ranks_per_node=2,
-        cpus_per_task=1,
-        partition=_partition(),
-        walltime="00:05:00",
-        python=sys.executable,
-        master_port=free_port(),
-        # 8 steps: checkpoints after steps 4 and 8, in slots checkpoint_a and checkpoint_b
-        train_args=["--epochs", "1", "--batch-size", "32", "--checkpoint-every", "4",
-                    "--quiet"],
-        output=str(tmp_path / "ddp-%j.out"),
-        extra="#SBATCH --mem=2G",
-    )
+    # 8 steps: checkpoints after steps 4 and 8, in slots checkpoint_a and checkpoint_b
+    text = _ddp_script(tmp_path, s, sys.executable, free_port(),
+                       ["--epochs", "1", "--batch-size", "32", "--checkpoint-every", "4",
+                        "--quiet"], "#SBATCH --mem=2G")
     job_id, rc = submit_batch(text, wait=True, cwd=tmp_path, timeout=240)
     log = (tmp_path / f"ddp-{job_id}.out").read_text()
     assert rc == 0, log
