@@ -82,6 +82,9 @@ class SimConfig(_Config):
     central_fraction: float = 0.4
     n_hot_pixels: int = 4
     vacuum: bool = True
+    # False: the whole sample is WS2 (no WSe2 shell, no interface strain), e.g. to check
+    # that a dictionary larger than the number of phases does not split one phase
+    heterostructure: bool = True
 
     def __post_init__(self) -> None:
         _check(len(self.scan) == 2 and min(self.scan) >= 2, "scan must be (ny, nx) >= 2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ from .model import CCSTAE
 from .preprocess import disk_contrast, disk_mask, find_hot_pixels, normalise, repair_hot_pixels
 from .strain import (
     affine_to_deformation,
+    polar_decompose,
     pool_deformation,
     reference_deformation,
     relative_strain,
@@ -31,7 +33,9 @@ __all__ = [
     "run_array",
     "map_block",
     "assemble_strain",
+    "class_relations",
     "vacuum_classes",
+    "warn_similar_classes",
     "CONVENTIONS",
 ]
 
@@ -112,6 +116,48 @@ def vacuum_classes(dictionary: np.ndarray, ring: np.ndarray) -> np.ndarray:
     """Dictionary entries without Bragg-disk contrast (< 15% of the strongest) are vacuum."""
     contrast = np.array([disk_contrast(d, ring) for d in dictionary])
     return contrast < 0.15 * contrast.max()
+
+
+def class_relations(dictionary: np.ndarray, ring: np.ndarray, vacuum_cls: np.ndarray,
+                    similar_strain: float = 0.015) -> list[dict]:
+    """How the sample entries of the dictionary relate to each other.
+
+    Each pair ``(j, k)`` of sample classes: entry ``k`` is fitted onto entry ``j`` (the same
+    Gauss-Newton refinement as the patterns, from the identity); reported are the largest
+    strain component and the rotation of that affine, and the fit's residual.  A pair within
+    ``similar_strain`` and 2 deg is flagged ``similar``: probably one phase split over two
+    classes (``num_base`` larger than the phases present), whose references then differ.
+    """
+    masks = np.stack([disk_mask(d, ring) for d in dictionary])
+    sample = np.nonzero(~np.asarray(vacuum_cls, bool))[0]
+    out = []
+    ident = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    for a, j in enumerate(sample):
+        for k in sample[a + 1:]:
+            th, res = refine(torch.from_numpy(np.ascontiguousarray(dictionary[k][None],
+                                                                   dtype=np.float32)),
+                             torch.tensor([int(j)]), ident, dictionary, masks, ring, 6)
+            M = affine_to_deformation(th.numpy()[0, :, :2].astype(np.float64))
+            rot, U = polar_decompose(M)
+            strain = float(np.abs(U - np.eye(2)).max())
+            out.append({"classes": [int(j), int(k)], "max_strain": strain,
+                        "rotation_deg": float(rot), "residual": float(res[0]),
+                        "similar": bool(strain < similar_strain and abs(float(rot)) < 2.0)})
+    return out
+
+
+def warn_similar_classes(relations: list[dict]) -> None:
+    """One warning per pair of classes that look like one phase, saying what to do."""
+    for r in relations:
+        if r["similar"]:
+            j, k = r["classes"]
+            warnings.warn(
+                f"dictionary classes {j} and {k} differ by only {100 * r['max_strain']:.2f}% "
+                f"strain and {r['rotation_deg']:.2f} deg: probably one phase split in two, "
+                "each with its own strain reference. If the sample has fewer phases than "
+                "--num-base minus one (vacuum), rerun with a smaller --num-base; otherwise "
+                "compare the two classes' strain only through a common reference box "
+                "(MapConfig.reference).", UserWarning, stacklevel=2)
 
 
 def assemble_strain(
@@ -224,7 +270,10 @@ def run_array(
     t = time.perf_counter()
     theta, cls, resid = map_block(model, x, geom, map_cfg)
     timings["map_s"] = time.perf_counter() - t
-    vac = vacuum_classes(model.dictionary().detach().numpy(), geom.ring)
+    dictionary = model.dictionary().detach().numpy()
+    vac = vacuum_classes(dictionary, geom.ring)
+    relations = class_relations(dictionary, geom.ring, vac)
+    warn_similar_classes(relations)
     return assemble_strain(
         theta.reshape(ny, nx, 2, 3), cls.reshape(ny, nx), resid.reshape(ny, nx), vac, map_cfg,
         attrs={
@@ -234,6 +283,7 @@ def run_array(
             "hot_pixels": json.dumps(info["hot_pixels"].tolist()),
             "timings": json.dumps(timings),
             "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
+            "class_relations": json.dumps(relations),
         },
     )
 

@@ -427,6 +427,9 @@ def truth_rows(cfg: SimConfig, y0: int = 0, y1: int | None = None) -> dict[str, 
         side = (xx - a[0]) * n[0] + (yy - a[1]) * n[1]
         inside &= side * ((c - a) @ n) >= 0
         dist = np.minimum(dist, _segment_distance(xx, yy, a, b))
+    if not cfg.heterostructure:
+        inside[...] = True
+        dist[...] = np.inf
     phase = np.where(inside, 1, 2).astype(np.uint8)
     if cfg.vacuum:
         phase[u + v > 2.0 - math.sqrt(2.0 * VACUUM_AREA)] = 0

@@ -41,3 +41,30 @@ def test_refine_recovers_known_strain_rotation_and_shift():
     shift = origins[:, ::-1] - org0[0, ::-1]
     assert np.abs(t_px - shift).max() < 0.1
     assert (resid < 0.02).all()
+
+
+def test_class_relations_flag_one_phase_split_over_two_entries():
+    """Two dictionary entries of WS2 0.8% apart are flagged as one phase; WS2 vs WSe2
+    (3.8% lattice mismatch, other disk intensities) and the vacuum entry are not."""
+    import warnings
+
+    import pytest
+
+    from ccstae_hpc.pipeline import class_relations, warn_similar_classes
+
+    cfg = SimConfig()
+    org = np.array([[63.5, 63.5]] * 4)
+    Fs = np.stack([np.eye(2), _F(0, 0, 0, 17.0), _F(0.008, 0.008, 0, 17.3),
+                   _F(0, 0, 0, 17.0)])
+    D = normalise(render_patterns(cfg, Fs, org, np.array([0, 1, 1, 2]))).astype(np.float32)
+    ring = ring_mask(D.shape[1:], (63.5, 63.5), 11)
+    rel = {tuple(r["classes"]): r for r in class_relations(D, ring, np.array([1, 0, 0, 0], bool))}
+    assert set(rel) == {(1, 2), (1, 3), (2, 3)}
+    assert rel[(1, 2)]["similar"] and abs(rel[(1, 2)]["max_strain"] - 0.008) < 0.002
+    assert abs(rel[(1, 2)]["rotation_deg"] - 0.3) < 0.05
+    assert not rel[(1, 3)]["similar"] and rel[(1, 3)]["max_strain"] > 0.03
+    with pytest.warns(UserWarning, match="classes 1 and 2 .* smaller --num-base"):
+        warn_similar_classes(list(rel.values()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_similar_classes([rel[(1, 3)], rel[(2, 3)]])

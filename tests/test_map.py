@@ -5,6 +5,7 @@ A 16 x 16 scan (64 px detector), a model trained for one short epoch; blocks of 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
         _same(_group(stores[1], "affine"), _group(stores[n], "affine"))
     a = zarr.open_group(str(stores[2]), mode="r", use_consolidated=False)["affine"].attrs
     assert a["workers"] == 2 and a["threads_per_task"] == 1 and a["complete"]
+    # the dictionary's sample entries, compared pairwise, travel with the strain maps
+    from ccstae_hpc.store import open_strain
+
+    rel = json.loads(open_strain(stores[1]).attrs["class_relations"])
+    assert all({"classes", "max_strain", "rotation_deg", "similar"} <= r.keys() for r in rel)
 
 
 @pytest.mark.timeout(300)

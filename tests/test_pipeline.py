@@ -48,7 +48,8 @@ def test_result_contract(result):
         assert ds[v].dims == ("scan_y", "scan_x"), v
     assert ds["sample"].dtype == bool
     assert np.isnan(ds["exx"].values[~ds["sample"].values]).all()
-    for a in ("conventions", "model_config", "train_config", "map_config", "reference"):
+    for a in ("conventions", "model_config", "train_config", "map_config", "reference",
+              "class_relations"):
         assert a in ds.attrs
 
 
