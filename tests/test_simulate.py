@@ -345,3 +345,12 @@ def test_cramer_rao_scales_with_dose() -> None:
     assert 1e-4 < lo["std_exx"] < 1e-2 and 0.005 < lo["std_origin_x"] < 0.1
     # background dilutes the information
     assert cramer_rao(cfg.replace(background_weight=0.5), 1000.0)["std_exx"] > lo["std_exx"]
+
+
+def test_single_phase_sample_has_no_wse2_and_no_interface_strain(make_sim):
+    data, truth, _ = make_sim(heterostructure=False)
+    assert set(np.unique(truth["phase"])) == {0, 1}
+    het = make_sim()[1]
+    assert 2 in np.unique(het["phase"])
+    # without the coherent-interface term only the smooth fields remain (|e| <= ~1.3 A)
+    assert np.abs(truth["exx"][truth["phase"] == 1]).max() < 0.012  # 0.018 with the shell
