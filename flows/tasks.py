@@ -99,23 +99,41 @@ def ingest_task(input_path: str, store_path: str, options: IngestOptions,
     return key
 
 
+def _run_stage(log: Any, store_path: str, stage: str, upstream: str, config: dict[str, Any],
+               name: str, group: str, run: Callable[[], str]) -> str:
+    """The skip-or-run shape of the chunked and training stages.
+
+    Skipped when ``stage``'s marker matches ``config`` and the ``upstream`` stage; else
+    ``run()`` (whose return is appended to the log line) and then the marker, both with the
+    consolidated metadata set aside.
+    """
+    key = state.expected_key(stage, state.identity(store_path, upstream), config)
+    if state.is_done(store_path, stage, key):
+        log.info("%s: %s/%s is up to date; skipped", name, store_path, group)
+        return key
+    t0 = time.perf_counter()
+    with state.unconsolidated(store_path):
+        detail = run()
+        state.write_marker(store_path, stage, key)
+    log.info("%s: %s/%s written in %.1f s%s", name, store_path, group,
+             time.perf_counter() - t0, detail)
+    return key
+
+
 @task(name="preprocess", **_TASK_OPTIONS)
 def preprocess_task(store_path: str, config: PrepConfig, cluster: DaskCluster,
                     upstream: str | None = None) -> str:
     """``raw`` -> ``prep`` on the Dask cluster unless done with this config and raw."""
     log = get_run_logger()
-    key = state.expected_key("prep", state.identity(store_path, "ingest"), config.to_dict())
-    if state.is_done(store_path, "prep", key):
-        log.info("preprocess: %s/prep is up to date; skipped", store_path)
-        return key
-    t0 = time.perf_counter()
-    with state.unconsolidated(store_path):
+
+    def run() -> str:
         # overwrite: the key differs, so an existing prep group is stale (other config/raw)
         cprep.preprocess_store(store_path, config, client=cluster.client(), overwrite=True,
                                log=lambda s: log.info("preprocess %s", s))
-        state.write_marker(store_path, "prep", key)
-    log.info("preprocess: %s/prep written in %.1f s", store_path, time.perf_counter() - t0)
-    return key
+        return ""
+
+    return _run_stage(log, store_path, "prep", "ingest", config.to_dict(), "preprocess",
+                      "prep", run)
 
 
 def _train_logger(log: Any) -> Callable[[dict], None]:
@@ -151,19 +169,15 @@ def train_task(store_path: str, model_config: ModelConfig, train_config: TrainCo
                upstream: str | None = None) -> str:
     """``prep/train`` -> ``model`` unless trained with these configs on this prep group."""
     log = get_run_logger()
-    key = state.expected_key("train", state.identity(store_path, "prep"),
-                             {"model": model_config.to_dict(), "train": train_config.to_dict()})
-    if state.is_done(store_path, "train", key):
-        log.info("train: %s/model is up to date; skipped", store_path)
-        return key
-    t0 = time.perf_counter()
-    with state.unconsolidated(store_path):
+
+    def run() -> str:
         history = _train(store_path, model_config, train_config, log)
-        state.write_marker(store_path, "train", key)
-    final = f"{history[-1]['loss']:.4g}" if history else "n/a"
-    log.info("train: %s/model written in %.1f s (%d steps, final loss %s)", store_path,
-             time.perf_counter() - t0, len(history), final)
-    return key
+        final = f"{history[-1]['loss']:.4g}" if history else "n/a"
+        return f" ({len(history)} steps, final loss {final})"
+
+    return _run_stage(log, store_path, "train", "prep",
+                      {"model": model_config.to_dict(), "train": train_config.to_dict()},
+                      "train", "model", run)
 
 
 @task(name="map", **_TASK_OPTIONS)
@@ -171,16 +185,12 @@ def map_task(store_path: str, config: MapConfig, cluster: DaskCluster,
              upstream: str | None = None) -> str:
     """``model`` + ``prep`` -> ``affine`` and ``strain`` unless done with this model/config."""
     log = get_run_logger()
-    key = state.expected_key("map", state.identity(store_path, "train"), config.to_dict())
-    if state.is_done(store_path, "map", key):
-        log.info("map: %s/strain is up to date; skipped", store_path)
-        return key
-    t0 = time.perf_counter()
-    with state.unconsolidated(store_path):
+
+    def run() -> str:
         workflow.map_store(store_path, config, client=cluster.client())
-        state.write_marker(store_path, "map", key)
-    log.info("map: %s/strain written in %.1f s", store_path, time.perf_counter() - t0)
-    return key
+        return ""
+
+    return _run_stage(log, store_path, "map", "train", config.to_dict(), "map", "strain", run)
 
 
 @task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
