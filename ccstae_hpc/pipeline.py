@@ -34,6 +34,7 @@ __all__ = [
     "map_block",
     "assemble_strain",
     "class_relations",
+    "dictionary_classes",
     "vacuum_classes",
     "warn_similar_classes",
     "CONVENTIONS",
@@ -160,6 +161,15 @@ def warn_similar_classes(relations: list[dict]) -> None:
                 "(MapConfig.reference).", UserWarning, stacklevel=2)
 
 
+def dictionary_classes(dictionary: np.ndarray, ring: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """Vacuum entries of the dictionary and the relations of the others (see
+    :func:`class_relations`); warns about pairs that look like one phase."""
+    vac = vacuum_classes(dictionary, ring)
+    relations = class_relations(dictionary, ring, vac)
+    warn_similar_classes(relations)
+    return vac, relations
+
+
 def assemble_strain(
     theta: np.ndarray,
     cls: np.ndarray,
@@ -270,10 +280,7 @@ def run_array(
     t = time.perf_counter()
     theta, cls, resid = map_block(model, x, geom, map_cfg)
     timings["map_s"] = time.perf_counter() - t
-    dictionary = model.dictionary().detach().numpy()
-    vac = vacuum_classes(dictionary, geom.ring)
-    relations = class_relations(dictionary, geom.ring, vac)
-    warn_similar_classes(relations)
+    vac, relations = dictionary_classes(model.dictionary().detach().numpy(), geom.ring)
     return assemble_strain(
         theta.reshape(ny, nx, 2, 3), cls.reshape(ny, nx), resid.reshape(ny, nx), vac, map_cfg,
         attrs={

@@ -444,7 +444,7 @@ def preprocess_store(
     tdt = pdt if np.issubdtype(pdt, np.integer) else np.dtype(np.float16)
     store_path = str(store)
 
-    def write(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def write(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         y0, y1 = b
         x, sc = _recentred(read(y0, y1), hot, shift[y0:y1], size)
         out = zarr.open_array(store_path, path=f"{PREP}/patterns", mode="r+")
@@ -454,23 +454,25 @@ def preprocess_store(
         flat, sflat = x.reshape(-1, size * size), sc.ravel()
         sel = picks[(picks >= y0 * nx) & (picks < y1 * nx)] - y0 * nx
         # the training subset is the one thing gathered in the client
-        sub, ssub = x.reshape(-1, size, size)[sel], sflat[sel]
+        sub = x.reshape(-1, size, size)[sel]
         if tdt == np.float16:
-            sub, ssub = normalised(sub, ssub).astype(np.float16), np.ones_like(ssub)
+            sub = normalised(sub, sflat[sel]).astype(np.float16)
         # sum pattern (exact for counts) and total: the mean pattern at mean 1 is their ratio
         acc = flat.sum(0, dtype=np.float64)
-        return sub, ssub, acc.reshape(size, size), sc
+        return sub, acc.reshape(size, size), sc
 
     res = _map(write, blocks, client)
     say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
-    total = np.sum([r[2] for r in res], 0)
+    total = np.sum([r[1] for r in res], 0)
     mean = (total * (size * size / max(total.sum(), 1e-12))).astype(np.float32)
-    scale = np.concatenate([r[3] for r in res])
+    scale = np.concatenate([r[2] for r in res])
     # shuffled shards, one at a time through one reused buffer: the client never holds a
     # second copy of the training subset (first-touch of fresh memory is slow on VMs)
     parts = [r[0] for r in res]
     src = np.argsort(slot)  # train index j holds pick src[j]
-    train_scale = np.concatenate([r[1] for r in res])[src]
+    # float16 shards are normalised already
+    train_scale = (scale.ravel()[picks[src]] if tdt != np.float16
+                   else np.ones(n_train, np.float32))
     starts = np.cumsum([0] + [len(p) for p in parts])
     S = min(cfg.shard_size, n_train)
     t = g.create_array("train", shape=(n_train, size, size), dtype=tdt, chunks=(S, size, size),

@@ -200,14 +200,14 @@ def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
     subtracted (:func:`ccstae_hpc.prep.normalised`); patterns stay float16 in memory
     and become float32 one batch at a time.
     """
-    arr = zarr.open_array(str(store), path="prep/train", mode="r")
+    g = zarr.open_group(str(store), mode="r")["prep"]
+    arr = g["train"]
     n, S = int(arr.shape[0]), int(arr.chunks[0])
     sizes = shard_sizes(n, S)
     if world > len(sizes):
         raise TrainError(
             f"{world} ranks but prep/train has only {len(sizes)} shard(s) of {S} patterns; "
             f"use at most {len(sizes)} ranks or preprocess again with a smaller shard_size")
-    g = zarr.open_group(str(store), mode="r")["prep"]
     scale = g["train_scale"][...] if "train_scale" in g else None
     bg = g["background"][...] if "background" in g else None
     bg = torch.from_numpy(bg) if bg is not None and np.any(bg) else None

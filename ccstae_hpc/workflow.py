@@ -22,7 +22,7 @@ import zarr
 from . import __version__
 from .config import MapConfig, ModelConfig, TrainConfig
 from .model import CCSTAE
-from .pipeline import assemble_strain, class_relations, vacuum_classes, warn_similar_classes
+from .pipeline import assemble_strain, dictionary_classes
 from .prep import PrepConfig, open_prep, preprocess_store
 from .preprocess import ring_mask
 from .train import Geometry
@@ -214,10 +214,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
                       "complete": True})
-    dictionary = model.dictionary().detach().numpy()
-    vac = vacuum_classes(dictionary, geom.ring)
-    relations = class_relations(dictionary, geom.ring, vac)
-    warn_similar_classes(relations)
+    vac, relations = dictionary_classes(model.dictionary().detach().numpy(), geom.ring)
     ds = assemble_strain(aff["theta"][...], aff["phase"][...], aff["residual"][...], vac,
                          map_cfg, attrs={
                              "model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
