@@ -30,7 +30,7 @@ __all__ = ["CliError", "check_finite", "load_npy", "main", "run_npy", "validate_
 
 EXIT_USAGE = 2
 MIN_DETECTOR = 32  # px per detector axis; the same floor as SimConfig.detector
-MIN_PATTERNS = 16  # probe positions: fewer cannot teach a dictionary (pipeline.validate_input)
+MIN_PATTERNS = 16  # probe positions: fewer cannot teach a dictionary
 # bytes of input checked for NaN/inf per step: bounded memory whatever the file size
 _CHECK_BLOCK_BYTES = 64 * 2**20
 
@@ -132,10 +132,37 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, MapCon
         train = TrainConfig(
             **{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
         )
-        mapping = MapConfig(reference=None if args.reference is None else tuple(args.reference))
+        mapping = map_config(args)
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
     return model, train, mapping
+
+
+def map_config(args: argparse.Namespace) -> MapConfig:
+    """The MapConfig of the mapping options shared by ``run`` and ``map``."""
+    kw: dict = {"reference": None if args.reference is None else tuple(args.reference),
+                "reference_mode": args.reference_mode}
+    if args.pool_sigma is not None:
+        kw["pool_sigma"] = args.pool_sigma
+    return MapConfig(**kw)
+
+
+def _add_map_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference", type=int, nargs=4, metavar=("Y0", "Y1", "X0", "X1"),
+        help="reference box in scan pixels, half-open: strain is relative to the robust "
+             "median lattice of the sample pixels inside it, whatever their phase (default: "
+             "the median lattice of the largest phase)")
+    p.add_argument(
+        "--reference-mode", choices=("global", "per_phase"), default="global",
+        help="global (default): one reference lattice for the whole field of view, so a "
+             "phase's lattice mismatch shows as strain; per_phase: each phase against its "
+             "own median lattice (inside --reference when the box holds some of it)")
+    p.add_argument(
+        "--pool-sigma", type=float, metavar="PX",
+        help="Gaussian pooling of the fits over neighbouring probe positions of the same "
+             f"phase, in scan pixels (default {MapConfig.pool_sigma}: off). Lowers noise at "
+             "the cost of resolution and flattens fields that vary within a few positions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +183,7 @@ def run_npy(
     """What ``ccstae run`` does: check, load, validate, run the pipeline, write the store.
 
     Every check that can fail runs before any computation.  ``progress`` is passed to
-    ``pipeline.run_array`` (``True`` prints, a callable receives the training records).
+    the training stage (``True`` shows progress, a callable receives the training records).
 
     Raises
     ------
@@ -337,15 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="training epochs (default: 6, more on small scans to make 200 steps)"
     )
     r.add_argument(
-        "--num-base", type=int, metavar="K", help=f"dictionary size ({ModelConfig.num_base})"
+        "--num-base", type=int, metavar="K",
+        help=f"largest dictionary size ({ModelConfig.num_base}): entries that turn out to be "
+             "one phase are merged, so this is an upper bound on phases + vacuum"
     )
-    r.add_argument(
-        "--reference",
-        type=int,
-        nargs=4,
-        metavar=("Y0", "Y1", "X0", "X1"),
-        help="reference box in scan pixels, half-open (default: automatic)",
-    )
+    _add_map_options(r)
     r.add_argument("--seed", type=int, metavar="S", help=f"training seed ({TrainConfig.seed})")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--engine", choices=("prefect", "direct"), default="prefect",
@@ -396,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("map", help="inference and strain assembly -> STORE/affine, STORE/strain")
     m.add_argument("store", metavar="STORE.zarr")
-    m.add_argument("--reference", type=int, nargs=4, metavar=("Y0", "Y1", "X0", "X1"))
+    _add_map_options(m)
     m.add_argument("--workers", type=int, default=0, metavar="N",
                    help="local Dask worker processes (0: threads in this process)")
     m.add_argument("--scheduler", metavar="ADDRESS", help="map on this running Dask scheduler")
@@ -498,12 +521,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_map(args: argparse.Namespace) -> int:
     from ccstae_hpc.ddp import dask_client
+    from ccstae_hpc.mapping import ReferenceRegionError
     from ccstae_hpc.prep import PrepError
     from ccstae_hpc.workflow import map_store
 
     p = _store_arg(args.store)
     try:
-        mcfg = MapConfig(reference=None if args.reference is None else tuple(args.reference))
+        mcfg = map_config(args)
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
     if args.rows_per_block < 1:
@@ -512,7 +536,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
         with dask_client(args.workers, args.scheduler) as client:
             map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
                       progress=not args.quiet)
-    except (PrepError, FileNotFoundError) as e:
+    except (PrepError, FileNotFoundError, ReferenceRegionError) as e:
         raise CliError(str(e)) from e
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")

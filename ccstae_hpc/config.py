@@ -149,11 +149,16 @@ class MapConfig(_Config):
     refine_iters: int = 6
     batch_size: int = 256
     reference: tuple[int, int, int, int] | None = None
+    # "global": one reference lattice for the whole field of view (every phase in one frame,
+    # so lattice mismatch shows as strain); "per_phase": each phase against its own lattice
+    reference_mode: str = "global"
     symmetry: int = 6  # rotational symmetry of the pattern: theta is unwrapped modulo 360/symmetry
     # Gaussian pooling of the fitted deformation over neighbouring probe positions of the
-    # same phase (scan px; 0 = none).  Trades spatial resolution (FWHM 2.35 sigma) for
-    # precision: single-pattern fits sit at ~1.8x the Cramer-Rao bound at 1e3 e-/pattern.
-    pool_sigma: float = 1.0
+    # same phase (scan px; 0 = none, the default).  Trades spatial resolution (FWHM 2.35
+    # sigma) for precision, and flattens any field that varies on the kernel's scale (a
+    # rotation field with a ~10-position period came out at 0.83x its amplitude at sigma 1):
+    # use it only for fields smooth over several positions at low dose
+    pool_sigma: float = 0.0
     # fits further than this many robust sigmas from their phase are dropped as diverged
     outlier_mad: float = 8.0
 
@@ -164,5 +169,7 @@ class MapConfig(_Config):
             y0, y1, x0, x1 = self.reference
             _check(y1 > y0 and x1 > x0, "reference box must be non-empty: y1 > y0 and x1 > x0")
         _check(self.symmetry >= 1, "symmetry must be >= 1")
+        _check(self.reference_mode in ("global", "per_phase"),
+               "reference_mode must be 'global' (one reference lattice) or 'per_phase'")
         _check(self.pool_sigma >= 0, "pool_sigma must be >= 0 (0 disables pooling)")
         _check(self.outlier_mad > 0, "outlier_mad must be positive")

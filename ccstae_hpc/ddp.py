@@ -307,7 +307,7 @@ _MAP_LOCK = threading.Lock()
 
 
 def map_payload(store: str, model: Any, geom: Any, map_cfg: Any, shape: tuple[int, int],
-                rows: int, threads: int) -> dict:
+                rows: int, threads: int, inputs: dict) -> dict:
     """Everything a worker needs to map blocks of ``store``: plain arrays and dicts.
 
     Sent once per worker (``client.scatter(..., broadcast=True)``); the model is rebuilt
@@ -325,11 +325,13 @@ def map_payload(store: str, model: Any, geom: Any, map_cfg: Any, shape: tuple[in
         "shape": [int(shape[0]), int(shape[1])],
         "rows": int(rows),
         "threads": int(threads),
+        "inputs": inputs,
     }
 
 
-def _cached(payload: dict) -> tuple[Any, Any, Any]:
+def _cached(payload: dict) -> tuple[Any, Any, Any, Any]:
     from .config import MapConfig, ModelConfig
+    from .mapping import MapInputs
     from .model import CCSTAE
     from .preprocess import ring_mask
     from .train import Geometry
@@ -346,7 +348,8 @@ def _cached(payload: dict) -> tuple[Any, Any, Any]:
             model.eval()
             c, r = tuple(payload["center"]), payload["radius"]
             geom = Geometry(c, r, ring_mask((Q, Q), c, 2 * r + 2))
-            hit = (model, geom, MapConfig.from_dict(payload["map_config"]))
+            hit = (model, geom, MapConfig.from_dict(payload["map_config"]),
+                   MapInputs.from_dict(payload["inputs"]))
             _MAP_CACHE[payload["token"]] = hit
     return hit
 
@@ -360,22 +363,23 @@ def map_rows(y0: int, payload: dict) -> int:
     """
     import zarr
 
-    from .pipeline import map_block
+    from .mapping import map_block
     from .prep import read_patterns
 
     # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
     torch.set_num_threads(payload["threads"])
-    model, geom, cfg = _cached(payload)
+    model, geom, cfg, inputs = _cached(payload)
     ny, nx = payload["shape"]
     y1 = min(y0 + payload["rows"], ny)
     path = payload["store"]
     x = read_patterns(path, y0, y1)
-    th, cls, res = map_block(model, x.reshape(-1, *x.shape[2:]), geom, cfg)
+    scale = zarr.open_array(path, path="prep/scale", mode="r")[y0:y1]
+    out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs)
     del x
     # region writes aligned with the row chunks: blocks never share a chunk
-    for name, v in (("theta", th.reshape(y1 - y0, nx, 2, 3)), ("phase", cls.reshape(y1 - y0, nx)),
-                    ("residual", res.reshape(y1 - y0, nx))):
-        zarr.open_array(path, path=f"affine/{name}", mode="r+")[y0:y1] = v
+    for name, v in out.items():
+        zarr.open_array(path, path=f"affine/{name}", mode="r+")[y0:y1] = v.reshape(
+            y1 - y0, nx, *v.shape[1:])
     return (y1 - y0) * nx
 
 

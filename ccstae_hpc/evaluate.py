@@ -1,10 +1,12 @@
 """Compare a strain result with the simulator's ground truth, and summarise a result.
 
-The truth is re-referenced exactly as the pipeline references its own maps: for each predicted
-class ``c`` the reference is ``strain.reference_deformation`` of the truth deformation ``F`` over
-the pixels in ``ds.reference & (ds.phase == c)``, and the truth maps are
+The truth ``F`` is relative to one lattice for the whole field (the simulators' convention) and
+is re-referenced exactly as the result references its own maps: ``strain.reference_deformation``
+of the truth over the pixels of ``ds.reference`` (all phases together for the default
+``reference_mode='global'``; per predicted phase for ``'per_phase'``), then
 ``strain.relative_strain(F, F_ref)`` -- the same functions, so the comparison measures the
-network and not a difference of conventions.
+method and not a difference of conventions, and a phase's mismatch to the reference lattice
+counts.
 
 Errors are reported as fractions for ``exx, eyy, exy`` and degrees for ``theta``; rotation
 differences are wrapped into ``(-180/symmetry, 180/symmetry]`` because a ``symmetry``-fold
@@ -22,7 +24,6 @@ import numpy as np
 import xarray as xr
 
 from ccstae_hpc.config import MapConfig
-from ccstae_hpc.simulate import LATTICE_A
 from ccstae_hpc.strain import reference_deformation, relative_strain
 
 __all__ = [
@@ -85,35 +86,32 @@ def _values(ds: xr.Dataset, name: str) -> np.ndarray:
 def truth_relative(
     ds: xr.Dataset, truth: Mapping[str, Any], symmetry: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Truth ``exx, eyy, exy, theta`` maps re-referenced per predicted class, like the pipeline.
+    """Truth ``exx, eyy, exy, theta`` maps re-referenced on the result's reference pixels.
 
-    Pixels that are truth vacuum, or whose predicted class has no reference pixel inside the
-    truth sample, are NaN.
+    Pixels that are truth vacuum, or (per-phase mode) whose predicted phase has no reference
+    pixel inside the truth sample, are NaN.
     """
     sym = symmetry_of(ds) if symmetry is None else symmetry
     phase = _values(ds, "phase")
     ref = _values(ds, "reference").astype(bool)
     F = np.asarray(truth["F"], dtype=np.float64)
-    # truth F is relative to each phase's own relaxed lattice; express it against one common
-    # lattice so that a predicted class mixing two phases shows their mismatch as error
-    tph = np.asarray(truth["phase"])
-    scale = np.ones(tph.shape)
-    for p, a in LATTICE_A.items():
-        scale[tph == p] = a / LATTICE_A[1]
-    F = F * scale[..., None, None]
     if F.shape[:2] != phase.shape:
         raise ValueError(f"truth F has scan shape {F.shape[:2]}, result has {phase.shape}")
     valid = np.isfinite(F).all(axis=(-2, -1))
     out = {k: np.full(phase.shape, np.nan) for k in COMPONENTS}
-    for c in np.unique(phase[phase >= 0]):
-        in_c = (phase == c) & valid
-        ref_c = in_c & ref
+    if ds.attrs.get("reference_mode", "global") == "per_phase":
+        sample = _values(ds, "sample").astype(bool)
+        groups = [(phase == c) & valid for c in np.unique(phase[sample])]
+    else:
+        groups = [valid]
+    for sel in groups:
+        ref_c = sel & ref
         if not ref_c.any():
             continue
         F_ref = reference_deformation(F, ref_c, sym)
-        rel = relative_strain(F[in_c], F_ref, sym)
+        rel = relative_strain(F[sel], F_ref, sym)
         for k in COMPONENTS:
-            out[k][in_c] = rel[k]
+            out[k][sel] = rel[k]
     return out
 
 
@@ -173,6 +171,9 @@ def strain_errors(ds: xr.Dataset, truth: Mapping[str, Any]) -> dict[str, float]:
         out[f"mae_{k}"] = _mean(a)
         out[f"p95_{k}"] = float(np.percentile(a, 95)) if a.size else float("nan")
         out[f"max_{k}"] = float(a.max()) if a.size else float("nan")
+    out["n_phases"] = float(len(np.unique(phase[sample & (phase > 0)])))
+    lc = {w: np.sqrt((1 + d["exx"]) * (1 + d["eyy"]) - d["exy"] ** 2) - 1
+          for w, d in (("pred", pred), ("truth", ref_truth))}
     for p, name in PHASE_NAMES.items():
         if p == 0:
             continue
@@ -180,6 +181,10 @@ def strain_errors(ds: xr.Dataset, truth: Mapping[str, Any]) -> dict[str, float]:
         out[f"n_{name}"] = float(sel.sum())
         for k in COMPONENTS:
             out[f"mae_{k}_{name}"] = _mean(np.abs(err[k][sel]))
+        # the phase's lattice parameter against the reference: a mismatch must show
+        out[f"lattice_change_err_{name}"] = (
+            float(abs(np.median(lc["pred"][sel]) - np.median(lc["truth"][sel])))
+            if sel.any() else float("nan"))
     return out
 
 
@@ -217,7 +222,8 @@ def format_errors(d: Mapping[str, float]) -> str:
 
 
 def summarize(ds: xr.Dataset) -> str:
-    """Short text summary of a result: scan size, classes, median strain per class."""
+    """Short text summary of a result: scan size, phases, median strain per phase (against the
+    one reference lattice, so a phase's mismatch shows in its medians)."""
     phase = _values(ds, "phase")
     sample = _values(ds, "sample").astype(bool)
     ref = _values(ds, "reference").astype(bool)
@@ -227,18 +233,22 @@ def summarize(ds: xr.Dataset) -> str:
         f"({100 * sample.mean():.1f} %), {int(ref.sum())} reference pixels"
     ]
     maps = {k: _values(ds, k).astype(np.float64) for k in COMPONENTS}
+    lc = _values(ds, "lattice_change") if "lattice_change" in ds else None
     for c in np.unique(phase[phase >= 0]):
         sel = (phase == c) & sample
         if not sel.any():
-            lines.append(f"class {int(c)}: {int((phase == c).sum())} pixels, vacuum")
+            lines.append(f"phase {int(c)}: {int((phase == c).sum())} pixels, vacuum")
             continue
         med = {
             k: np.nanmedian(maps[k][sel]) if np.isfinite(maps[k][sel]).any() else np.nan
             for k in COMPONENTS
         }
         lines.append(
-            f"class {int(c)}: {int(sel.sum())} sample pixels, median "
+            f"phase {int(c)}: {int(sel.sum())} sample pixels, median "
             f"exx {100 * med['exx']:+.3f} %, eyy {100 * med['eyy']:+.3f} %, "
             f"exy {100 * med['exy']:+.3f} %, theta {med['theta']:+.3f} deg"
+            + (f", lattice parameter {100 * float(np.nanmedian(lc[sel])):+.3f} %"
+               if lc is not None else "")
         )
+    lines.append(f"reference: {ds.attrs.get('reference', 'unknown')}")
     return "\n".join(lines)

@@ -17,7 +17,14 @@ from scipy import ndimage
 
 from .model import CCSTAE, affine_matrix
 
-__all__ = ["encode", "refine", "pixel_grid"]
+__all__ = ["encode", "refine", "relate_entries", "compose_affine", "pixel_grid"]
+
+# Rotations tried when one dictionary entry is fitted onto another: the learned entries may
+# sit in any orientation, and Gauss-Newton captures only a few degrees; a step of
+# ROTATION_SEARCH_STEP_DEG over one symmetry period leaves every start within half a step.
+ROTATION_SEARCH_STEP_DEG = 3.0
+# fits of one entry onto another repeated from the previous result (fresh mask weights)
+RELATION_REFITS = 2
 
 
 @torch.no_grad()
@@ -118,6 +125,122 @@ def _gn_step(xi, W, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=
     return B, s, g + d[:, 6], b + d[:, 7], resid
 
 
+def _entry_residuals(xi, u, B, s, cls, relations, ch, labels, scale, mode):
+    """Composition misfit ``(N, K)`` of each pattern against every entry related to its own.
+
+    Entry ``j`` is placed on the pattern by the pattern's own fit composed with ``T_cj``;
+    pattern and entry are then integrated over each Bragg disk of the pattern's own entry
+    (``labels``, generously dilated, placed by the pattern's registration) and the disk
+    intensities compared after a fitted scale and offset, as a Poisson chi-square summed
+    over the disks.  Integrating whole disks makes the score blind to disk-edge sharpness
+    (how much an averaged dictionary entry is blurred) and sensitive to what differs between
+    phases of one lattice type: the intensity ratios of the reflections, the composition.
+    """
+    N, P = xi.shape
+    K = relations.shape[0]
+    n_lab = int(labels.max()) + 1
+    A_rel = relations[..., :2]
+    B_rel = torch.linalg.inv(torch.nan_to_num(A_rel) + torch.isnan(A_rel[..., :1, :1])
+                             * torch.eye(2))
+    s_rel = -(B_rel @ torch.nan_to_num(relations[..., 2:])).squeeze(-1)
+    out = torch.full((N, K), float("nan"))
+    related = ~torch.isnan(relations[..., 0, 0])
+    # the regions are the pattern's own entry's disks, placed by its own registration: every
+    # entry is scored on the same disks, so the chi-squares compare like with like
+    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    lab_all = _sample(labels.unsqueeze(1).float(), _groups(cls), pts, "nearest")[:, 0].long()
+    for j in range(K):
+        sel = related[cls, j]
+        if not sel.any():
+            continue
+        idx = torch.nonzero(sel).squeeze(1)
+        c = cls[idx]
+        n = len(idx)
+        Bj = B_rel[c, j] @ B[idx]
+        sj = (B_rel[c, j] @ s[idx].unsqueeze(-1)).squeeze(-1) + s_rel[c, j]
+        pj = torch.einsum("pj,nij->npi", u, Bj) + sj[:, None, :]
+        lab = lab_all[idx]
+        Dj = _sample(ch[:, :1], [(j, 0, n)], pj, mode)[:, 0]
+        I = torch.zeros(n, n_lab).scatter_add_(1, lab, xi[idx])[:, 1:]
+        E = torch.zeros(n, n_lab).scatter_add_(1, lab, Dj)[:, 1:]
+        area = torch.zeros(n, n_lab).scatter_add_(1, lab, torch.ones_like(Dj))[:, 1:]
+        sc = scale[idx, None]
+        w = torch.ones_like(I)
+        for _ in range(2):  # weighted least squares, Poisson weights from the first fit
+            s_ee, s_aa, s_ea = (w * E * E).sum(1), (w * area * area).sum(1), (w * E * area).sum(1)
+            s_ie, s_ia = (w * I * E).sum(1), (w * I * area).sum(1)
+            det = (s_ee * s_aa - s_ea * s_ea).clamp(min=1e-12)
+            g = (s_ie * s_aa - s_ia * s_ea) / det
+            b = (s_ee * s_ia - s_ea * s_ie) / det
+            model = g[:, None] * E + b[:, None] * area
+            # variance of a disk sum of normalised counts x = counts * scale: scale * model
+            w = (area > 0) / (sc * model.clamp(min=1e-3 * float(model.mean())))
+        r = I - model
+        out[idx, j] = (w * r * r).sum(1)
+    return out
+
+
+def _groups(cls: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(class, start, stop)`` runs of a class-sorted label vector."""
+    ks, counts = torch.unique_consecutive(cls, return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    return [(int(k), e - int(c), e) for k, c, e in zip(ks.tolist(), counts.tolist(), ends,
+                                                         strict=True)]
+
+
+def compose_affine(theta: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """``[A A_r | A t_r + t]``: the fit onto entry ``c`` followed by ``T_cj`` (onto ``j``)."""
+    A, t = theta[..., :2], theta[..., 2:]
+    return torch.cat([A @ rel[..., :2], A @ rel[..., 2:] + t], -1)
+
+
+@torch.no_grad()
+def relate_entries(dictionary: np.ndarray, masks: np.ndarray, ring: np.ndarray,
+                   entries: np.ndarray, symmetry: int = 6, iters: int = 6
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Fit every listed dictionary entry onto every other one.
+
+    Entry ``c`` (as the input) is registered onto entry ``j`` by :func:`refine` from
+    rotations spaced :data:`ROTATION_SEARCH_STEP_DEG` over one symmetry period, keeping the
+    best residual: the learned entries may sit in any relative orientation.
+
+    Returns
+    -------
+    relations : (K, K, 2, 3) ``T_cj = [A_cj | t_cj]`` with ``D_c(A_cj k + t_cj) ~ D_j(k)``;
+        identity on the diagonal, NaN for entries not listed.
+    residual : (K, K) relative weighted residual of each fit (0 on the diagonal).
+    """
+    K = dictionary.shape[0]
+    rel = torch.full((K, K, 2, 3), float("nan"))
+    res = torch.full((K, K), float("nan"))
+    period = 360.0 / max(symmetry, 1)
+    angles = np.deg2rad(np.arange(-period / 2, period / 2, ROTATION_SEARCH_STEP_DEG))
+    starts = torch.zeros(len(angles), 2, 3)
+    starts[:, 0, 0] = starts[:, 1, 1] = torch.from_numpy(np.cos(angles)).float()
+    starts[:, 0, 1] = torch.from_numpy(-np.sin(angles)).float()
+    starts[:, 1, 0] = torch.from_numpy(np.sin(angles)).float()
+    entries = [int(e) for e in entries]
+    for c in entries:
+        rel[c, c] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        res[c, c] = 0.0
+        x = torch.from_numpy(np.ascontiguousarray(dictionary[c], dtype=np.float32))
+        for j in entries:
+            if j == c:
+                continue
+            xs = x.expand(len(angles), -1, -1).contiguous()
+            th, r = refine(xs, torch.full((len(angles),), j), starts, dictionary, masks, ring,
+                           iters)
+            best = int(torch.nan_to_num(r, nan=np.inf).argmin())
+            th, r = th[best:best + 1], r[best:best + 1]
+            # refine samples the disk-mask weights once, at its start: from a search start
+            # they sit a few px off the outer disks, so fit again from the converged affine
+            for _ in range(RELATION_REFITS):
+                th, r = refine(x[None], torch.tensor([j]), th, dictionary, masks, ring, iters,
+                               coarse_iters=0)
+            rel[c, j], res[c, j] = th[0], r[0]
+    return rel.numpy(), res.numpy()
+
+
 @torch.no_grad()
 def refine(
     x: torch.Tensor,
@@ -133,7 +256,10 @@ def refine(
     smooth: float = 0.5,
     mode: str = "bilinear",
     floor: float = 0.05,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    relations: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
 
     Parameters
@@ -149,19 +275,21 @@ def refine(
         bilinear interpolant of the sharp-edged dictionary consistent with its gradient,
         which removes a sub-pixel bias of the fit.
 
+    relations : (K, K, 2, 3) affines ``T_cj`` with ``D_c(A_cj k + t_cj) ~ D_j(k)`` (from
+        :func:`relate_entries`; NaN where not related).  When given, with ``labels``
+        ``(K, Q, Q)`` (each entry's Bragg disks numbered 1..n, 0 elsewhere) and ``scale``
+        ``(N,)`` (normalised value of one count per pattern), each pattern is scored against
+        every related entry after its own registration (see :func:`_entry_residuals`).
+
     Returns
     -------
-    theta : (N, 2, 3) refined affines; residual : (N,) weighted relative residual.
+    theta : (N, 2, 3) refined affines; residual : (N,) weighted relative residual;
+    with ``relations`` also entry residuals : (N, K), NaN for entries not related.
     """
     N, Q, _ = x.shape
     order = torch.argsort(classes, stable=True)
     cls = classes[order]
-    ks, counts = torch.unique_consecutive(cls, return_counts=True)
-    ends = torch.cumsum(counts, 0).tolist()
-    groups = [
-        (int(k), e - int(c), e)
-        for k, c, e in zip(ks.tolist(), counts.tolist(), ends, strict=True)
-    ]
+    groups = _groups(cls)
     x = x[order]
     A = theta[order, :, :2]
     B = torch.linalg.inv(A)  # the dictionary is sampled at B u + s
@@ -169,6 +297,7 @@ def refine(
     g = torch.ones(N)
     b = torch.zeros(N)
     stacks = {sig: _channels(dictionary, masks, max(sig, smooth)) for sig in {coarse_sigma, 0.0}}
+    x_raw = x
     if smooth > 0:
         x = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, smooth, smooth)))
     # fit only pixels that some pattern of the batch reaches with its (dilated) disk mask:
@@ -202,4 +331,9 @@ def refine(
     A = torch.linalg.inv(B)
     t = -(A @ s.unsqueeze(-1))
     inv = torch.argsort(order)
-    return torch.cat([A, t], -1)[inv], resid[inv]
+    theta_out = torch.cat([A, t], -1)
+    if relations is None:
+        return theta_out[inv], resid[inv]
+    entry = _entry_residuals(x_raw.reshape(N, -1)[:, keep], u[keep], B, s, cls, relations,
+                             stacks[0.0], labels, scale[order], mode)
+    return theta_out[inv], resid[inv], entry[inv]

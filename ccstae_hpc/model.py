@@ -183,7 +183,6 @@ class CCSTAE(nn.Module):
         )
         self.radial = nn.Sequential(nn.Linear(n_radial, cfg.latent), nn.SiLU())
         self.classifier = nn.Linear(2 * cfg.latent, cfg.num_base)
-        self.class_norm = nn.LayerNorm(cfg.num_base)
         self.affine_head = nn.Sequential(
             nn.Linear(cfg.latent + cfg.num_base, 64), nn.SiLU(), nn.Linear(64, 7)
         )
@@ -216,7 +215,12 @@ class CCSTAE(nn.Module):
         z = self.fc(self.encoder(encoder_input(x, self.cfg.input_size)))
         cen = disk_centroids(x, self.center, float(self.radius))
         zr = self.radial(radial_features(x, self.center, float(self.radius), self.r_in, cen))
-        logits = self.class_norm(self.classifier(torch.cat([z, zr], -1)))
+        # plain logits: the original's LayerNorm over the num_base logits removes their
+        # scale, so while the input-dependent part is small next to the bias every input
+        # gets the same normalised logits and the classifier collapses onto one class (seen
+        # on a noise-free 48x48 heterostructure: all 2304 patterns, vacuum included, in one
+        # class while k-means had separated the three exactly)
+        logits = self.classifier(torch.cat([z, zr], -1))
         p = torch.softmax(logits, -1)
         hard = F.one_hot(p.argmax(-1), self.cfg.num_base).to(p.dtype)
         onehot = hard + p - p.detach()

@@ -4,10 +4,14 @@ Conventions (see :mod:`ccstae_hpc.strain`):
 
 * data are ``(scan_y, scan_x, k_y, k_x)``; detector pixel centres sit at integer ``(row, col)``;
   detector axes are parallel to the scan axes (``x`` = columns, ``y`` = rows);
-* the real-space deformation gradient of a pattern's lattice is ``F = R(theta) @ (I + eps)``
-  relative to the phase's own relaxed lattice with basis ``a1 = a(1, 0)``,
-  ``a2 = a(1/2, sqrt(3)/2)``; reciprocal vectors (``a_i . b_j = delta_ij``, no ``2 pi``) deform as
+* the truth is relative to ONE reference lattice for the whole field of view, the relaxed
+  WS2 lattice (basis ``a1 = a(1, 0)``, ``a2 = a(1/2, sqrt(3)/2)``, ``a = LATTICE_A[1]``): the
+  truth ``F = R(theta) @ (I + eps)`` of a relaxed WSe2 pixel is ``a_WSe2 / a_WS2`` (4.1 %
+  dilatation), so a method that references every phase to one lattice is compared with what
+  it should show; reciprocal vectors (``a_i . b_j = delta_ij``, no ``2 pi``) deform as
   ``g' = F^-T g`` and a disk centre is ``(col, row) = (origin_col, origin_row) + g' / pixel_size``;
+* the renderers (:func:`render_patterns`, :func:`render_pattern`) take ``F`` relative to the
+  phase's own relaxed lattice: ``F_own = F / phase_lattice_scale(phase)``;
 * ``truth["origin"]`` is ``(k_y, k_x)`` = ``(row, col)`` of the (000) disk centre.
 
 Intensity scale: every pattern sums to ``NOMINAL_TOTAL`` (noise-free, float32) or has expected
@@ -37,6 +41,7 @@ __all__ = [
     "NOMINAL_TOTAL",
     "PHASE_NAMES",
     "base_origin",
+    "phase_lattice_scale",
     "basis_vectors",
     "reflections",
     "render_patterns",
@@ -400,12 +405,22 @@ def _segment_distance(px: np.ndarray, py: np.ndarray, a: np.ndarray, b: np.ndarr
     return np.hypot(px - a[0] - t * ab[0], py - a[1] - t * ab[1])
 
 
+def phase_lattice_scale(phase: np.ndarray) -> np.ndarray:
+    """Lattice parameter of each phase relative to the reference (WS2) lattice; 1 for vacuum."""
+    phase = np.asarray(phase)
+    out = np.ones(phase.shape)
+    for p, a in LATTICE_A.items():
+        out[phase == p] = a / LATTICE_A[1]
+    return out
+
+
 def truth_rows(cfg: SimConfig, y0: int = 0, y1: int | None = None) -> dict[str, np.ndarray]:
     """Ground truth for scan rows ``y0:y1`` (cheap: no patterns are rendered).
 
-    Keys: ``exx, eyy, exy`` (fractions vs the phase's relaxed lattice), ``theta`` (degrees,
-    absolute), ``phase`` (uint8), ``F`` (ny, nx, 2, 2), ``origin`` (ny, nx, 2) as ``(k_y, k_x)``,
-    ``hot_pixels`` (n, 2) as ``(row, col)``.  Vacuum: strain, theta and F are NaN.
+    Keys: ``exx, eyy, exy`` (fractions vs the one reference lattice, relaxed WS2, for every
+    phase: relaxed WSe2 reads +4.1 %), ``theta`` (degrees, absolute), ``phase`` (uint8),
+    ``F`` (ny, nx, 2, 2), ``origin`` (ny, nx, 2) as ``(k_y, k_x)``, ``hot_pixels`` (n, 2) as
+    ``(row, col)``.  Vacuum: strain, theta and F are NaN.
     """
     ny, nx = cfg.scan
     y1 = ny if y1 is None else y1
@@ -450,6 +465,10 @@ def truth_rows(cfg: SimConfig, y0: int = 0, y1: int | None = None) -> dict[str, 
     ripple = np.sin(2 * np.pi * along / cfg.ripple_wavelength)
     theta = cfg.global_rotation_deg + cfg.ripple_amplitude_deg * ripple
 
+    # strain of each phase against its own relaxed lattice, then against the one reference
+    # lattice (a dilatation by a_phase / a_WS2 commutes with the rotation)
+    ls = phase_lattice_scale(phase)
+    exx, eyy, exy = ls * (1 + exx) - 1, ls * (1 + eyy) - 1, ls * exy
     eps = np.stack([np.stack([exx, exy], -1), np.stack([exy, eyy], -1)], -2)
     F = rotation_matrix(theta) @ (np.eye(2) + eps)
 
@@ -550,9 +569,9 @@ def simulate_rows(cfg: SimConfig, y0: int, y1: int) -> tuple[np.ndarray, dict[st
     rows_per_block = max(1, _BLOCK_ELEMENTS // (nx * Q * Q))
     for r0 in range(0, ny, rows_per_block):
         r1 = min(ny, r0 + rows_per_block)
-        F = truth["F"][r0:r1].reshape(-1, 2, 2)
-        origin = truth["origin"][r0:r1].reshape(-1, 2)
         phase = truth["phase"][r0:r1].reshape(-1)
+        F = truth["F"][r0:r1].reshape(-1, 2, 2) / phase_lattice_scale(phase)[:, None, None]
+        origin = truth["origin"][r0:r1].reshape(-1, 2)
         img, total = _render(cfg, F, origin, phase, np.float32)
         if not noisy:
             img = _finish(cfg, img, total, origin, NOMINAL_TOTAL)

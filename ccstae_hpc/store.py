@@ -176,7 +176,7 @@ def write_strain(
 
     Parameters
     ----------
-    ds : the result of ``pipeline.run_array`` (dims ``scan_y, scan_x``).
+    ds : a strain Dataset (dims ``scan_y, scan_x``), as assembled by the map stage.
     store_path : the store directory, conventionally ``NAME.zarr``; parents are created.
     overwrite : replace an existing store (only after the new one is complete).
 

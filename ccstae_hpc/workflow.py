@@ -21,10 +21,12 @@ import zarr
 
 from . import __version__
 from .config import MapConfig, ModelConfig, TrainConfig
+from .mapping import MapInputs, assemble_strain
 from .model import CCSTAE
-from .pipeline import assemble_strain, dictionary_classes
-from .prep import PrepConfig, open_prep, preprocess_store
+from .phases import analyse_dictionary, calibrate
+from .prep import PrepConfig, fit_lattice, normalised, open_prep, preprocess_store
 from .preprocess import ring_mask
+from .strain import affine_to_deformation, polar_decompose
 from .train import Geometry
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "run_store",
 ]
 
+# training-set patterns used to group the dictionary into phases and calibrate their frames
+CALIBRATION_SAMPLE = 2048
 _CODEC = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
 
 
@@ -159,20 +163,25 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
     geom = geometry_from_prep(prep)
     model, mcfg, tcfg = load_model(store)
     ny, nx = prep["patterns"].shape[:2]
+    inputs = phase_inputs(prep, model, geom, map_cfg)
+    K = len(inputs.info.patterns)
     # the consolidated block (written with strain/) is stale for the groups rewritten here
     root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
     if "affine" in root:
         del root["affine"]
     aff = root.create_group("affine")
-    aff.create_array("theta", shape=(ny, nx, 2, 3), dtype="float32",
-                     chunks=(rows_per_block, nx, 2, 3), compressors=_CODEC,
-                     dimension_names=("scan_y", "scan_x", "i", "j"))
-    aff.create_array("phase", shape=(ny, nx), dtype="int16", chunks=(rows_per_block, nx),
-                     dimension_names=("scan_y", "scan_x"))
-    aff.create_array("residual", shape=(ny, nx), dtype="float32", chunks=(rows_per_block, nx),
-                     dimension_names=("scan_y", "scan_x"))
+    rows = (rows_per_block, nx)
+    for name, shape, dtype, chunks, dims in (
+        ("theta", (ny, nx, 2, 3), "float32", rows + (2, 3), ("scan_y", "scan_x", "i", "j")),
+        ("entry", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
+        ("phase", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
+        ("residual", (ny, nx), "float32", rows, ("scan_y", "scan_x")),
+        ("composition", (ny, nx, K), "float32", rows + (K,), ("scan_y", "scan_x", "entry")),
+    ):
+        aff.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=_CODEC,
+                         dimension_names=dims, fill_value=0)
     payload = map_payload(str(store.resolve()), model, geom, map_cfg, (ny, nx), rows_per_block,
-                          threads)
+                          threads, inputs.to_dict())
     starts = list(range(0, ny, rows_per_block))
     bar = None
     if progress:
@@ -214,20 +223,69 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
                       "complete": True})
-    vac, relations = dictionary_classes(model.dictionary().detach().numpy(), geom.ring)
-    ds = assemble_strain(aff["theta"][...], aff["phase"][...], aff["residual"][...], vac,
-                         map_cfg, attrs={
-                             "model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
-                             "prep_config": json.dumps(prep.attrs["config"]),
-                             "geometry": json.dumps(geom.to_dict()),
-                             "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
-                             "map_patterns_per_s": ny * nx / dt,
-                             "class_relations": json.dumps(relations),
-                         })
+    affine = {k: aff[k][...] for k in ("theta", "entry", "phase", "residual")}
+    ds = assemble_strain(affine, inputs.phases, map_cfg, reference_lattice=_base_lattice(
+        root, prep, geom, inputs), attrs={
+            "model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
+            "prep_config": json.dumps(prep.attrs["config"]),
+            "geometry": json.dumps(geom.to_dict()),
+            "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
+            "map_patterns_per_s": ny * nx / dt,
+            "entry_relations": json.dumps(_entry_relations(inputs)),
+        })
     if "strain" in root:
         del root["strain"]
     _write_group(with_pixel_coords(ds), store)
     return store
+
+
+def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig
+                 ) -> MapInputs:
+    """Analyse the dictionary and calibrate its phases on the training sample of ``prep``."""
+    info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring, map_cfg.symmetry)
+    n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
+    x, scale = prep["train"][:n], prep["train_scale"][:n]
+    bg = prep["background"][...] if "background" in prep else None
+    # float16 shards are stored normalised already (float input), count shards are not
+    x = (normalised(x, scale, background=bg) if x.dtype != np.float16
+         else x.astype(np.float32) - (0 if bg is None else bg))
+    phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
+    return MapInputs(info, phases)
+
+
+def _base_lattice(root: zarr.Group, prep: zarr.Group, geom: Geometry, inputs: MapInputs
+                  ) -> dict:
+    """Reciprocal basis of the base phase's root entry (the common frame), with the
+    detector calibration when the raw data carry one."""
+    ph = inputs.phases
+    base = [e for e in range(len(ph.phase_of_entry))
+            if ph.phase_of_entry[e] > 0 and ph.root_of_entry[e] == e
+            and np.allclose(np.nan_to_num(ph.frames[e]), np.eye(2))]
+    if not base:
+        return {"found": False}
+    lat = fit_lattice(inputs.info.patterns[base[0]], geom.center, 2 * geom.radius + 2)
+    cal = dict(root["raw"].attrs.get("calibration", {}) or {}) if "raw" in root else {}
+    ps = cal.get("detector_pixel_size_inv_A")
+    if ps:
+        lat["pixel_size_inv_A"] = float(ps) * int(prep.attrs.get("bin_factor", 1))
+    return lat
+
+
+def _entry_relations(inputs: MapInputs) -> list[dict]:
+    """Strain and rotation between the sample entries' lattices (calibrated relations)."""
+    ph, info = inputs.phases, inputs.info
+    out = []
+    sample = np.nonzero(~info.vacuum)[0]
+    for a, j in enumerate(sample):
+        for k in sample[a + 1:]:
+            M = affine_to_deformation(ph.relations[k, j, :, :2].astype(np.float64))
+            rot, U = polar_decompose(M)
+            out.append({"entries": [int(j), int(k)],
+                        "max_strain": float(np.abs(U - np.eye(2)).max()),
+                        "rotation_deg": float(rot),
+                        "dictionary_residual": float(info.relation_residual[k, j]),
+                        "same_phase": bool(ph.phase_of_entry[j] == ph.phase_of_entry[k])})
+    return out
 
 
 def run_store(

@@ -43,17 +43,15 @@ def figure_paths(store: str | Path) -> tuple[Path, Path]:
 
 
 def phase_rows(ds: xr.Dataset) -> list[dict[str, Any]]:
-    """Per dictionary class: sample pixels, mean and std of exx, eyy, exy (%) and theta (deg).
-
-    Classes without sample pixels (vacuum) are listed with their pixel count only.
-    """
+    """Per phase (0 vacuum): pixels, mean and std of exx, eyy, exy (%) and theta (deg)
+    against the one reference lattice; vacuum is listed with its pixel count only."""
     phase = np.asarray(ds["phase"].values)
     sample = np.asarray(ds["sample"].values).astype(bool)
     maps = {k: np.asarray(ds[k].values, dtype=np.float64) * s for k, s, _ in _COMPONENTS}
     rows: list[dict[str, Any]] = []
     for c in np.unique(phase[phase >= 0]):
         sel = (phase == c) & sample
-        row: dict[str, Any] = {"class": int(c), "pixels": int((phase == c).sum()),
+        row: dict[str, Any] = {"phase": int(c), "pixels": int((phase == c).sum()),
                                "sample_pixels": int(sel.sum())}
         for k, _, unit in _COMPONENTS:
             v = maps[k][sel]

@@ -46,7 +46,8 @@ def _truth() -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
     return {"phase": phase, "F": F}, exact, ref
 
 
-def _dataset(pred_phase: np.ndarray, maps: dict[str, np.ndarray], ref: np.ndarray) -> xr.Dataset:
+def _dataset(pred_phase: np.ndarray, maps: dict[str, np.ndarray], ref: np.ndarray,
+             mode: str = "per_phase") -> xr.Dataset:
     dims = ("scan_y", "scan_x")
     sample = np.isfinite(maps["exx"])
     data = {k: (dims, np.where(sample, maps[k], np.nan).astype(np.float32)) for k in maps}
@@ -54,7 +55,32 @@ def _dataset(pred_phase: np.ndarray, maps: dict[str, np.ndarray], ref: np.ndarra
     data["sample"] = (dims, sample)
     data["reference"] = (dims, ref & sample)
     data["residual"] = (dims, np.zeros(pred_phase.shape, np.float32))
-    return xr.Dataset(data, attrs={"map_config": MapConfig().to_json()})
+    return xr.Dataset(data, attrs={"map_config": MapConfig().to_json(), "reference_mode": mode})
+
+
+def test_global_reference_shows_the_mismatch_of_a_phase() -> None:
+    """One reference lattice (the default): WSe2 4.1 % larger than the WS2 reference region
+    must read +4.1 % in exx and eyy, and a prediction that hides it is wrong by that much."""
+    truth, exact, ref = _truth()
+    mismatch = 3.282 / 3.153
+    F = np.where((truth["phase"] == 2)[..., None, None],
+                 mismatch * truth["F"] @ rotation_matrix(THETA0[1] - THETA0[2]), truth["F"])
+    truth = {**truth, "F": F}
+    ref1 = ref & (truth["phase"] == 1)
+    ws2e = truth["phase"] == 2
+    right = {k: v.copy() for k, v in exact.items()}
+    right["exx"][ws2e] = mismatch * (1 + exact["exx"][ws2e]) - 1
+    right["eyy"][ws2e] = mismatch * (1 + exact["eyy"][ws2e]) - 1
+    right["exy"][ws2e] = mismatch * exact["exy"][ws2e]
+    d = evaluate.strain_errors(_dataset(truth["phase"].astype(np.int16), right, ref1, "global"),
+                               truth)
+    for k in evaluate.COMPONENTS:
+        assert d[f"mae_{k}"] < (1e-4 if k == "theta" else 1e-6), k
+    assert d["lattice_change_err_WSe2"] < 1e-6
+    d = evaluate.strain_errors(_dataset(truth["phase"].astype(np.int16), exact, ref1, "global"),
+                               truth)
+    assert abs(d["mae_exx_WSe2"] - (mismatch - 1)) < 2e-3
+    assert abs(d["lattice_change_err_WSe2"] - (mismatch - 1)) < 1e-3
 
 
 def test_perfect_prediction_has_zero_error() -> None:
@@ -148,7 +174,7 @@ def test_format_errors_and_summary_print() -> None:
     text = evaluate.format_errors(evaluate.strain_errors(ds, truth))
     assert "MAE" in text and "theta (deg)" in text and "exx (%)" in text
     summary = evaluate.summarize(ds)
-    assert f"scan {NY} x {NX}" in summary and "class 2" in summary
+    assert f"scan {NY} x {NX}" in summary and "phase 2" in summary
 
 
 def test_load_truth_decodes_config(tmp_path) -> None:

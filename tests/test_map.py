@@ -16,7 +16,7 @@ import zarr
 from ccstae_hpc import cli, ddp, workflow
 from ccstae_hpc.config import SimConfig, TrainConfig
 from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import PrepConfig, preprocess_store
+from ccstae_hpc.prep import PrepConfig, open_prep, preprocess_store
 from ccstae_hpc.simulate import save_simulation
 
 
@@ -59,11 +59,15 @@ def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
         _same(_group(stores[1], "affine"), _group(stores[n], "affine"))
     a = zarr.open_group(str(stores[2]), mode="r", use_consolidated=False)["affine"].attrs
     assert a["workers"] == 2 and a["threads_per_task"] == 1 and a["complete"]
-    # the dictionary's sample entries, compared pairwise, travel with the strain maps
+    # the dictionary's sample entries, compared pairwise, and the phases they form travel
+    # with the strain maps
     from ccstae_hpc.store import open_strain
 
-    rel = json.loads(open_strain(stores[1]).attrs["class_relations"])
-    assert all({"classes", "max_strain", "rotation_deg", "similar"} <= r.keys() for r in rel)
+    attrs = open_strain(stores[1]).attrs
+    rel = json.loads(attrs["entry_relations"])
+    assert all({"entries", "max_strain", "rotation_deg", "same_phase"} <= r.keys() for r in rel)
+    assert {"phase_of_entry", "root_of_entry", "composition_misfit"} <= json.loads(
+        attrs["phase_map"]).keys()
 
 
 @pytest.mark.timeout(300)
@@ -92,13 +96,14 @@ def test_model_once_per_worker_and_no_patterns_gathered(trained: Path, tmp_path:
         assert all(len(t) == 1 for t in tokens.values())
         assert len({t[0] for t in tokens.values()}) == 1
     # a block's task hands back a count, never patterns
-    payload = ddp.map_payload(str(s), *_model_geom(s), (16, 16), 2, 1)
+    model, geom, cfg = _model_geom(s)
+    inputs = workflow.phase_inputs(open_prep(s), model, geom, cfg)
+    payload = ddp.map_payload(str(s), model, geom, cfg, (16, 16), 2, 1, inputs.to_dict())
     assert ddp.map_rows(14, payload) == 2 * 16
 
 
 def _model_geom(store: Path) -> tuple:
     from ccstae_hpc.config import MapConfig
-    from ccstae_hpc.prep import open_prep
 
     model, _, _ = workflow.load_model(store)
     return model, workflow.geometry_from_prep(open_prep(store)), MapConfig()

@@ -1,0 +1,343 @@
+"""The map stage's numerics: map a block of patterns, then assemble the strain maps.
+
+No I/O: :func:`map_block` is the unit of work of distributed inference (a worker reads its
+rows, calls it, writes ``affine/``), :func:`assemble_strain` turns the whole ``affine/`` group
+into the ``strain`` Dataset.  Conventions: :mod:`ccstae_hpc.strain`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import __version__
+from .config import MapConfig
+from .infer import compose_affine, encode, refine
+from .model import CCSTAE
+from .phases import DictionaryInfo, PhaseMap, decide_phase
+from .strain import (
+    affine_to_deformation,
+    pool_deformation,
+    reference_deformation,
+    relative_strain,
+    robust_inliers,
+)
+
+__all__ = ["CONVENTIONS", "MapInputs", "ReferenceRegionError", "assemble_strain", "map_block",
+           "rereference"]
+
+CONVENTIONS = (
+    "axes (scan_y, scan_x, k_y, k_x), detector axes parallel to scan axes; "
+    "strain is real-space, x = scan columns, y = scan rows; "
+    "T = M M_ref^-1 = R U (polar), eps = U - I: exx = U_xx - 1, eyy = U_yy - 1, exy = U_xy "
+    "(tensor shear, fractions); theta in degrees, positive turning +x toward +y, "
+    "relative to the reference and unwrapped modulo 360/symmetry; "
+    "M of every phase is expressed in one lattice frame (the phases' dictionary entries are "
+    "registered onto each other), so with reference_mode='global' one reference lattice "
+    "serves the whole field of view and a lattice mismatch between phases shows as strain; "
+    "lattice_change = sqrt(det U) - 1, dilatation = det U - 1"
+)
+
+
+class ReferenceRegionError(ValueError):
+    """The reference region holds no usable pattern; the message says what to do."""
+
+
+class MapInputs:
+    """What a worker needs besides the model: the dictionary analysis and the phase map."""
+
+    def __init__(self, info: DictionaryInfo, phases: PhaseMap) -> None:
+        self.info = info
+        self.phases = phases
+        K = len(info.patterns)
+        roots = np.unique(phases.root_of_entry[phases.phase_of_entry > 0])
+        rel = np.full_like(phases.relations, np.nan)
+        for c in roots:
+            for j in roots:
+                rel[c, j] = phases.relations[c, j]
+        # composition is scored only against the roots of other phases, and not at all when
+        # there is one phase
+        self.root_relations = torch.from_numpy(rel) if len(roots) > 1 else None
+        self.labels = torch.from_numpy(info.labels)
+        self.start = torch.from_numpy(phases.relations.astype(np.float32))
+        self.K = K
+
+    def to_dict(self) -> dict:
+        """Plain arrays (for a Dask payload)."""
+        i, p = self.info, self.phases
+        return {"info": {k: getattr(i, k) for k in i.__dataclass_fields__},
+                "phases": {k: getattr(p, k) for k in p.__dataclass_fields__}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MapInputs:
+        return cls(DictionaryInfo(**d["info"]), PhaseMap(**d["phases"]))
+
+
+def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
+              map_cfg: MapConfig, inputs: MapInputs) -> dict[str, np.ndarray]:
+    """Encode, register and classify a block of normalised patterns ``(n, Q, Q)``.
+
+    Each pattern is registered onto the root entry of its encoder class's phase (the
+    encoder's affine composed with the entry-to-root relation as the start), then scored for
+    composition against the other phases' roots, which decides its phase
+    (:func:`ccstae_hpc.phases.decide_phase`).
+
+    Returns
+    -------
+    dict of ``theta (n, 2, 3)`` (onto ``entry``), ``entry (n,)``, ``phase (n,)`` (0 vacuum),
+    ``residual (n,)``, ``composition (n, K)`` (chi-square per entry, NaN where not scored).
+    """
+    ph = inputs.phases
+    info = inputs.info
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    st = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(-1))
+    n = len(x)
+    out = {"theta": np.empty((n, 2, 3), np.float32), "entry": np.empty(n, np.int16),
+           "phase": np.empty(n, np.int16), "residual": np.empty(n, np.float32),
+           "composition": np.full((n, inputs.K), np.nan, np.float32)}
+    root_of = torch.from_numpy(ph.root_of_entry)
+    for i in range(0, n, map_cfg.batch_size):
+        sl = slice(i, i + map_cfg.batch_size)
+        cls, theta = encode(model, xt[sl], map_cfg.batch_size)
+        root = root_of[cls]
+        moved = root != cls
+        if moved.any():
+            theta[moved] = compose_affine(theta[moved], inputs.start[cls[moved], root[moved]])
+        kw = {}
+        if inputs.root_relations is not None:
+            kw = {"relations": inputs.root_relations, "labels": inputs.labels, "scale": st[sl]}
+        res = refine(xt[sl], root, theta, info.patterns, info.masks, ring,
+                     map_cfg.refine_iters, **kw)
+        th, resid = res[0], res[1]
+        entry = root.numpy()
+        out["theta"][sl], out["entry"][sl], out["residual"][sl] = th.numpy(), entry, resid.numpy()
+        if len(res) == 3:
+            chi2 = res[2].numpy()
+            out["composition"][sl] = chi2
+            out["phase"][sl] = decide_phase(entry, chi2, ph.phase_of_entry, ph.root_of_entry)
+        else:
+            out["phase"][sl] = ph.phase_of_entry[entry]
+    return out
+
+
+def _deformation(theta: np.ndarray, entry: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """``M M_r``: each pattern's deformation in the common lattice frame."""
+    M = affine_to_deformation(theta[..., :2].astype(np.float64))
+    F = frames[entry]
+    return M @ np.where(np.isfinite(F), F, np.nan)
+
+
+def _relabel(phase: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    """Sample phases renumbered 1.. by decreasing pixel count (0 stays vacuum)."""
+    ids, counts = np.unique(phase[phase > 0], return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")]
+    mapping = {int(p): i + 1 for i, p in enumerate(order)}
+    out = np.zeros_like(phase)
+    for p, q in mapping.items():
+        out[phase == p] = q
+    return out, mapping
+
+
+def _reference_mask(phase: np.ndarray, ok: np.ndarray, map_cfg: MapConfig
+                    ) -> tuple[np.ndarray, str]:
+    """The reference pixels (global mode) and their description."""
+    if map_cfg.reference is not None:
+        y0, y1, x0, x1 = map_cfg.reference
+        box = np.zeros(phase.shape, bool)
+        box[y0:y1, x0:x1] = True
+        ref = box & ok
+        if not ref.any():
+            raise ReferenceRegionError(
+                f"the reference box scan_y[{y0}:{y1}], scan_x[{x0}:{x1}] holds no sample "
+                "pattern with a good fit; choose a box inside the sample (see the `sample` "
+                "and `fit_ok` maps) or leave --reference out for the automatic reference")
+        return ref, (f"box scan_y[{y0}:{y1}], scan_x[{x0}:{x1}]: robust median lattice of its "
+                     "sample pixels, whatever their phase")
+    ref = (phase == 1) & ok
+    if not ref.any():
+        raise ReferenceRegionError(
+            "no sample pattern was fitted well enough to serve as the reference; check that "
+            "the data hold Bragg disks (see `ccstae preprocess` output) or give --reference")
+    return ref, ("automatic: robust median lattice of all pixels of the largest phase "
+                 "(phase 1), one reference for the whole field of view")
+
+
+def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: MapConfig,
+                    attrs: dict | None = None, reference_lattice: dict | None = None
+                    ) -> xr.Dataset:
+    """The ``strain`` Dataset from the whole ``affine`` group (arrays on ``(ny, nx, ...)``).
+
+    Every pattern's deformation goes into the common lattice frame; diverged fits (more than
+    ``MapConfig.outlier_mad`` robust sigmas from their phase) are dropped; optional pooling
+    over neighbours of the same phase; then one reference (``reference_mode='global'``, the
+    default) or one per phase, and the polar decomposition.
+    """
+    theta, entry, resid = affine["theta"], affine["entry"], affine["residual"]
+    phase, mapping = _relabel(np.asarray(affine["phase"]))
+    ny, nx = phase.shape
+    sample = phase > 0
+    M = _deformation(theta, entry, phases.frames)
+    sample &= np.isfinite(M).all(axis=(-2, -1))
+    sym = map_cfg.symmetry
+    ok = np.zeros((ny, nx), bool)
+    for p in np.unique(phase[sample]):
+        sel = sample & (phase == p)
+        ok[sel] = robust_inliers(M[sel], reference_deformation(M, sel, sym),
+                                 map_cfg.outlier_mad, sym)
+    if map_cfg.pool_sigma > 0:
+        Mc = np.full_like(M, np.nan)
+        for p in np.unique(phase[sample]):
+            sel = sample & (phase == p)
+            Mc[sel] = pool_deformation(M, ok & sel, map_cfg.pool_sigma)[sel]
+    else:
+        Mc = np.where(ok[..., None, None], M, np.nan)
+    out = {k: np.full((ny, nx), np.nan) for k in ("exx", "eyy", "exy", "theta")}
+    reference = np.zeros((ny, nx), bool)
+    refs: dict[int, np.ndarray] = {}
+    if map_cfg.reference_mode == "global":
+        reference, ref_desc = _reference_mask(phase, ok & sample, map_cfg)
+        M_ref = reference_deformation(Mc, reference, sym)
+        refs = {int(p): M_ref for p in np.unique(phase[sample])}
+    else:
+        ref_desc = "per phase: robust median lattice of each phase's pixels"
+        for p in np.unique(phase[sample]):
+            sel = sample & (phase == p) & ok
+            box = sel
+            if map_cfg.reference is not None:
+                y0, y1, x0, x1 = map_cfg.reference
+                inbox = np.zeros_like(sel)
+                inbox[y0:y1, x0:x1] = True
+                box = sel & inbox if (sel & inbox).any() else sel
+                ref_desc = ("per phase: robust median lattice of each phase's pixels inside "
+                            "the box (the whole phase where the box misses it)")
+            reference |= box
+            refs[int(p)] = reference_deformation(Mc, box, sym)
+    good = sample & np.isfinite(Mc).all(axis=(-2, -1))
+    for p, M_ref in refs.items():
+        sel = good & (phase == p)
+        st = relative_strain(Mc[sel], M_ref, sym)
+        for k in out:
+            out[k][sel] = st[k]
+    det = (1 + out["exx"]) * (1 + out["eyy"]) - out["exy"] ** 2
+    dims = ("scan_y", "scan_x")
+    f32 = np.float32
+    phase_stats = _phase_stats(phase, out, det, good)
+    first_ref = refs[min(refs)] if refs else np.full((2, 2), np.nan)
+    ds = xr.Dataset(
+        {
+            "exx": (dims, out["exx"].astype(f32),
+                    {"units": "1", "long_name": "normal strain along x"}),
+            "eyy": (dims, out["eyy"].astype(f32),
+                    {"units": "1", "long_name": "normal strain along y"}),
+            "exy": (dims, out["exy"].astype(f32),
+                    {"units": "1", "long_name": "tensor shear strain"}),
+            "theta": (dims, out["theta"].astype(f32), {"units": "deg",
+                                                       "long_name": "lattice rotation"}),
+            "lattice_change": (dims, (np.sqrt(det) - 1).astype(f32), {
+                "units": "1", "long_name": "mean lattice parameter relative to the reference, "
+                                           "sqrt(det U) - 1"}),
+            "dilatation": (dims, (det - 1).astype(f32), {
+                "units": "1", "long_name": "area change relative to the reference, det U - 1"}),
+            "phase": (dims, phase.astype(np.int16), {
+                "long_name": "phase: 0 vacuum, 1.. sample phases by decreasing pixel count"}),
+            "entry": (dims, np.asarray(entry, np.int16), {
+                "long_name": "dictionary entry the pattern was registered onto"}),
+            "sample": (dims, sample, {"long_name": "sample (not vacuum)"}),
+            "residual": (dims, np.asarray(resid, f32).reshape(ny, nx),
+                         {"long_name": "relative weighted cycle residual"}),
+            "reference": (dims, reference, {"long_name": "reference region"}),
+            "fit_ok": (dims, ok, {"long_name": "per-pattern fit kept (not an outlier)"}),
+            "deformation": (dims + ("i", "j"), Mc.astype(f32), {
+                "long_name": "real-space deformation M = A^-T in the common lattice frame "
+                             "(re-reference: relative_strain(M, reference_deformation(M, box)))",
+                "units": "1"}),
+        },
+        coords={"scan_y": np.arange(ny), "scan_x": np.arange(nx)},
+        attrs={
+            "conventions": CONVENTIONS,
+            "reference": ref_desc,
+            "reference_mode": map_cfg.reference_mode,
+            "reference_deformation": json.dumps(np.asarray(first_ref).tolist()),
+            "reference_lattice": json.dumps(_reference_lattice(first_ref, reference_lattice)),
+            "phases": json.dumps(phase_stats),
+            "phase_map": json.dumps({**phases.to_dict(), "relabel": mapping}),
+            "map_config": map_cfg.to_json(),
+            "ccstae_hpc_version": __version__,
+            **(attrs or {}),
+        },
+    )
+    ds["scan_y"].attrs["units"] = "px"
+    ds["scan_x"].attrs["units"] = "px"
+    return ds
+
+
+def _phase_stats(phase: np.ndarray, out: dict, det: np.ndarray, good: np.ndarray) -> list:
+    """Pixel count and median strain, rotation and lattice change of each phase."""
+    stats = [{"phase": 0, "pixels": int((phase == 0).sum()), "name": "vacuum"}]
+    for p in np.unique(phase[phase > 0]):
+        sel = good & (phase == p)
+        med = {k: float(np.median(v[sel])) if sel.any() else None for k, v in out.items()}
+        stats.append({"phase": int(p), "pixels": int((phase == p).sum()),
+                      "median_exx": med["exx"], "median_eyy": med["eyy"],
+                      "median_exy": med["exy"], "median_theta_deg": med["theta"],
+                      "median_lattice_change": float(np.median(np.sqrt(det[sel]) - 1))
+                      if sel.any() else None})
+    return stats
+
+
+def _reference_lattice(M_ref: np.ndarray, base: dict | None) -> dict:
+    """The reference lattice's reciprocal basis on the detector, from the base entry's
+    fitted basis ``G`` (rows g1, g2 as (x, y) px): ``G_ref = A_ref G``, ``A_ref = M_ref^-T``."""
+    if not base or not base.get("found") or not np.isfinite(M_ref).all():
+        return {"found": False}
+    G = np.asarray(base["basis_px"], np.float64).T  # columns g1, g2
+    A_ref = np.linalg.inv(np.asarray(M_ref)).T
+    Gr = A_ref @ G
+    out = {"found": True, "reciprocal_basis_px": Gr.T.tolist(),
+           "lengths_px": np.linalg.norm(Gr, axis=0).tolist(),
+           "angle_deg": float(np.degrees(np.arccos(
+               np.dot(Gr[:, 0], Gr[:, 1]) / np.prod(np.linalg.norm(Gr, axis=0))))),
+           "orientation_deg": float(np.degrees(np.arctan2(Gr[1, 0], Gr[0, 0])))}
+    if base.get("pixel_size_inv_A"):
+        ps = float(base["pixel_size_inv_A"])
+        out["reciprocal_basis_inv_A"] = (Gr.T * ps).tolist()
+        real = np.linalg.inv(Gr * ps).T  # a_i . g_j = delta_ij (no 2 pi)
+        out["real_basis_A"] = real.T.tolist()
+        out["lattice_parameters_A"] = np.linalg.norm(real, axis=0).tolist()
+    return out
+
+
+def rereference(ds: xr.Dataset, region: np.ndarray) -> xr.Dataset:
+    """The strain maps of ``ds`` against another reference region (boolean ``(ny, nx)``).
+
+    Uses the ``deformation`` variable (every phase in one lattice frame): the robust median
+    lattice of ``region``'s good sample pixels becomes the reference for the whole field.
+    """
+    sym = json.loads(ds.attrs["map_config"])["symmetry"]
+    M = np.asarray(ds["deformation"].values, np.float64)
+    good = np.asarray(ds["sample"].values, bool) & np.isfinite(M).all(axis=(-2, -1))
+    ref = np.asarray(region, bool) & good
+    if not ref.any():
+        raise ReferenceRegionError("the region holds no sample pixel with a good fit")
+    M_ref = reference_deformation(M, ref, sym)
+    st = relative_strain(np.where(good[..., None, None], M, np.eye(2)), M_ref, sym)
+    out = ds.copy()
+    for k in ("exx", "eyy", "exy", "theta"):
+        out[k] = (("scan_y", "scan_x"), np.where(good, st[k], np.nan).astype(np.float32),
+                  ds[k].attrs)
+    det = (1 + st["exx"]) * (1 + st["eyy"]) - st["exy"] ** 2
+    if "lattice_change" in ds:
+        out["lattice_change"] = (("scan_y", "scan_x"),
+                                 np.where(good, np.sqrt(det) - 1, np.nan).astype(np.float32),
+                                 ds["lattice_change"].attrs)
+    if "dilatation" in ds:
+        out["dilatation"] = (("scan_y", "scan_x"),
+                             np.where(good, det - 1, np.nan).astype(np.float32),
+                             ds["dilatation"].attrs)
+    out["reference"] = (("scan_y", "scan_x"), ref, ds["reference"].attrs)
+    out.attrs.update(reference_mode="global", reference="user region (rereference)",
+                     reference_deformation=json.dumps(M_ref.tolist()))
+    return out

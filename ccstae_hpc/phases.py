@@ -1,0 +1,262 @@
+"""Phases from the learned dictionary: which entries are one phase, one lattice frame for all.
+
+The dictionary is learned with a fixed upper bound on its size (``ModelConfig.num_base``), so
+a sample with fewer phases than entries gets one phase split over several entries, and the
+entries of different phases sit in arbitrary lattice frames of their own.  Everything here is
+derived from the dictionary and from a sample of the data's own patterns; no I/O.
+
+* **Relations.**  Every sample entry is registered onto every other one
+  (:func:`ccstae_hpc.infer.relate_entries`): ``T_cj`` with ``D_c(A_cj k + t_cj) ~ D_j(k)``.
+  The linear parts are then re-estimated from the data (:func:`calibrate`): patterns of entry
+  ``c`` are registered onto ``c`` and, from the composed start, onto ``j``; the median of
+  ``A_c^-1 A_j`` over them is what the patterns themselves say about the two frames, which is
+  more accurate than registering one blurred average onto another.
+* **Phases.**  Entries ``j`` and ``k`` are one phase unless the patterns of ``k`` are
+  explained by ``j`` (placed by their own registration) significantly worse than by ``k``
+  itself, and the patterns of ``j`` significantly worse by ``k`` than by ``j``: the mean gain
+  in the composition misfit of :func:`ccstae_hpc.infer.refine` (Poisson chi-square of whole
+  Bragg-disk intensities: blind to how blurred an averaged entry is, sensitive to
+  composition) over the calibration patterns, against its standard error
+  (:data:`MERGE_SIGNIFICANCE`).  A split phase has an entry that serves both halves as well;
+  two compositions each explain their own patterns better, by more the higher the dose, and
+  the test's power grows with the number of patterns, not with a tuned threshold.
+* **One frame.**  Each phase maps its patterns onto one root entry, and every root carries
+  a frame ``M_r`` (``M_root = I`` for the largest phase) so that a pattern registered onto
+  ``r`` with deformation ``M`` has ``M M_r`` in the common frame
+  (``G_input = A A_rj G_j``, ``M = A^-T``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .infer import compose_affine, encode, refine, relate_entries
+from .preprocess import disk_contrast, disk_mask
+from .strain import affine_to_deformation
+
+__all__ = [
+    "COMPOSITION_SIGNIFICANCE",
+    "VACUUM_CONTRAST",
+    "CALIBRATION_PATTERNS",
+    "MERGE_SIGNIFICANCE",
+    "DictionaryInfo",
+    "PhaseMap",
+    "analyse_dictionary",
+    "calibrate",
+    "decide_phase",
+]
+
+# dictionary entries whose Bragg-disk contrast is below this fraction of the strongest
+# entry's are vacuum (no crystal under the probe)
+VACUUM_CONTRAST = 0.15
+# Poisson chi-square by which another phase must explain a pattern's disk intensities better
+# than the phase of its encoder class before composition overrides the class: 9 = 3 sigma,
+# so at low dose, where one pattern's disks cannot tell two compositions apart, the encoder
+# (which sees the whole pattern) decides, and at high dose composition does
+COMPOSITION_SIGNIFICANCE = 9.0
+# entries j, k are one phase unless the patterns of each are explained better by their own
+# entry than by the other by more than this many standard errors of the mean chi-square gain
+MERGE_SIGNIFICANCE = 3.0
+# patterns of each entry used to calibrate the relations between entries
+CALIBRATION_PATTERNS = 256
+# px by which each entry's disk mask is grown before its disks are numbered: whole disks,
+# blurred edges included, are integrated
+LABEL_DILATION = 2
+
+
+@dataclass(frozen=True)
+class DictionaryInfo:
+    """What mapping needs to know of the learned dictionary (``K`` entries)."""
+
+    patterns: np.ndarray  # (K, Q, Q)
+    masks: np.ndarray  # (K, Q, Q) Bragg-disk weights
+    labels: np.ndarray  # (K, Q, Q) int32: each entry's disks numbered 1..n, 0 elsewhere
+    vacuum: np.ndarray  # (K,) bool
+    relations: np.ndarray  # (K, K, 2, 3) T_cj, NaN for vacuum entries
+    relation_residual: np.ndarray  # (K, K)
+
+
+@dataclass(frozen=True)
+class PhaseMap:
+    """Entries grouped into phases, each phase with its root entry and lattice frame."""
+
+    phase_of_entry: np.ndarray  # (K,) int: 0 vacuum, 1..P sample phases (1 = largest)
+    root_of_entry: np.ndarray  # (K,) int: the entry a pattern of this entry is fitted onto
+    frames: np.ndarray  # (K, 2, 2): M_r of each root, NaN for entries that are no root
+    relations: np.ndarray  # (K, K, 2, 3) calibrated T_cj
+    misfit: np.ndarray  # (K, K) mean chi2_j - chi2_k over calibration patterns of entry k
+    misfit_se: np.ndarray  # (K, K) its standard error
+    counts: np.ndarray  # (K,) calibration patterns per encoder entry
+
+    def to_dict(self) -> dict:
+        return {"phase_of_entry": self.phase_of_entry.tolist(),
+                "root_of_entry": self.root_of_entry.tolist(),
+                "composition_misfit": _jsonable(self.misfit),
+                "composition_misfit_se": _jsonable(self.misfit_se),
+                "calibration_counts": self.counts.tolist()}
+
+
+def _jsonable(a: np.ndarray) -> list:
+    return [[float(v) if np.isfinite(v) else None for v in row] for row in a]
+
+
+def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int = 6
+                       ) -> DictionaryInfo:
+    """Vacuum entries, Bragg-disk masks and labels, and the relations between sample entries."""
+    D = np.asarray(dictionary, np.float32)
+    contrast = np.array([disk_contrast(d, ring) for d in D])
+    vacuum = contrast < VACUUM_CONTRAST * contrast.max()
+    masks = np.stack([disk_mask(d, ring) for d in D])
+    labels = np.stack([
+        ndimage.label(ndimage.binary_dilation(m > 0, iterations=LABEL_DILATION))[0]
+        for m in masks]).astype(np.int32)
+    rel, res = relate_entries(D, masks, ring, np.nonzero(~vacuum)[0], symmetry)
+    return DictionaryInfo(D, masks, labels, vacuum, rel, res)
+
+
+def _median_linear(A_own: torch.Tensor, A_other: torch.Tensor) -> np.ndarray:
+    """Element-wise median of ``A_own^-1 A_other`` (2x2) over patterns."""
+    R = torch.linalg.inv(A_own.double()) @ A_other.double()
+    return np.median(R.numpy(), axis=0)
+
+
+def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale: np.ndarray,
+              ring: np.ndarray, iters: int) -> PhaseMap:
+    """Group the entries into phases and calibrate their frames on a sample of patterns.
+
+    Parameters
+    ----------
+    model : the trained CC-ST-AE (its encoder gives each pattern's entry and start affine).
+    info : from :func:`analyse_dictionary`.
+    x : (n, Q, Q) normalised patterns, a random sample of the data.
+    scale : (n,) normalised value of one count per pattern (for Poisson weights).
+    iters : Gauss-Newton iterations of the refinement.
+    """
+    K = len(info.patterns)
+    sample_entries = np.nonzero(~info.vacuum)[0]
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    st = torch.from_numpy(np.ascontiguousarray(scale, np.float32))
+    cls, theta0 = encode(model, xt)
+    # a few patterns per entry are enough; keep the sample balanced
+    keep = torch.cat([torch.nonzero(cls == k).squeeze(1)[:CALIBRATION_PATTERNS]
+                      for k in range(K)])
+    xt, st, cls, theta0 = xt[keep], st[keep], cls[keep], theta0[keep]
+    counts = np.bincount(cls.numpy(), minlength=K)
+    rel = torch.from_numpy(info.relations.copy())
+    labels = torch.from_numpy(info.labels)
+    theta, _, chi2 = refine(xt, cls, theta0, info.patterns, info.masks, ring, iters,
+                            relations=rel, labels=labels, scale=st)
+    chi2 = chi2.numpy()
+    c_np = cls.numpy()
+    misfit = np.full((K, K), np.nan)
+    misfit_se = np.full((K, K), np.nan)
+    for k in sample_entries:
+        sel = c_np == k
+        if sel.sum() >= 2:
+            gain = chi2[sel] - chi2[sel, k][:, None]
+            misfit[k] = gain.mean(0)
+            misfit_se[k] = gain.std(0, ddof=1) / np.sqrt(sel.sum())
+    # the patterns' own word on the linear part of every relation
+    calibrated = info.relations.copy()
+    for c in sample_entries:
+        idx = torch.nonzero(cls == c).squeeze(1)
+        if len(idx) == 0:
+            continue
+        for j in sample_entries:
+            if j == c:
+                continue
+            start = compose_affine(theta[idx], rel[c, j].expand(len(idx), -1, -1))
+            th_j, _ = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
+                             info.masks, ring, iters, coarse_iters=0)
+            calibrated[c, j, :, :2] = _median_linear(theta[idx, :, :2], th_j[:, :, :2])
+    phase_of_entry, root_of_entry = _group(misfit, misfit_se, sample_entries, counts, K)
+    frames = _frames(calibrated, phase_of_entry, root_of_entry)
+    return PhaseMap(phase_of_entry, root_of_entry, frames, calibrated, misfit, misfit_se,
+                    counts)
+
+
+def _group(misfit: np.ndarray, se: np.ndarray, entries: np.ndarray, counts: np.ndarray,
+           K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Union of entries that explain each other's patterns; phases numbered by size."""
+    parent = {int(e): int(e) for e in entries}
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    def distinct(k: int, j: int) -> bool:
+        # k's patterns are explained significantly worse by j than by k (no data: distinct)
+        return not np.isfinite(misfit[k, j]) or misfit[k, j] > MERGE_SIGNIFICANCE * se[k, j]
+
+    for k in entries:
+        for j in entries:
+            if j != k and not (distinct(k, j) and distinct(j, k)):
+                parent[find(int(k))] = find(int(j))
+    groups: dict[int, list[int]] = {}
+    for e in entries:
+        groups.setdefault(find(int(e)), []).append(int(e))
+    ordered = sorted(groups.values(), key=lambda g: -sum(counts[e] for e in g))
+    phase_of_entry = np.zeros(K, np.int64)
+    root_of_entry = np.arange(K)
+    for p, members in enumerate(ordered, start=1):
+        # the root is the entry that explains the phase's patterns best on average
+        if len(members) > 1:
+            score = [np.nansum([misfit[k, j] * counts[k] for k in members]) for j in members]
+            root = members[int(np.argmin(score))]
+        else:
+            root = members[0]
+        for e in members:
+            phase_of_entry[e] = p
+            root_of_entry[e] = root
+    return phase_of_entry, root_of_entry
+
+
+def _frames(relations: np.ndarray, phase_of_entry: np.ndarray, root_of_entry: np.ndarray
+            ) -> np.ndarray:
+    """``M_r`` of every root (largest phase's root = identity), averaged over both
+    directions of the calibrated relation so that neither entry's blur dominates."""
+    K = len(phase_of_entry)
+    frames = np.full((K, 2, 2), np.nan)
+    roots = sorted({int(root_of_entry[e]) for e in range(K) if phase_of_entry[e] > 0},
+                   key=lambda r: phase_of_entry[r])
+    if not roots:
+        return frames
+    base = roots[0]
+    frames[base] = np.eye(2)
+    for r in roots[1:]:
+        fwd = relations[r, base, :, :2].astype(np.float64)
+        back = np.linalg.inv(relations[base, r, :, :2].astype(np.float64))
+        frames[r] = affine_to_deformation(0.5 * (fwd + back))
+    return frames
+
+
+def decide_phase(entry: np.ndarray, chi2: np.ndarray, phase_of_entry: np.ndarray,
+                 root_of_entry: np.ndarray) -> np.ndarray:
+    """Phase of each pattern: its entry's phase, unless another phase's root explains its
+    disk intensities better by more than :data:`COMPOSITION_SIGNIFICANCE`.
+
+    Parameters
+    ----------
+    entry : (N,) root entry each pattern was fitted onto.
+    chi2 : (N, K) composition misfit against every entry (NaN where not scored).
+    """
+    phase = phase_of_entry[entry].copy()
+    roots = np.unique(root_of_entry[phase_of_entry > 0])
+    if len(roots) < 2:
+        return phase
+    own = chi2[np.arange(len(entry)), entry]
+    best_gain = np.zeros(len(entry))
+    best_phase = phase.copy()
+    for r in roots:
+        gain = own - chi2[:, r]
+        better = np.isfinite(gain) & (gain > best_gain)
+        best_gain[better] = gain[better]
+        best_phase[better] = phase_of_entry[r]
+    override = (best_gain > COMPOSITION_SIGNIFICANCE) & (phase > 0)
+    phase[override] = best_phase[override]
+    return phase
