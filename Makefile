@@ -12,7 +12,7 @@ $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,multislice]"
 	touch $(BIN)/activate
 
 venv: $(BIN)/activate

@@ -1,0 +1,78 @@
+"""What finding phases and one lattice frame costs the map stage, measured in one run.
+
+A simulated WS2/WSe2 heterostructure (default 48x48 scan, 1e3 e-/pattern) is ingested,
+preprocessed and trained; then the map stage's block kernel runs on every pattern
+(alternating, best of ``--repeat``) with
+
+* the composition scoring against the other phase's root (the default; two phases here), and
+* without it (what a single-phase sample, or the registration alone, costs),
+
+and the one-off calibration (dictionary relations, phase grouping on the training sample) is
+timed once.  Prints patterns/s of both and their ratio; the issue's budget is <= 10 %.
+
+Run: ``python benchmarks/bench_phase_cost.py [--scan 48] [--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ccstae_hpc.config import MapConfig, SimConfig
+from ccstae_hpc.io import ingest
+from ccstae_hpc.mapping import MapInputs, map_block
+from ccstae_hpc.prep import open_prep, preprocess_store, read_patterns
+from ccstae_hpc.simulate import save_simulation
+from ccstae_hpc.workflow import geometry_from_prep, load_model, phase_inputs, train_store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--scan", type=int, default=48)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # one worker's view: the map stage runs one thread per task
+    with tempfile.TemporaryDirectory() as tmp:
+        npy, _ = save_simulation(Path(tmp) / "s.npy",
+                                 SimConfig(scan=(args.scan, args.scan), dose=1000.0, seed=3))
+        store = Path(tmp) / "s.zarr"
+        ingest(npy, store)
+        preprocess_store(store)
+        train_store(store)
+        model, _, _ = load_model(store)
+        prep = open_prep(store)
+        geom = geometry_from_prep(prep)
+        cfg = MapConfig()
+        t = time.perf_counter()
+        inputs = phase_inputs(prep, model, geom, cfg)
+        t_cal = time.perf_counter() - t
+        ny, nx = prep["patterns"].shape[:2]
+        x = read_patterns(store, 0, ny).reshape(ny * nx, *prep["patterns"].shape[2:])
+        scale = np.asarray(prep["scale"][...]).ravel()
+    plain = MapInputs(inputs.info, inputs.phases)
+    plain.root_relations = None
+    n_phases = int(inputs.phases.phase_of_entry.max())
+    best = {"with composition": np.inf, "without": np.inf}
+    for _ in range(args.repeat):
+        for name, inp in (("with composition", inputs), ("without", plain)):
+            t = time.perf_counter()
+            map_block(model, x, scale, geom.ring, cfg, inp)
+            best[name] = min(best[name], time.perf_counter() - t)
+    n = len(x)
+    print(f"{n} patterns, {n_phases} phase(s), 1 torch thread, best of {args.repeat}")
+    for name, dt in best.items():
+        print(f"  map block {name:17s} {n / dt:7.1f} patterns/s")
+    print(f"  throughput ratio with/without composition: "
+          f"{best['without'] / best['with composition']:.3f} (budget >= 0.90)")
+    print(f"  calibration (once per map run): {t_cal:.1f} s = "
+          f"{100 * t_cal / best['with composition']:.0f} % of mapping this {n}-pattern scan "
+          f"on one thread")
+
+
+if __name__ == "__main__":
+    main()
