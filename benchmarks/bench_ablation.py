@@ -53,12 +53,13 @@ def variants(store: Path) -> tuple[dict[str, dict[str, np.ndarray]], MapInputs]:
     for name, start, iters in (("network affine only", theta, 0),
                                ("refinement from identity", identity, cfg.refine_iters),
                                ("network + refinement (default)", theta, cfg.refine_iters)):
-        kw = ({} if inputs.root_relations is None else
-              {"relations": inputs.root_relations, "labels": inputs.labels, "scale": scale})
+        kw = ({} if inputs.templates is None else
+              {"labels": inputs.labels, "templates": inputs.templates, "scale": scale})
         res = refine(x, root, start, info.patterns, info.masks, geom.ring, iters, **kw)
         th = res[0]
         entry = root.numpy()
-        phase = (decide_phase(entry, res[2].numpy(), ph.phase_of_entry, ph.root_of_entry)
+        phase = (decide_phase(entry, res[2].numpy(), ph.phase_of_entry, ph.root_of_entry,
+                              ph.chi2_scale)
                  if kw else ph.phase_of_entry[entry])
         out[name] = {"theta": th.numpy().reshape(ny, nx, 2, 3), "entry": entry.reshape(ny, nx),
                      "phase": phase.reshape(ny, nx), "residual": res[1].numpy().reshape(ny, nx)}

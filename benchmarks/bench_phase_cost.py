@@ -55,7 +55,7 @@ def main() -> None:
         x = read_patterns(store, 0, ny).reshape(ny * nx, *prep["patterns"].shape[2:])
         scale = np.asarray(prep["scale"][...]).ravel()
     plain = MapInputs(inputs.info, inputs.phases)
-    plain.root_relations = None
+    plain.templates = None
     n_phases = int(inputs.phases.phase_of_entry.max())
     best = {"with composition": np.inf, "without": np.inf}
     for _ in range(args.repeat):

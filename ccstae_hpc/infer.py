@@ -17,7 +17,8 @@ from scipy import ndimage
 
 from .model import CCSTAE, affine_matrix
 
-__all__ = ["encode", "refine", "relate_entries", "compose_affine", "pixel_grid"]
+__all__ = ["encode", "refine", "relate_entries", "compose_affine", "disk_templates",
+           "pixel_grid"]
 
 # Rotations tried when one dictionary entry is fitted onto another: the learned entries may
 # sit in any orientation, and Gauss-Newton captures only a few degrees; a step of
@@ -125,47 +126,70 @@ def _gn_step(xi, W, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=
     return B, s, g + d[:, 6], b + d[:, 7], resid
 
 
-def _entry_residuals(xi, u, B, s, cls, relations, ch, labels, scale, mode):
+def disk_templates(dictionary: np.ndarray, labels: np.ndarray, relations: np.ndarray
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disk intensities of every entry on every related entry's disks, computed once.
+
+    ``E[c, j, d]`` is entry ``j`` integrated over disk ``d`` of entry ``c`` (``labels``), with
+    ``j`` placed onto ``c`` by ``T_cj`` (NaN where not related); ``area[c, d]`` the disk's
+    pixel count.  A pattern registered onto ``c`` is integrated over the same disks, so its
+    disk sums compare with ``E[c, j]`` directly: whole dilated disks make the sums blind to
+    the pattern's sub-pixel placement and to its few-percent strain (absorbed by the fitted
+    scale).
+    """
+    K, Q, _ = dictionary.shape
+    n_lab = int(labels.max())
+    E = torch.full((K, K, n_lab), float("nan"))
+    area = torch.zeros(K, n_lab)
+    u = pixel_grid(Q)
+    D = torch.from_numpy(np.ascontiguousarray(dictionary, np.float32)).unsqueeze(1)
+    rel = torch.from_numpy(np.asarray(relations, np.float32))
+    for c in range(K):
+        # whole disks, not cut by the ring: a cut would fall differently on a strained
+        # pattern than on the entry, a misfit that is not composition
+        lab = torch.from_numpy(labels[c].ravel().astype(np.int64))
+        onehot = F.one_hot(lab, n_lab + 1)[:, 1:].float()  # (Q*Q, n_lab)
+        area[c] = onehot.sum(0)
+        for j in range(K):
+            if torch.isnan(rel[c, j, 0, 0]):
+                continue
+            A, t = rel[c, j, :, :2].double(), rel[c, j, :, 2:].double()
+            Bm = torch.linalg.inv(A)
+            pts = (u.double() @ Bm.T - (Bm @ t).squeeze(-1)).float()
+            Dj = F.grid_sample(D[j:j + 1], pts.view(1, 1, -1, 2), mode="bilinear",
+                               padding_mode="zeros", align_corners=False).view(-1)
+            E[c, j] = Dj @ onehot
+    return E, area
+
+
+def _entry_residuals(xi, u, B, s, cls, labels, templates, scale):
     """Composition misfit ``(N, K)`` of each pattern against every entry related to its own.
 
-    Entry ``j`` is placed on the pattern by the pattern's own fit composed with ``T_cj``;
-    pattern and entry are then integrated over each Bragg disk of the pattern's own entry
-    (``labels``, generously dilated, placed by the pattern's registration) and the disk
-    intensities compared after a fitted scale and offset, as a Poisson chi-square summed
-    over the disks.  Integrating whole disks makes the score blind to disk-edge sharpness
-    (how much an averaged dictionary entry is blurred) and sensitive to what differs between
-    phases of one lattice type: the intensity ratios of the reflections, the composition.
+    The pattern is integrated over each Bragg disk of its own entry (``labels``, generously
+    dilated, placed by its registration) and compared with every related entry's disk
+    intensities on the same disks (:func:`disk_templates`) after a fitted scale and offset,
+    as a Poisson chi-square summed over the disks.  Integrating whole disks makes the score
+    blind to disk-edge sharpness (how much an averaged dictionary entry is blurred) and
+    sensitive to what differs between phases of one lattice type: the intensity ratios of
+    the reflections, the composition.
     """
+    E_all, area_all = templates
     N, P = xi.shape
-    K = relations.shape[0]
-    n_lab = int(labels.max()) + 1
-    A_rel = relations[..., :2]
-    B_rel = torch.linalg.inv(torch.nan_to_num(A_rel) + torch.isnan(A_rel[..., :1, :1])
-                             * torch.eye(2))
-    s_rel = -(B_rel @ torch.nan_to_num(relations[..., 2:])).squeeze(-1)
-    out = torch.full((N, K), float("nan"))
-    related = ~torch.isnan(relations[..., 0, 0])
-    # the regions are the pattern's own entry's disks, placed by its own registration: every
-    # entry is scored on the same disks, so the chi-squares compare like with like
+    K = E_all.shape[0]
+    n_lab = E_all.shape[-1]
     pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
-    lab_all = _sample(labels.unsqueeze(1).float(), _groups(cls), pts, "nearest")[:, 0].long()
+    lab = _sample(labels.unsqueeze(1).float(), _groups(cls), pts, "nearest")[:, 0].long()
+    I = torch.zeros(N, n_lab + 1).scatter_add_(1, lab, xi)[:, 1:]
+    area = area_all[cls]
+    sc = scale[:, None]
+    out = torch.full((N, K), float("nan"))
     for j in range(K):
-        sel = related[cls, j]
-        if not sel.any():
+        E = E_all[cls, j]
+        ok = ~torch.isnan(E[:, 0])
+        if not ok.any():
             continue
-        idx = torch.nonzero(sel).squeeze(1)
-        c = cls[idx]
-        n = len(idx)
-        Bj = B_rel[c, j] @ B[idx]
-        sj = (B_rel[c, j] @ s[idx].unsqueeze(-1)).squeeze(-1) + s_rel[c, j]
-        pj = torch.einsum("pj,nij->npi", u, Bj) + sj[:, None, :]
-        lab = lab_all[idx]
-        Dj = _sample(ch[:, :1], [(j, 0, n)], pj, mode)[:, 0]
-        I = torch.zeros(n, n_lab).scatter_add_(1, lab, xi[idx])[:, 1:]
-        E = torch.zeros(n, n_lab).scatter_add_(1, lab, Dj)[:, 1:]
-        area = torch.zeros(n, n_lab).scatter_add_(1, lab, torch.ones_like(Dj))[:, 1:]
-        sc = scale[idx, None]
-        w = torch.ones_like(I)
+        E = torch.nan_to_num(E)
+        w = (area > 0).float()
         for _ in range(2):  # weighted least squares, Poisson weights from the first fit
             s_ee, s_aa, s_ea = (w * E * E).sum(1), (w * area * area).sum(1), (w * E * area).sum(1)
             s_ie, s_ia = (w * I * E).sum(1), (w * I * area).sum(1)
@@ -174,9 +198,10 @@ def _entry_residuals(xi, u, B, s, cls, relations, ch, labels, scale, mode):
             b = (s_ee * s_ia - s_ea * s_ie) / det
             model = g[:, None] * E + b[:, None] * area
             # variance of a disk sum of normalised counts x = counts * scale: scale * model
-            w = (area > 0) / (sc * model.clamp(min=1e-3 * float(model.mean())))
+            floor = 1e-3 * model.mean(1, keepdim=True).clamp(min=1e-12)
+            w = (area > 0) / (sc * torch.maximum(model, floor))
         r = I - model
-        out[idx, j] = (w * r * r).sum(1)
+        out[ok, j] = (w * r * r).sum(1)[ok]
     return out
 
 
@@ -256,8 +281,8 @@ def refine(
     smooth: float = 0.5,
     mode: str = "bilinear",
     floor: float = 0.05,
-    relations: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    templates: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
@@ -275,16 +300,16 @@ def refine(
         bilinear interpolant of the sharp-edged dictionary consistent with its gradient,
         which removes a sub-pixel bias of the fit.
 
-    relations : (K, K, 2, 3) affines ``T_cj`` with ``D_c(A_cj k + t_cj) ~ D_j(k)`` (from
-        :func:`relate_entries`; NaN where not related).  When given, with ``labels``
-        ``(K, Q, Q)`` (each entry's Bragg disks numbered 1..n, 0 elsewhere) and ``scale``
-        ``(N,)`` (normalised value of one count per pattern), each pattern is scored against
-        every related entry after its own registration (see :func:`_entry_residuals`).
+    labels, templates, scale : composition scoring, all or none: ``labels`` ``(K, Q, Q)``
+        (each entry's Bragg disks numbered 1..n, 0 elsewhere), ``templates`` from
+        :func:`disk_templates`, ``scale`` ``(N,)`` (normalised value of one count per
+        pattern).  Each pattern is then scored against every entry related to its own after
+        its own registration (see :func:`_entry_residuals`).
 
     Returns
     -------
     theta : (N, 2, 3) refined affines; residual : (N,) weighted relative residual;
-    with ``relations`` also entry residuals : (N, K), NaN for entries not related.
+    with ``templates`` also composition chi-squares : (N, K), NaN for entries not related.
     """
     N, Q, _ = x.shape
     order = torch.argsort(classes, stable=True)
@@ -332,8 +357,9 @@ def refine(
     t = -(A @ s.unsqueeze(-1))
     inv = torch.argsort(order)
     theta_out = torch.cat([A, t], -1)
-    if relations is None:
+    if templates is None:
         return theta_out[inv], resid[inv]
-    entry = _entry_residuals(x_raw.reshape(N, -1)[:, keep], u[keep], B, s, cls, relations,
-                             stacks[0.0], labels, scale[order], mode)
+    # whole disks (see disk_templates): every pixel some disk reaches, ring or not
+    entry = _entry_residuals(x_raw.reshape(N, -1)[:, hit], u[hit], B, s, cls, labels,
+                             templates, scale[order])
     return theta_out[inv], resid[inv], entry[inv]

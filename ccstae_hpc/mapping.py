@@ -15,7 +15,7 @@ import xarray as xr
 
 from . import __version__
 from .config import MapConfig
-from .infer import compose_affine, encode, refine
+from .infer import compose_affine, disk_templates, encode, refine
 from .model import CCSTAE
 from .phases import DictionaryInfo, PhaseMap, decide_phase
 from .strain import (
@@ -60,7 +60,8 @@ class MapInputs:
                 rel[c, j] = phases.relations[c, j]
         # composition is scored only against the roots of other phases, and not at all when
         # there is one phase
-        self.root_relations = torch.from_numpy(rel) if len(roots) > 1 else None
+        self.templates = (disk_templates(info.patterns, info.labels, rel)
+                          if len(roots) > 1 else None)
         self.labels = torch.from_numpy(info.labels)
         self.start = torch.from_numpy(phases.relations.astype(np.float32))
         self.K = K
@@ -107,8 +108,8 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         if moved.any():
             theta[moved] = compose_affine(theta[moved], inputs.start[cls[moved], root[moved]])
         kw = {}
-        if inputs.root_relations is not None:
-            kw = {"relations": inputs.root_relations, "labels": inputs.labels, "scale": st[sl]}
+        if inputs.templates is not None:
+            kw = {"labels": inputs.labels, "templates": inputs.templates, "scale": st[sl]}
         res = refine(xt[sl], root, theta, info.patterns, info.masks, ring,
                      map_cfg.refine_iters, **kw)
         th, resid = res[0], res[1]
@@ -117,7 +118,8 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         if len(res) == 3:
             chi2 = res[2].numpy()
             out["composition"][sl] = chi2
-            out["phase"][sl] = decide_phase(entry, chi2, ph.phase_of_entry, ph.root_of_entry)
+            out["phase"][sl] = decide_phase(entry, chi2, ph.phase_of_entry, ph.root_of_entry,
+                                            ph.chi2_scale)
         else:
             out["phase"][sl] = ph.phase_of_entry[entry]
     return out

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .infer import compose_affine, encode, refine, relate_entries
+from .infer import compose_affine, disk_templates, encode, refine, relate_entries
 from .preprocess import disk_contrast, disk_mask
 from .strain import affine_to_deformation
 
@@ -61,8 +61,15 @@ COMPOSITION_SIGNIFICANCE = 9.0
 # entries j, k are one phase unless the patterns of each are explained better by their own
 # entry than by the other by more than this many standard errors of the mean chi-square gain
 MERGE_SIGNIFICANCE = 3.0
-# patterns of each entry used to calibrate the relations between entries
-CALIBRATION_PATTERNS = 256
+# calibration patterns an entry needs to count as a phase candidate (a mean and its error)
+MIN_ENTRY_PATTERNS = 2
+# floor of the measured noise scale of the composition chi-square (noise-free data)
+MIN_CHI2_SCALE = 1e-3
+# patterns of each entry used to group the entries (composition) and, the first
+# CALIBRATION_RELATION_PATTERNS of them, to calibrate the relations between entries: the
+# median of 64 fits is ~0.16 of one pattern's noise
+CALIBRATION_PATTERNS = 128
+CALIBRATION_RELATION_PATTERNS = 64
 # px by which each entry's disk mask is grown before its disks are numbered: whole disks,
 # blurred edges included, are integrated
 LABEL_DILATION = 2
@@ -90,6 +97,7 @@ class PhaseMap:
     relations: np.ndarray  # (K, K, 2, 3) calibrated T_cj
     misfit: np.ndarray  # (K, K) mean chi2_j - chi2_k over calibration patterns of entry k
     misfit_se: np.ndarray  # (K, K) its standard error
+    chi2_scale: float  # median reduced own chi-square of the calibration patterns
     counts: np.ndarray  # (K,) calibration patterns per encoder entry
 
     def to_dict(self) -> dict:
@@ -97,7 +105,9 @@ class PhaseMap:
                 "root_of_entry": self.root_of_entry.tolist(),
                 "composition_misfit": _jsonable(self.misfit),
                 "composition_misfit_se": _jsonable(self.misfit_se),
-                "calibration_counts": self.counts.tolist()}
+                "calibration_counts": self.counts.tolist(),
+                "chi2_scale": float(self.chi2_scale),
+                "composition_threshold": float(COMPOSITION_SIGNIFICANCE * self.chi2_scale)}
 
 
 def _jsonable(a: np.ndarray) -> list:
@@ -148,8 +158,9 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     counts = np.bincount(cls.numpy(), minlength=K)
     rel = torch.from_numpy(info.relations.copy())
     labels = torch.from_numpy(info.labels)
+    templates = disk_templates(info.patterns, info.labels, info.relations)
     theta, _, chi2 = refine(xt, cls, theta0, info.patterns, info.masks, ring, iters,
-                            relations=rel, labels=labels, scale=st)
+                            labels=labels, templates=templates, scale=st)
     chi2 = chi2.numpy()
     c_np = cls.numpy()
     misfit = np.full((K, K), np.nan)
@@ -163,7 +174,7 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     # the patterns' own word on the linear part of every relation
     calibrated = info.relations.copy()
     for c in sample_entries:
-        idx = torch.nonzero(cls == c).squeeze(1)
+        idx = torch.nonzero(cls == c).squeeze(1)[:CALIBRATION_RELATION_PATTERNS]
         if len(idx) == 0:
             continue
         for j in sample_entries:
@@ -173,10 +184,34 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
             th_j, _ = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
                              info.masks, ring, iters, coarse_iters=0)
             calibrated[c, j, :, :2] = _median_linear(theta[idx, :, :2], th_j[:, :, :2])
-    phase_of_entry, root_of_entry = _group(misfit, misfit_se, sample_entries, counts, K)
+    # an entry the encoder gives (almost) no pattern explains no data: it is no phase of its
+    # own, it joins the used entry its dictionary pattern is closest to
+    used = np.array([e for e in sample_entries if counts[e] >= MIN_ENTRY_PATTERNS])
+    if len(used) == 0:
+        used = sample_entries
+    phase_of_entry, root_of_entry = _group(misfit, misfit_se, used, counts, K)
+    for e in sample_entries:
+        if e not in used:
+            near = used[np.argmin([_relation_distance(info, e, u) for u in used])]
+            phase_of_entry[e], root_of_entry[e] = phase_of_entry[near], root_of_entry[near]
     frames = _frames(calibrated, phase_of_entry, root_of_entry)
+    # how noisy the data really are: the chi-square of each pattern against its own entry
+    # per degree of freedom (disks - scale - offset) is ~1 for Poisson counts, far less for
+    # noise-free or averaged data, more for over-dispersed detectors
+    sample = np.isin(c_np, sample_entries)
+    if sample.any():
+        dof = np.maximum(info.labels.reshape(K, -1).max(1) - 2, 1)[c_np[sample]]
+        own = chi2[np.nonzero(sample)[0], c_np[sample]]
+        chi2_scale = float(max(np.median(own / dof), MIN_CHI2_SCALE))
+    else:
+        chi2_scale = 1.0
     return PhaseMap(phase_of_entry, root_of_entry, frames, calibrated, misfit, misfit_se,
-                    counts)
+                    chi2_scale, counts)
+
+
+def _relation_distance(info: DictionaryInfo, a: int, b: int) -> float:
+    r = info.relation_residual[a, b]
+    return float(r) if np.isfinite(r) else np.inf
 
 
 def _group(misfit: np.ndarray, se: np.ndarray, entries: np.ndarray, counts: np.ndarray,
@@ -236,9 +271,10 @@ def _frames(relations: np.ndarray, phase_of_entry: np.ndarray, root_of_entry: np
 
 
 def decide_phase(entry: np.ndarray, chi2: np.ndarray, phase_of_entry: np.ndarray,
-                 root_of_entry: np.ndarray) -> np.ndarray:
+                 root_of_entry: np.ndarray, chi2_scale: float = 1.0) -> np.ndarray:
     """Phase of each pattern: its entry's phase, unless another phase's root explains its
-    disk intensities better by more than :data:`COMPOSITION_SIGNIFICANCE`.
+    disk intensities better by more than :data:`COMPOSITION_SIGNIFICANCE` times the data's
+    measured noise scale ``chi2_scale`` (1 for Poisson counts: a 3-sigma gain).
 
     Parameters
     ----------
@@ -257,6 +293,6 @@ def decide_phase(entry: np.ndarray, chi2: np.ndarray, phase_of_entry: np.ndarray
         better = np.isfinite(gain) & (gain > best_gain)
         best_gain[better] = gain[better]
         best_phase[better] = phase_of_entry[r]
-    override = (best_gain > COMPOSITION_SIGNIFICANCE) & (phase > 0)
+    override = (best_gain > COMPOSITION_SIGNIFICANCE * chi2_scale) & (phase > 0)
     phase[override] = best_phase[override]
     return phase

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # training-set patterns used to group the dictionary into phases and calibrate their frames
-CALIBRATION_SAMPLE = 2048
+CALIBRATION_SAMPLE = 1024
 _CODEC = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
 
 

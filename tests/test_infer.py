@@ -88,9 +88,12 @@ def test_composition_misfit_tells_phases_apart_not_strain():
                                   np.ones(2, int), total=counts)).astype(np.float32)
     scale = torch.full((2,), float(x.mean() * 128 * 128 / counts))
     start = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).repeat(2, 1, 1)
+    from ccstae_hpc.infer import disk_templates
+
+    templates = disk_templates(D, info.labels, info.relations)
     _, _, chi2 = refine(torch.from_numpy(x), torch.ones(2, dtype=torch.long), start, D,
-                        info.masks, ring, relations=torch.from_numpy(info.relations),
-                        labels=torch.from_numpy(info.labels), scale=scale)
+                        info.masks, ring, labels=torch.from_numpy(info.labels),
+                        templates=templates, scale=scale)
     chi2 = chi2.numpy()
     assert np.isnan(chi2[:, 0]).all()  # vacuum is not scored
     assert (chi2[:, 3] - chi2[:, 1] > 30).all(), chi2  # other composition: far worse
