@@ -43,6 +43,7 @@ __all__ = [
     "VACUUM_CONTRAST",
     "CALIBRATION_PATTERNS",
     "MERGE_SIGNIFICANCE",
+    "LATTICE_SEPARATION",
     "DictionaryInfo",
     "PhaseMap",
     "analyse_dictionary",
@@ -61,6 +62,10 @@ COMPOSITION_SIGNIFICANCE = 9.0
 # entries j, k are one phase unless the patterns of each are explained better by their own
 # entry than by the other by more than this many standard errors of the mean chi-square gain
 MERGE_SIGNIFICANCE = 3.0
+# entries whose lattice parameters sit further apart than this many pooled robust standard
+# deviations are different phases even when composition cannot tell them apart (small
+# detectors, low dose): k-means cuts of one continuous distribution stay below ~3.5
+LATTICE_SEPARATION = 4.0
 # calibration patterns an entry needs to count as a phase candidate (a mean and its error)
 MIN_ENTRY_PATTERNS = 2
 # floor of the measured noise scale of the composition chi-square (noise-free data)
@@ -73,6 +78,9 @@ CALIBRATION_RELATION_PATTERNS = 64
 # px by which each entry's disk mask is grown before its disks are numbered: whole disks,
 # blurred edges included, are integrated
 LABEL_DILATION = 2
+# smoothing (px) and window (px) that find one intensity peak per disk of an entry
+LABEL_PEAK_SMOOTH_PX = 1.5
+LABEL_PEAK_WINDOW_PX = 5
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class PhaseMap:
     relations: np.ndarray  # (K, K, 2, 3) calibrated T_cj
     misfit: np.ndarray  # (K, K) mean chi2_j - chi2_k over calibration patterns of entry k
     misfit_se: np.ndarray  # (K, K) its standard error
+    lattice_gap: np.ndarray  # (K, K) lattice-parameter separation in pooled spreads
     chi2_scale: float  # median reduced own chi-square of the calibration patterns
     counts: np.ndarray  # (K,) calibration patterns per encoder entry
 
@@ -105,6 +114,7 @@ class PhaseMap:
                 "root_of_entry": self.root_of_entry.tolist(),
                 "composition_misfit": _jsonable(self.misfit),
                 "composition_misfit_se": _jsonable(self.misfit_se),
+                "lattice_gap": _jsonable(self.lattice_gap),
                 "calibration_counts": self.counts.tolist(),
                 "chi2_scale": float(self.chi2_scale),
                 "composition_threshold": float(COMPOSITION_SIGNIFICANCE * self.chi2_scale)}
@@ -114,6 +124,25 @@ def _jsonable(a: np.ndarray) -> list:
     return [[float(v) if np.isfinite(v) else None for v in row] for row in a]
 
 
+def disk_labels(pattern: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each Bragg disk of a dictionary pattern numbered 1..n, 0 elsewhere ``(Q, Q)`` int32.
+
+    Every pixel of the (dilated) disk mask goes to its nearest disk peak: on a small detector
+    the dilated disks touch, and connected components would merge them into one region.
+    """
+    grown = ndimage.binary_dilation(mask > 0, iterations=LABEL_DILATION)
+    p = ndimage.gaussian_filter(np.asarray(pattern, np.float64), LABEL_PEAK_SMOOTH_PX)
+    inside = mask > 0
+    if not inside.any():
+        return np.zeros(mask.shape, np.int32)
+    peaks = (p == ndimage.maximum_filter(p, size=LABEL_PEAK_WINDOW_PX)) & inside
+    markers, n = ndimage.label(peaks)
+    if n == 0:
+        return np.zeros(mask.shape, np.int32)
+    _, (iy, ix) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
+    return np.where(grown, markers[iy, ix], 0).astype(np.int32)
+
+
 def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int = 6
                        ) -> DictionaryInfo:
     """Vacuum entries, Bragg-disk masks and labels, and the relations between sample entries."""
@@ -121,9 +150,7 @@ def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int =
     contrast = np.array([disk_contrast(d, ring) for d in D])
     vacuum = contrast < VACUUM_CONTRAST * contrast.max()
     masks = np.stack([disk_mask(d, ring) for d in D])
-    labels = np.stack([
-        ndimage.label(ndimage.binary_dilation(m > 0, iterations=LABEL_DILATION))[0]
-        for m in masks]).astype(np.int32)
+    labels = np.stack([disk_labels(d, m) for d, m in zip(D, masks, strict=True)])
     rel, res = relate_entries(D, masks, ring, np.nonzero(~vacuum)[0], symmetry)
     return DictionaryInfo(D, masks, labels, vacuum, rel, res)
 
@@ -189,7 +216,8 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     used = np.array([e for e in sample_entries if counts[e] >= MIN_ENTRY_PATTERNS])
     if len(used) == 0:
         used = sample_entries
-    phase_of_entry, root_of_entry = _group(misfit, misfit_se, used, counts, K)
+    gap = _lattice_gap(theta[:, :, :2].numpy(), c_np, calibrated, used, K)
+    phase_of_entry, root_of_entry = _group(misfit, misfit_se, gap, used, counts, K)
     for e in sample_entries:
         if e not in used:
             near = used[np.argmin([_relation_distance(info, e, u) for u in used])]
@@ -206,7 +234,7 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     else:
         chi2_scale = 1.0
     return PhaseMap(phase_of_entry, root_of_entry, frames, calibrated, misfit, misfit_se,
-                    chi2_scale, counts)
+                    gap, chi2_scale, counts)
 
 
 def _relation_distance(info: DictionaryInfo, a: int, b: int) -> float:
@@ -214,8 +242,35 @@ def _relation_distance(info: DictionaryInfo, a: int, b: int) -> float:
     return float(r) if np.isfinite(r) else np.inf
 
 
-def _group(misfit: np.ndarray, se: np.ndarray, entries: np.ndarray, counts: np.ndarray,
-           K: int) -> tuple[np.ndarray, np.ndarray]:
+def _lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries: np.ndarray,
+                 K: int) -> np.ndarray:
+    """Separation of the entries' lattice parameters in units of their spread ``(K, K)``.
+
+    The mean lattice parameter (``sqrt det M``, log) of the calibration patterns of ``c``,
+    carried into ``j``'s frame, against that of ``j``'s patterns: the difference of their
+    medians over the pooled robust standard deviation.  Entries that k-means cut out of one
+    continuous distribution of lattices sit at most ~3.5 apart (a uniform distribution cut
+    in two: 3.46; a Gaussian: 2.65); two phases with distinct lattices far more.
+    """
+    M = np.swapaxes(np.linalg.inv(A.astype(np.float64)), -1, -2)  # A^-T
+    gap = np.full((K, K), np.nan)
+    for c in entries:
+        for j in entries:
+            if c == j:
+                continue
+            Mcj = np.swapaxes(np.linalg.inv(relations[c, j, :, :2].astype(np.float64)), -1, -2)
+            a_c = 0.5 * np.log(np.abs(np.linalg.det(M[cls == c] @ Mcj)))
+            a_j = 0.5 * np.log(np.abs(np.linalg.det(M[cls == j])))
+            if len(a_c) < MIN_ENTRY_PATTERNS or len(a_j) < MIN_ENTRY_PATTERNS:
+                continue
+            spread = [1.4826 * np.median(np.abs(a - np.median(a))) for a in (a_c, a_j)]
+            pooled = np.sqrt(0.5 * (spread[0] ** 2 + spread[1] ** 2)) + 1e-12
+            gap[c, j] = abs(np.median(a_c) - np.median(a_j)) / pooled
+    return gap
+
+
+def _group(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndarray,
+           counts: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
     """Union of entries that explain each other's patterns; phases numbered by size."""
     parent = {int(e): int(e) for e in entries}
 
@@ -228,9 +283,14 @@ def _group(misfit: np.ndarray, se: np.ndarray, entries: np.ndarray, counts: np.n
         # k's patterns are explained significantly worse by j than by k (no data: distinct)
         return not np.isfinite(misfit[k, j]) or misfit[k, j] > MERGE_SIGNIFICANCE * se[k, j]
 
+    def separate(k: int, j: int) -> bool:
+        # another composition, or a lattice no single continuous distribution reaches
+        return (distinct(k, j) and distinct(j, k)) or bool(
+            np.nanmax([gap[k, j], gap[j, k], 0.0]) > LATTICE_SEPARATION)
+
     for k in entries:
         for j in entries:
-            if j != k and not (distinct(k, j) and distinct(j, k)):
+            if j != k and not separate(int(k), int(j)):
                 parent[find(int(k))] = find(int(j))
     groups: dict[int, list[int]] = {}
     for e in entries:

@@ -4,7 +4,7 @@ Written next to the store ``DIR/NAME.zarr``: ``DIR/NAME.strain_maps.png`` and
 ``DIR/NAME.loss.png``.  Artifacts (keys prefixed with a slug of NAME, so that each dataset
 has its own history in the UI): the strain figure and the loss curve as images (embedded as
 data URLs, so that the UI shows them without a file server), a table of mean and standard
-deviation of exx, eyy, exy, theta per dictionary class over sample pixels, a small table of
+deviation of exx, eyy, exy, theta per phase over sample pixels, a small table of
 the loss per epoch, a link to the store and a markdown summary of all of it.
 """
 
@@ -147,7 +147,7 @@ def _artifacts(r: dict[str, Any]) -> None:
                           key=f"{slug}-strain-maps",
                           description=f"Strain maps of `{store}`; PNG: `{r['strain_figure']}`")
     create_table_artifact(table=r["phases"], key=f"{slug}-phase-stats",
-                          description="Mean and std over sample pixels per dictionary class "
+                          description="Mean and std over sample pixels per phase "
                                       "(strain in %, theta in degrees)")
     create_image_artifact(image_url=_data_url(Path(r["loss_figure"])), key=f"{slug}-loss-curve",
                           description=f"Training loss; PNG: `{r['loss_figure']}`")
@@ -161,7 +161,8 @@ def _artifacts(r: dict[str, Any]) -> None:
         f"* store: `{store}` (`xarray.open_zarr(\"{store}\", group=\"strain\")`)",
         f"* strain figure: `{r['strain_figure']}`",
         f"* loss figure: `{r['loss_figure']}`\n",
-        "## Per dictionary class (sample pixels; strain in %, theta in degrees)\n",
+        "## Per phase, against the one reference lattice "
+        "(sample pixels; strain in %, theta in degrees)\n",
         _md_table(r["phases"]),
         "## Training loss\n",
         _md_table(r["loss"]),
