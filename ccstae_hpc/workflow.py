@@ -87,7 +87,13 @@ def load_model(store: str | Path) -> tuple[CCSTAE, ModelConfig, TrainConfig]:
     state = {k: torch.from_numpy(np.asarray(w[k][...])) for k in w.array_keys()}
     model = CCSTAE(mcfg, int(g.attrs["detector"]), tuple(state["center"].tolist()),
                    float(state["radius"]))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        # e.g. a model of an older version (its classifier still had a LayerNorm)
+        raise FileNotFoundError(
+            f"{store} holds a model this version cannot load ({str(e).splitlines()[0]}); "
+            f"retrain it with `ccstae train {store} --restart`") from e
     model.eval()
     return model, mcfg, tcfg
 

@@ -107,3 +107,17 @@ def _model_geom(store: Path) -> tuple:
 
     model, _, _ = workflow.load_model(store)
     return model, workflow.geometry_from_prep(open_prep(store)), MapConfig()
+
+
+def test_model_of_an_older_version_gets_a_clear_message(trained: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A model written before the classifier lost its LayerNorm: `ccstae map` says to retrain
+    instead of failing inside torch, and writes nothing."""
+    s = shutil.copytree(trained, tmp_path / "old.zarr")
+    w = zarr.open_group(str(s), mode="r+", use_consolidated=False)["model/weights"]
+    w.create_array("class_norm.weight", data=np.ones(3, np.float32))
+    assert cli.main(["map", str(s), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "--restart" in err
+    root = zarr.open_group(str(s), mode="r", use_consolidated=False)
+    assert "strain" not in root and "affine" not in root
