@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scan", type=int, default=48)
     ap.add_argument("--doses", nargs="+", default=["none", "1000"])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
     rows = []
     for d in args.doses:
@@ -94,8 +95,8 @@ def main() -> None:
         dose = "inf" if r["dose"] is None else f"{r['dose']:g}"
         print(f"{dose:>6} {r['variant']:32} " + " ".join(
             f"{r[f'mae_{k}'] * (1 if k == 'theta' else 100):7.3f}" for k in COMPONENTS))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ablation.json").write_text(json.dumps(rows, indent=1))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "ablation.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

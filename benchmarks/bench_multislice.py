@@ -83,6 +83,7 @@ def _fmt(v: float, k: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="noise-free single phase only")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
     cases = [("single", None)] if args.quick else [(s, d) for s in SETS for d in DOSES[s]]
     rows = []
@@ -106,8 +107,8 @@ def main() -> None:
         ratio = np.mean([c[f"mae_{k}"] / max(b[f"mae_{k}"], 1e-12) for k in COMPONENTS])
         print(f"{r['set']} dose {r['dose']}: ccstae/com mean MAE ratio {ratio:.2f}, "
               f"ccstae run {r['run_s']:.0f} s")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / ("multislice_quick.json" if args.quick else "multislice.json")).write_text(
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / ("multislice_quick.json" if args.quick else "multislice.json")).write_text(
         json.dumps(rows, indent=1))
 
 
