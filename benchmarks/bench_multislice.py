@@ -1,7 +1,8 @@
 """Accuracy on physics the model did not come from: abTEM multislice data, `ccstae run` next
 to a centre-of-mass lattice fit on the same patterns.
 
-Data: ``tests/data/ws2_multislice_12x12`` (single-phase WS2 under a smooth strain and rotation
+Data (simulated with abTEM into ``tests/data`` on first use):
+``tests/data/ws2_multislice_12x12`` (single-phase WS2 under a smooth strain and rotation
 field) and ``tests/data/ws2_wse2_multislice_16x16`` (WS2/WSe2 lateral interface with vacuum),
 truth from the atom positions (:mod:`ccstae_hpc.multislice`), noise-free and with Poisson
 noise.  Every method is referenced on the same pixels as its truth (the result's reference
@@ -25,7 +26,7 @@ import xarray as xr
 from ccstae_hpc import cli
 from ccstae_hpc.com import deformation, fit_patterns, reference_lattice
 from ccstae_hpc.evaluate import COMPONENTS, strain_errors, wrap_angle
-from ccstae_hpc.multislice import add_poisson, load_multislice
+from ccstae_hpc.multislice import add_poisson, load_multislice, validation_set
 from ccstae_hpc.strain import reference_deformation, relative_strain
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -59,7 +60,7 @@ def com_errors(data: np.ndarray, truth: dict, ds: xr.Dataset) -> dict[str, float
 
 
 def run_case(name: str, dose: float | None, tmp: Path) -> dict:
-    data, truth, _ = load_multislice(DATA / f"{SETS[name]}.npy")
+    data, truth, _ = load_multislice(validation_set(DATA, SETS[name]))
     if dose is not None:
         data = add_poisson(data, dose, seed=1)
     npy = tmp / f"{name}_{dose}.npy"

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -69,6 +70,8 @@ __all__ = [
     "multislice_truth",
     "reference_reciprocal",
     "save_multislice",
+    "validation_set",
+    "VALIDATION_SETS",
     "simulate_multislice",
     "simulate_patterns",
 ]
@@ -775,6 +778,32 @@ def load_multislice(
         truth = {k: z[k] for k in z.files if k != "config"}
         config = json.loads(str(z["config"]))
     return data, truth, config
+
+
+# the validation sets tests and benchmarks use, simulated on first use (seed 0, float16):
+# name -> (kind, scan)
+VALIDATION_SETS = {"ws2_multislice_12x12": ("single", (12, 12)),
+                   "ws2_wse2_multislice_16x16": ("interface", (16, 16))}
+
+
+def validation_set(directory: str | Path, name: str) -> Path:
+    """The ``.npy`` of a named set of :data:`VALIDATION_SETS` in ``directory``, simulated and
+    saved there on first use (10-20 s each on two cores; needs abTEM).
+
+    Both files are written under temporary names and renamed, the data last, so an existing
+    ``.npy`` always has its truth beside it.
+    """
+    kind, scan = VALIDATION_SETS[name]
+    npy, truth_path = _paths(Path(directory) / name)
+    if npy.exists() and truth_path.exists():
+        return npy
+    data, truth = simulate_multislice(kind, scan, seed=0)
+    tmp = Path(directory) / f".{name}.tmp-{os.getpid()}"
+    tmp_npy, tmp_truth = save_multislice(tmp, data, truth, config_dict(kind, scan, seed=0),
+                                         float16=True)
+    os.replace(tmp_truth, truth_path)
+    os.replace(tmp_npy, npy)
+    return npy
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,18 @@ def make_sim() -> Callable[..., SimResult]:
 def sim_small(make_sim: Callable[..., SimResult]) -> SimResult:
     """Noise-free 12 x 12 scan, 128 px detector, default config: ``(data, truth, cfg)``."""
     return make_sim()
+
+
+MULTISLICE_DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def multislice_files() -> dict[str, Path]:
+    """The multislice validation sets (``name -> .npy``) in ``tests/data``, simulated with
+    abTEM on first use and kept there (git-ignored) for later sessions."""
+    from ccstae_hpc.multislice import VALIDATION_SETS, validation_set
+
+    return {name: validation_set(MULTISLICE_DATA, name) for name in VALIDATION_SETS}
 
 
 PREFECT_ENV = {

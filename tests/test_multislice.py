@@ -1,4 +1,4 @@
-"""Multislice (abTEM) validation data: committed files, truth from atoms, disk physics."""
+"""Multislice (abTEM) validation data: the cached sets, truth from atoms, disk physics."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from ccstae_hpc import multislice as ms
 from ccstae_hpc.evaluate import load_truth
 from ccstae_hpc.strain import polar_decompose
 
+# the sets are simulated on first use into tests/data (the session fixture)
+pytestmark = pytest.mark.usefixtures("multislice_files")
 DATA = Path(__file__).parent / "data"
 FILES = {
     "single": (DATA / "ws2_multislice_12x12.npy", (12, 12)),
@@ -80,11 +82,11 @@ def _away(kind: str, scan: tuple[int, int], far: float = FAR) -> np.ndarray:
     return ok & (np.abs(d) >= far) & (to_vacuum >= far)
 
 
-# --- (a) committed files -------------------------------------------------------------------------
+# --- (a) the validation sets ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["single", "interface"])
-def test_committed_files_load(kind: str) -> None:
+def test_validation_sets_load(kind: str) -> None:
     path, scan = FILES[kind]
     data, truth, config = ms.load_multislice(path)
     assert data.shape == (*scan, Q, Q) and data.dtype == np.float32
@@ -135,7 +137,7 @@ def test_interface_strain_profile() -> None:
     assert mean_stretch[near_se].mean() < ratio - 2e-3
 
 
-# --- (b) regeneration with abTEM ------------------------------------------------------------------
+# --- (b) one position simulated alone equals the same position of the whole set ----------
 
 
 @pytest.mark.skipif(not has_abtem, reason="abtem not installed")

@@ -15,7 +15,7 @@ from ccstae_hpc import cli
 from ccstae_hpc.evaluate import strain_errors
 from ccstae_hpc.multislice import load_multislice
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("multislice_files")]
 DATA = Path(__file__).resolve().parent / "data"
 
 
