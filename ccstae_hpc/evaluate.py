@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from ccstae_hpc.config import MapConfig
-from ccstae_hpc.strain import reference_deformation, relative_strain
+from ccstae_hpc.strain import reference_deformation, relative_strain, stretch_determinant
 
 __all__ = [
     "COMPONENTS",
@@ -172,7 +172,7 @@ def strain_errors(ds: xr.Dataset, truth: Mapping[str, Any]) -> dict[str, float]:
         out[f"p95_{k}"] = float(np.percentile(a, 95)) if a.size else float("nan")
         out[f"max_{k}"] = float(a.max()) if a.size else float("nan")
     out["n_phases"] = float(len(np.unique(phase[sample & (phase > 0)])))
-    lc = {w: np.sqrt((1 + d["exx"]) * (1 + d["eyy"]) - d["exy"] ** 2) - 1
+    lc = {w: np.sqrt(stretch_determinant(d)) - 1
           for w, d in (("pred", pred), ("truth", ref_truth))}
     for p, name in PHASE_NAMES.items():
         if p == 0:

@@ -24,6 +24,7 @@ from .strain import (
     reference_deformation,
     relative_strain,
     robust_inliers,
+    stretch_determinant,
 )
 
 __all__ = ["CONVENTIONS", "MapInputs", "ReferenceRegionError", "assemble_strain", "map_block",
@@ -143,14 +144,20 @@ def _relabel(phase: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     return out, mapping
 
 
+def _box_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Boolean scan mask of a half-open ``(y0, y1, x0, x1)`` box."""
+    y0, y1, x0, x1 = box
+    out = np.zeros(shape, bool)
+    out[y0:y1, x0:x1] = True
+    return out
+
+
 def _reference_mask(phase: np.ndarray, ok: np.ndarray, map_cfg: MapConfig
                     ) -> tuple[np.ndarray, str]:
     """The reference pixels (global mode) and their description."""
     if map_cfg.reference is not None:
         y0, y1, x0, x1 = map_cfg.reference
-        box = np.zeros(phase.shape, bool)
-        box[y0:y1, x0:x1] = True
-        ref = box & ok
+        ref = _box_mask(phase.shape, map_cfg.reference) & ok
         if not ref.any():
             raise ReferenceRegionError(
                 f"the reference box scan_y[{y0}:{y1}], scan_x[{x0}:{x1}] holds no sample "
@@ -209,9 +216,7 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
             sel = sample & (phase == p) & ok
             box = sel
             if map_cfg.reference is not None:
-                y0, y1, x0, x1 = map_cfg.reference
-                inbox = np.zeros_like(sel)
-                inbox[y0:y1, x0:x1] = True
+                inbox = _box_mask(sel.shape, map_cfg.reference)
                 box = sel & inbox if (sel & inbox).any() else sel
                 ref_desc = ("per phase: robust median lattice of each phase's pixels inside "
                             "the box (the whole phase where the box misses it)")
@@ -223,7 +228,7 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
         st = relative_strain(Mc[sel], M_ref, sym)
         for k in out:
             out[k][sel] = st[k]
-    det = (1 + out["exx"]) * (1 + out["eyy"]) - out["exy"] ** 2
+    det = stretch_determinant(out)
     dims = ("scan_y", "scan_x")
     f32 = np.float32
     phase_stats = _phase_stats(phase, out, det, good)
@@ -330,7 +335,7 @@ def rereference(ds: xr.Dataset, region: np.ndarray) -> xr.Dataset:
     for k in ("exx", "eyy", "exy", "theta"):
         out[k] = (("scan_y", "scan_x"), np.where(good, st[k], np.nan).astype(np.float32),
                   ds[k].attrs)
-    det = (1 + st["exx"]) * (1 + st["eyy"]) - st["exy"] ** 2
+    det = stretch_determinant(st)
     if "lattice_change" in ds:
         out["lattice_change"] = (("scan_y", "scan_x"),
                                  np.where(good, np.sqrt(det) - 1, np.nan).astype(np.float32),

@@ -28,6 +28,7 @@ __all__ = [
     "relative_strain",
     "robust_inliers",
     "pool_deformation",
+    "stretch_determinant",
 ]
 
 
@@ -148,3 +149,10 @@ def pool_deformation(M: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndar
         out = num / den[..., None, None]
     out[den <= 1e-12] = np.nan
     return out
+
+
+def stretch_determinant(st: dict[str, np.ndarray]) -> np.ndarray:
+    """``det U`` of the stretch from a strain dict (``exx, eyy, exy``): the area of the lattice
+    cell relative to the reference (dilatation ``det U - 1``, mean lattice parameter change
+    ``sqrt(det U) - 1``)."""
+    return (1 + st["exx"]) * (1 + st["eyy"]) - st["exy"] ** 2

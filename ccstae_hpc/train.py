@@ -192,6 +192,19 @@ def shard_sizes(n: int, shard: int) -> tuple[int, ...]:
     return tuple(min(shard, n - s) for s in range(0, n, shard))
 
 
+def train_input(x: np.ndarray, scale: np.ndarray | None, bg: torch.Tensor | None
+                ) -> torch.Tensor:
+    """Model input (float32) of patterns of ``prep/train``: counts * ``train_scale`` -
+    background (:func:`ccstae_hpc.prep.normalised`); float16 shards (float data) are stored
+    scaled already."""
+    t = torch.from_numpy(np.asarray(x).astype(np.float32))
+    if scale is not None and x.dtype != np.float16:
+        t *= torch.from_numpy(np.asarray(scale))[:, None, None]
+    if bg is not None:
+        t -= bg
+    return t
+
+
 def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
     """Rank ``rank``'s shards of ``prep/train`` (shards ``rank, rank + world, ...``).
 
@@ -215,14 +228,9 @@ def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
     for k in range(rank, len(sizes), world):
         x = np.asarray(arr[k * S:k * S + sizes[k]])
         if (scale is not None and x.dtype != np.float16) or bg is not None:
-            # counts * scale - background = the model input (prep.normalised); torch
-            # converts to float16 ~4x faster
-            t = torch.from_numpy(x.astype(np.float32))
-            if x.dtype != np.float16:
-                t *= torch.from_numpy(scale[k * S:k * S + sizes[k]])[:, None, None]
-            if bg is not None:
-                t -= bg
-            x = t.half().numpy()
+            # torch converts to float16 ~4x faster
+            x = train_input(x, None if scale is None else scale[k * S:k * S + sizes[k]],
+                            bg).half().numpy()
         shards[k] = x
     return TrainData(sizes, shards)
 

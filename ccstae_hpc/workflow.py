@@ -24,10 +24,10 @@ from .config import MapConfig, ModelConfig, TrainConfig
 from .mapping import MapInputs, assemble_strain
 from .model import CCSTAE
 from .phases import analyse_dictionary, calibrate
-from .prep import PrepConfig, fit_lattice, normalised, open_prep, preprocess_store
+from .prep import PrepConfig, fit_lattice, open_prep, preprocess_store
 from .preprocess import ring_mask
 from .strain import affine_to_deformation, polar_decompose
-from .train import Geometry
+from .train import Geometry, train_input
 
 __all__ = [
     "geometry_from_prep",
@@ -250,11 +250,9 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     """Analyse the dictionary and calibrate its phases on the training sample of ``prep``."""
     info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring, map_cfg.symmetry)
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
-    x, scale = prep["train"][:n], prep["train_scale"][:n]
-    bg = prep["background"][...] if "background" in prep else None
-    # float16 shards are stored normalised already (float input), count shards are not
-    x = (normalised(x, scale, background=bg) if x.dtype != np.float16
-         else x.astype(np.float32) - (0 if bg is None else bg))
+    scale = prep["train_scale"][:n]
+    bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
+    x = train_input(prep["train"][:n], scale, bg).numpy()
     phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
     return MapInputs(info, phases)
 
