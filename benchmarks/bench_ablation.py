@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccstae_hpc.config import MapConfig, SimConfig
-from ccstae_hpc.evaluate import COMPONENTS, strain_errors
-from ccstae_hpc.infer import compose_affine, encode, refine
-from ccstae_hpc.io import ingest
-from ccstae_hpc.mapping import MapInputs, assemble_strain
-from ccstae_hpc.phases import decide_phase
-from ccstae_hpc.prep import open_prep, preprocess_store, read_patterns
-from ccstae_hpc.simulate import save_simulation, truth_rows
-from ccstae_hpc.workflow import geometry_from_prep, load_model, phase_inputs, train_store
+from ccstae_hpc.core.config import MapConfig, SimConfig
+from ccstae_hpc.core.mapping import MapInputs, assemble_strain
+from ccstae_hpc.core.phases import decide_phase
+from ccstae_hpc.core.refine import compose_affine, encode, refine
+from ccstae_hpc.sim.evaluate import COMPONENTS, strain_errors
+from ccstae_hpc.sim.simulate import save_simulation, truth_rows
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.map import phase_inputs
+from ccstae_hpc.stages.prep import open_prep, prep_geometry, preprocess_store, read_patterns
+from ccstae_hpc.stages.train import load_model, train_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,7 +37,7 @@ def variants(store: Path) -> tuple[dict[str, dict[str, np.ndarray]], MapInputs]:
     """``affine`` groups of the three variants, on the whole scan."""
     model, _, _ = load_model(store)
     prep = open_prep(store)
-    geom = geometry_from_prep(prep)
+    geom = prep_geometry(prep)
     cfg = MapConfig()
     inputs = phase_inputs(prep, model, geom, cfg)
     ph, info = inputs.phases, inputs.info

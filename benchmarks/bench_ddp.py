@@ -1,11 +1,11 @@
 """DDP training step time: 2 gloo ranks (Dask workers) against 1, same global batch.
 
 Builds a store (simulated scan, 128 px detector, 1e3 e-/pattern, 4 training shards), then
-trains one epoch with ``workflow.train_store`` on a LocalCluster of 1 and of 2
+trains one epoch with ``train_stage.train_store`` on a LocalCluster of 1 and of 2
 single-threaded worker processes (one rank per worker), alternately, ``--repeats`` times
 each, and prints the best mean step time of each (from the loop's patterns/s, so k-means and
 start-up are excluded) and their ratio.  Both runs compute the same global batches (see
-``ccstae_hpc.train``), so the ratio is the speed-up of data parallelism on this machine.
+``ccstae_hpc.core.training``), so the ratio is the speed-up of data parallelism on this machine.
 
     python benchmarks/bench_ddp.py [--scan 32] [--batch 64] [--steps 12] [--repeats 2]
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from ccstae_hpc import workflow
-from ccstae_hpc.config import SimConfig, TrainConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import PrepConfig, preprocess_store
-from ccstae_hpc.simulate import save_simulation
-from ccstae_hpc.train import CheckpointConfig
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages import train as train_stage
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
+from ccstae_hpc.stages.train import CheckpointConfig
 
 
 def build_store(d: Path, scan: int) -> Path:
@@ -61,7 +61,7 @@ def main() -> None:
                 for n in (1, 2):  # alternate, so load from other jobs hits both alike
                     store = Path(tmp) / f"r{r}-{n}.zarr"
                     shutil.copytree(src, store)
-                    hist = workflow.train_store(store, train_cfg=cfg, client=clients[n],
+                    hist = train_stage.train_store(store, train_cfg=cfg, client=clients[n],
                                                 checkpoint=CheckpointConfig(every=0))
                     step = args.batch / hist[-1]["patterns_per_s"]
                     if r > 0:

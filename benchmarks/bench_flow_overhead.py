@@ -32,8 +32,11 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 def direct(npy: Path, store: Path, cfg: Any) -> float:
     """The library functions in the order the flow calls them; seconds."""
-    from ccstae_hpc import io, prep, workflow
-    from flows.cluster import DaskCluster
+    from ccstae_hpc.stages import ingest as io
+    from ccstae_hpc.stages import map as map_stage
+    from ccstae_hpc.stages import prep
+    from ccstae_hpc.stages import train as train_stage
+    from flows.dask_cluster import DaskCluster
     from flows.report import write_report
 
     t0 = time.perf_counter()
@@ -41,8 +44,8 @@ def direct(npy: Path, store: Path, cfg: Any) -> float:
     # the same lazily started cluster object the flow uses: equal start-up cost on both sides
     with DaskCluster("local", cfg.cluster, cfg.workers) as dc:
         prep.preprocess_store(store, cfg.prep, client=dc.client())
-        workflow.train_store(store, cfg.model, cfg.train, False)
-        workflow.map_store(store, cfg.map, client=dc.client())
+        train_stage.train_store(store, cfg.model, cfg.train, False)
+        map_stage.map_store(store, cfg.map, client=dc.client())
     write_report(store, artifacts=False)
     return time.perf_counter() - t0
 
@@ -68,8 +71,8 @@ def main() -> None:
     from prefect import flow
     from prefect.settings import PREFECT_API_URL
 
-    from ccstae_hpc.config import SimConfig, TrainConfig
-    from ccstae_hpc.simulate import save_simulation
+    from ccstae_hpc.core.config import SimConfig, TrainConfig
+    from ccstae_hpc.sim.simulate import save_simulation
     from flows.params import PipelineConfig
 
     cfg = PipelineConfig.model_validate({

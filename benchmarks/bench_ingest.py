@@ -105,7 +105,7 @@ def time_np_save(src: Path, dst: Path) -> float:
 
 def time_ingest(src: Path, store: Path, **kw: Any) -> tuple[float, int]:
     """Seconds for ``ingest`` (including the final sync) and the stored bytes."""
-    from ccstae_hpc.io import ingest
+    from ccstae_hpc.stages.ingest import ingest
 
     cold = drop_caches()
     t0 = time.perf_counter()

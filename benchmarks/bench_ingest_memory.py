@@ -33,7 +33,7 @@ LIMIT_MB = 3000.0
 
 def stage_ingest(work: Path) -> None:
     """``ingest(work/input.npy, work/store.zarr)`` with the default IngestConfig."""
-    from ccstae_hpc.io import ingest
+    from ccstae_hpc.stages.ingest import ingest
 
     g = ingest(work / "input.npy", work / "store.zarr")
     if not g.attrs["complete"]:
@@ -42,7 +42,7 @@ def stage_ingest(work: Path) -> None:
 
 def stage_preprocess(work: Path) -> None:
     """``preprocess_store(work/store.zarr)`` with the default PrepConfig (threads)."""
-    from ccstae_hpc.prep import preprocess_store
+    from ccstae_hpc.stages.prep import preprocess_store
 
     g = preprocess_store(work / "store.zarr")
     if not g.attrs["complete"]:
@@ -95,7 +95,7 @@ def baseline_mb() -> float:
     """Peak RSS of a subprocess that only imports the stages' libraries (the fixed cost)."""
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r});"
-        "import ccstae_hpc.io, zarr, numpy, dask.array, h5py;"
+        "import ccstae_hpc.stages.ingest, zarr, numpy, dask.array, h5py;"
         "from bench_ingest_memory import peak_rss_mb; print(peak_rss_mb())"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,

@@ -1,7 +1,7 @@
 """Distributed inference: throughput on 2 Dask workers against 1, and memory per worker.
 
 Builds a store (simulated scan, 128 px detector, 1e3 e-/pattern; a model trained briefly:
-inference costs the same whatever the weights), then maps it with ``workflow.map_store`` on
+inference costs the same whatever the weights), then maps it with ``map_stage.map_store`` on
 a LocalCluster of 1 and of 2 single-threaded worker processes, alternately, ``--repeats``
 times each after a warm-up, and prints the best throughput of each and their ratio, with
 the workers' CPU seconds per pattern (independent of other jobs on the machine).  The
@@ -24,11 +24,12 @@ from typing import Any
 import zarr
 from distributed import Client, LocalCluster
 
-from ccstae_hpc import workflow
-from ccstae_hpc.config import SimConfig, TrainConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import PrepConfig, preprocess_store
-from ccstae_hpc.simulate import save_simulation
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages import map as map_stage
+from ccstae_hpc.stages import train as train_stage
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
 
 
 def build_store(d: Path, scan: int) -> Path:
@@ -36,7 +37,7 @@ def build_store(d: Path, scan: int) -> Path:
     save_simulation(d / "s.npy", SimConfig(scan=(scan, scan), detector=128, dose=1000.0))
     ingest(d / "s.npy", d / "s.zarr")
     preprocess_store(d / "s.zarr", PrepConfig(max_train=512, shard_size=256))
-    workflow.train_store(d / "s.zarr", train_cfg=TrainConfig(epochs=1, max_patterns=256))
+    train_stage.train_store(d / "s.zarr", train_cfg=TrainConfig(epochs=1, max_patterns=256))
     return d / "s.zarr"
 
 
@@ -80,7 +81,7 @@ def timed_map(client: Client, store: Path, rows: int) -> tuple[float, float]:
     """Map the whole store once; the blockwise phase's patterns/s and the workers' CPU
     seconds per 1000 patterns (what the map costs whatever else runs on the machine)."""
     c0 = client.run(_cpu_seconds)
-    workflow.map_store(store, client=client, rows_per_block=rows)
+    map_stage.map_store(store, client=client, rows_per_block=rows)
     c1 = client.run(_cpu_seconds)
     a = zarr.open_group(str(store), mode="r", use_consolidated=False)["affine"].attrs
     n = zarr.open_array(str(store), path="affine/phase", mode="r").size
@@ -95,7 +96,7 @@ def memory_map(client: Client, store: Path, rows: int) -> tuple[float, float]:
     not growing with the patterns mapped).
     """
     base = client.run(_start_sampler)
-    workflow.map_store(store, client=client, rows_per_block=rows)
+    map_stage.map_store(store, client=client, rows_per_block=rows)
     series = client.run(_stop_sampler)
     q1 = max(max(s[:max(1, len(s) // 4)]) - base[w] for w, s in series.items()) / 2**20
     rise = max(max(s) - base[w] for w, s in series.items()) / 2**20

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ccstae_hpc.config import MapConfig, SimConfig, TrainConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import preprocess_store
-from ccstae_hpc.simulate import save_simulation
-from ccstae_hpc.workflow import map_store, train_store
+from ccstae_hpc.core.config import MapConfig, SimConfig, TrainConfig
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.map import map_store
+from ccstae_hpc.stages.prep import preprocess_store
+from ccstae_hpc.stages.train import train_store
 
 ORIGINAL_TRAIN, ORIGINAL_INFER = 0.05, 0.16  # patterns/s, Auto4DSTEM 0.2.8 on 2 CPU cores
 TARGET_TRAIN, TARGET_INFER = 30.0, 300.0

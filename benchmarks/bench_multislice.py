@@ -4,7 +4,7 @@ to a centre-of-mass lattice fit on the same patterns.
 Data (simulated with abTEM into ``tests/data`` on first use):
 ``tests/data/ws2_multislice_12x12`` (single-phase WS2 under a smooth strain and rotation
 field) and ``tests/data/ws2_wse2_multislice_16x16`` (WS2/WSe2 lateral interface with vacuum),
-truth from the atom positions (:mod:`ccstae_hpc.multislice`), noise-free and with Poisson
+truth from the atom positions (:mod:`ccstae_hpc.sim.multislice`), noise-free and with Poisson
 noise.  Every method is referenced on the same pixels as its truth (the result's reference
 region), errors are mean absolute errors over the pixels that are sample in truth and result.
 Prints one table and writes ``benchmarks/results/multislice.json``.
@@ -24,10 +24,10 @@ import numpy as np
 import xarray as xr
 
 from ccstae_hpc import cli
-from ccstae_hpc.com import deformation, fit_patterns, reference_lattice
-from ccstae_hpc.evaluate import COMPONENTS, strain_errors, wrap_angle
-from ccstae_hpc.multislice import add_poisson, load_multislice, validation_set
-from ccstae_hpc.strain import reference_deformation, relative_strain
+from ccstae_hpc.core.com import deformation, fit_patterns, reference_lattice
+from ccstae_hpc.core.strain import reference_deformation, relative_strain
+from ccstae_hpc.sim.evaluate import COMPONENTS, strain_errors, wrap_angle
+from ccstae_hpc.sim.multislice import add_poisson, load_multislice, validation_set
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

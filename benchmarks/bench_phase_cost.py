@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccstae_hpc.config import MapConfig, SimConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.mapping import MapInputs, map_block
-from ccstae_hpc.prep import open_prep, preprocess_store, read_patterns
-from ccstae_hpc.simulate import save_simulation
-from ccstae_hpc.workflow import geometry_from_prep, load_model, phase_inputs, train_store
+from ccstae_hpc.core.config import MapConfig, SimConfig
+from ccstae_hpc.core.mapping import MapInputs, map_block
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.map import phase_inputs
+from ccstae_hpc.stages.prep import open_prep, prep_geometry, preprocess_store, read_patterns
+from ccstae_hpc.stages.train import load_model, train_store
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
         train_store(store)
         model, _, _ = load_model(store)
         prep = open_prep(store)
-        geom = geometry_from_prep(prep)
+        geom = prep_geometry(prep)
         cfg = MapConfig()
         t = time.perf_counter()
         inputs = phase_inputs(prep, model, geom, cfg)

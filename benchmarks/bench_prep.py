@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import preprocess_store
-from ccstae_hpc.simulate import save_simulation
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.prep import preprocess_store
 
 TARGET = 2000.0
 

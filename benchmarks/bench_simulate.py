@@ -1,6 +1,6 @@
 """Simulator throughput and the Cramer-Rao floors of the default dataset.
 
-Times :func:`ccstae_hpc.simulate.simulate` on a 64 x 64 scan with a 128 x 128 detector,
+Times :func:`ccstae_hpc.sim.simulate.simulate` on a 64 x 64 scan with a 128 x 128 detector,
 noise-free and at 1000 e-/pattern (best of ``--repeat`` runs after a warm-up, so that
 other load on the machine counts as little as possible), prints patterns/s and the ratio to
 the 1,000 patterns/s target, then the CRB mean-absolute-error floors of one WS2 pattern.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.crb import cramer_rao
-from ccstae_hpc.simulate import simulate
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.sim.crb import cramer_rao
+from ccstae_hpc.sim.simulate import simulate
 
 TARGET = 1000.0  # patterns/s
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ccstae_hpc import store
-from ccstae_hpc.config import MapConfig, ModelConfig, SimConfig, TrainConfig
+from ccstae_hpc.core.config import MapConfig, ModelConfig, SimConfig, TrainConfig
+from ccstae_hpc.stages import store
+from ccstae_hpc.stages.store import StageExistsError
 
 __all__ = ["CliError", "check_finite", "load_npy", "main", "run_npy", "validate_array"]
 
@@ -212,11 +213,11 @@ def run_npy(
             _run_flow(inp, out, overwrite, model_cfg, train_cfg, map_cfg)
         else:
             # imported here: torch loads in seconds, and the checks above must stay instant
-            from ccstae_hpc import workflow
+            from ccstae_hpc.stages.run import run_store
 
-            workflow.run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
-                               train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
-                               log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
+            run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
+                      train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
+                      log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
     except FileExistsError as e:  # the output appeared while we computed
         raise CliError(str(e)) from e
     except ValueError as e:  # ingest / preprocessing refused the data
@@ -237,7 +238,7 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
                          map=map_cfg or MapConfig())
-    tmp = store._sibling(out, "tmp")
+    tmp = store.sibling(out, "tmp")
     try:
         run_pipeline_embedded(inp, tmp, config=cfg)
     except BaseException:
@@ -251,7 +252,7 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ccstae_hpc.evaluate import summarize
+    from ccstae_hpc.sim.evaluate import summarize
 
     model_cfg, train_cfg, map_cfg = _configs(args)
     t0 = time.perf_counter()
@@ -292,7 +293,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
 
-    from ccstae_hpc.simulate import save_simulation
+    from ccstae_hpc.sim.simulate import save_simulation
 
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -315,7 +316,7 @@ def _exit_code(e: SystemExit) -> int:
 
 def _cmd_ingest(argv: Sequence[str]) -> int:
     try:
-        from ccstae_hpc.io.ingest import ingest_main
+        from ccstae_hpc.stages.ingest import ingest_main
     except ImportError as e:
         raise CliError(f"ingest is not available ({e})", "Reinstall ccstae-hpc.") from e
     try:
@@ -384,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--output-size", type=int, metavar="Q", help="model input size (128)")
     pp.add_argument("--workers", type=int, default=0, metavar="N",
                     help="local Dask workers (0: threads in this process)")
-    pp.add_argument("--overwrite", action="store_true", help="redo an existing prep group")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="replace a prep group made with other settings (and what came after it)")
     pp.set_defaults(func=_cmd_preprocess)
 
     t = sub.add_parser(
@@ -407,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints in STORE/model (100; 0: only at the end)")
     t.add_argument("--restart", action="store_true",
                    help="discard an interrupted run's checkpoint and start over")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a trained model (and the maps made with it)")
     t.add_argument("--launcher", choices=("single", "dask", "env"),
                    help="how ranks are started (default: dask with --workers/--scheduler, "
                    "else single)")
@@ -425,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scheduler", metavar="ADDRESS", help="map on this running Dask scheduler")
     m.add_argument("--rows-per-block", type=int, default=8, metavar="R",
                    help="scan rows per task; bounds each worker's memory (8)")
+    m.add_argument("--overwrite", action="store_true", help="replace existing strain maps")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_map)
 
@@ -460,7 +465,7 @@ def _store_arg(path: str) -> Path:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from ccstae_hpc.prep import PrepConfig, PrepError, preprocess_store
+    from ccstae_hpc.stages.prep import PrepConfig, PrepError, preprocess_store
 
     p = _store_arg(args.store)
     try:
@@ -471,7 +476,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     client = _local_client(args.workers)
     try:
         preprocess_store(p, cfg, client=client, overwrite=args.overwrite, log=print)
-    except PrepError as e:
+    except (PrepError, StageExistsError) as e:
         raise CliError(str(e)) from e
     finally:
         if client is not None:
@@ -481,10 +486,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ccstae_hpc.ddp import dask_client, env_from_environ
-    from ccstae_hpc.prep import PrepError
-    from ccstae_hpc.train import CheckpointConfig, TrainError
-    from ccstae_hpc.workflow import train_store
+    from ccstae_hpc.runtime.ddp import dask_client, env_from_environ
+    from ccstae_hpc.stages.prep import PrepError
+    from ccstae_hpc.stages.train import CheckpointConfig, TrainError, train_store
 
     p = _store_arg(args.store)
     dask = bool(args.workers or args.scheduler)
@@ -510,8 +514,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         with dask_client(args.workers, args.scheduler) as client:
             hist = train_store(p, mcfg, tcfg, progress=not args.quiet, client=client,
-                               launcher=launcher, restart=args.restart, checkpoint=ckpt)
-    except (PrepError, TrainError) as e:
+                               launcher=launcher, restart=args.restart, checkpoint=ckpt,
+                               overwrite=args.overwrite)
+    except (PrepError, TrainError, StageExistsError) as e:
         raise CliError(str(e)) from e
     if main_rank:
         last = f"final loss {hist[-1]['loss']:.4g}, " if hist else ""
@@ -520,10 +525,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
-    from ccstae_hpc.ddp import dask_client
-    from ccstae_hpc.mapping import ReferenceRegionError
-    from ccstae_hpc.prep import PrepError
-    from ccstae_hpc.workflow import map_store
+    from ccstae_hpc.core.mapping import ReferenceRegionError
+    from ccstae_hpc.runtime.ddp import dask_client
+    from ccstae_hpc.stages.map import map_store
+    from ccstae_hpc.stages.prep import PrepError
 
     p = _store_arg(args.store)
     try:
@@ -535,8 +540,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
     try:
         with dask_client(args.workers, args.scheduler) as client:
             map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
-                      progress=not args.quiet)
-    except (PrepError, FileNotFoundError, ReferenceRegionError) as e:
+                      progress=not args.quiet, overwrite=args.overwrite)
+    except (PrepError, FileNotFoundError, ReferenceRegionError, StageExistsError) as e:
         raise CliError(str(e)) from e
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")
@@ -544,7 +549,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ccstae_hpc.serve import ServeError, serve
+    from flows.serve import ServeError, serve
 
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be >= 1", "Fix the option and run again.")

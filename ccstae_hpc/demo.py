@@ -20,9 +20,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ccstae_hpc import cli, store
-from ccstae_hpc.config import SimConfig, TrainConfig
-from ccstae_hpc.evaluate import format_errors, load_truth, strain_errors
+from ccstae_hpc import cli
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.sim.evaluate import format_errors, load_truth, strain_errors
+from ccstae_hpc.stages import store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # imported after option checks: the simulator may pull in heavy dependencies
     from ccstae_hpc.plot import loss_figure, strain_figure
-    from ccstae_hpc.simulate import save_simulation
+    from ccstae_hpc.sim.simulate import save_simulation
 
     out.mkdir(parents=True, exist_ok=True)
     print(

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
-from ccstae_hpc.evaluate import PHASE_NAMES, match_labels, strain_errors, truth_relative
+from ccstae_hpc.sim.evaluate import PHASE_NAMES, match_labels, strain_errors, truth_relative
 
 __all__ = ["loss_figure", "strain_figure"]
 
@@ -78,7 +78,7 @@ def strain_figure(
 ) -> Path:
     """PNG of the exx, eyy, exy, theta and phase maps; with ``truth`` a second row of truth.
 
-    The truth row is re-referenced exactly like :func:`ccstae_hpc.evaluate.strain_errors`;
+    The truth row is re-referenced exactly like :func:`ccstae_hpc.sim.evaluate.strain_errors`;
     each component shares symmetric colour limits across rows (99th percentile of ``|value|``
     of the truth if given, else of the result) and the title gives the mean absolute errors.
     The reference region is outlined in black.

@@ -4,7 +4,7 @@ Prefect validates every flow call (and every run created through the API) agains
 types before the flow body runs, so a bad value fails the run at once with a message naming
 the field.  The stage sections are the library's own frozen dataclasses: pydantic checks the
 field types and the dataclass's ``__post_init__`` checks the values, so the rules live in one
-place (``ccstae_hpc.config``, ``ccstae_hpc.prep``, ``ccstae_hpc.io.ingest``).
+place (``ccstae_hpc.core.config``, ``ccstae_hpc.stages.prep``, ``ccstae_hpc.stages.ingest``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ccstae_hpc.config import MapConfig, ModelConfig, TrainConfig
-from ccstae_hpc.io.ingest import IngestConfig
-from ccstae_hpc.prep import PrepConfig
+from ccstae_hpc.core.config import MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.stages.ingest import IngestConfig
+from ccstae_hpc.stages.prep import PrepConfig
 
 __all__ = [
     "ClusterName",
@@ -51,7 +51,7 @@ ClusterName = Annotated[
 
 
 class IngestOptions(BaseModel):
-    """Keyword arguments of :func:`ccstae_hpc.io.ingest` besides the paths."""
+    """Keyword arguments of :func:`ccstae_hpc.stages.ingest` besides the paths."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

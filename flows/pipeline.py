@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from .cluster import DaskCluster
+from .dask_cluster import DaskCluster
 from .params import ClusterName, InputPath, OptionalPath, PipelineConfig, StorePath
 from .tasks import ingest_task, map_task, preprocess_task, report_task, train_task
 

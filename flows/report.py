@@ -104,7 +104,7 @@ def write_report(store: str | Path, truth_path: str | Path | None = None,
     (table rows) and, with a truth, ``errors``.
     """
     from ccstae_hpc import plot
-    from ccstae_hpc.store import open_strain
+    from ccstae_hpc.stages.store import open_strain
 
     store = Path(store).resolve()
     strain_png, loss_png = figure_paths(store)
@@ -112,7 +112,7 @@ def write_report(store: str | Path, truth_path: str | Path | None = None,
     truth = None
     errors: dict[str, float] | None = None
     if truth_path is not None:
-        from ccstae_hpc.evaluate import load_truth, strain_errors
+        from ccstae_hpc.sim.evaluate import load_truth, strain_errors
 
         truth = load_truth(truth_path)
         errors = strain_errors(ds, truth)

@@ -155,7 +155,7 @@ def _has_consolidated(store: str | os.PathLike[str]) -> bool:
 def _consolidate(store: str | os.PathLike[str]) -> None:
     with warnings.catch_warnings():
         # zarr warns that consolidated metadata is not in the v3 spec; the store convention
-        # (ccstae_hpc.store) uses it deliberately
+        # (ccstae_hpc.stages.store) uses it deliberately
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(str(Path(store)))
 

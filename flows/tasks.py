@@ -3,7 +3,7 @@
 Every task computes the key its stage must have (:mod:`flows.state`), returns at once when
 the store already holds a complete group with that key, and otherwise calls the library
 function and marks the group.  The library functions are looked up on their modules at call
-time (``workflow.train_store``, not a reference bound at import), so tests can count calls.
+time (``train_stage.train_store``, not a reference bound at import), so tests can count calls.
 
 Retries: ``retries=2`` with short delays, but only for failures that may be transient (lost
 workers, I/O hiccups).  Bad input, bad options and stores that must not be replaced raise
@@ -22,14 +22,15 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import ccstae_hpc.io as cio
-from ccstae_hpc import prep as cprep
-from ccstae_hpc import workflow
-from ccstae_hpc.config import MapConfig, ModelConfig, TrainConfig
-from ccstae_hpc.prep import PrepConfig
+import ccstae_hpc.stages.ingest as cio
+from ccstae_hpc.core.config import MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.stages import map as map_stage
+from ccstae_hpc.stages import prep as cprep
+from ccstae_hpc.stages import train as train_stage
+from ccstae_hpc.stages.prep import PrepConfig
 
 from . import report, state
-from .cluster import DaskCluster
+from .dask_cluster import DaskCluster
 from .params import IngestOptions
 
 __all__ = ["RETRIES", "RETRY_DELAYS", "ingest_task", "map_task", "preprocess_task",
@@ -155,13 +156,14 @@ def _train(store_path: str, model_config: ModelConfig, train_config: TrainConfig
     """
     cb = _train_logger(log)
     try:
-        return workflow.train_store(store_path, model_config, train_config, cb)
+        return train_stage.train_store(store_path, model_config, train_config, cb, overwrite=True)
     except ValueError as e:
-        restartable = "restart" in inspect.signature(workflow.train_store).parameters
+        restartable = "restart" in inspect.signature(train_stage.train_store).parameters
         if type(e).__name__ != "TrainError" or not restartable:
             raise
         log.warning("train: %s; starting over", e)
-        return workflow.train_store(store_path, model_config, train_config, cb, restart=True)
+        return train_stage.train_store(store_path, model_config, train_config, cb, restart=True,
+                                       overwrite=True)
 
 
 @task(name="train", **_TASK_OPTIONS)
@@ -187,7 +189,8 @@ def map_task(store_path: str, config: MapConfig, cluster: DaskCluster,
     log = get_run_logger()
 
     def run() -> str:
-        workflow.map_store(store_path, config, client=cluster.client())
+        # overwrite: the key differs, so existing maps are stale (other model or config)
+        map_stage.map_store(store_path, config, client=cluster.client(), overwrite=True)
         return ""
 
     return _run_stage(log, store_path, "map", "train", config.to_dict(), "map", "strain", run)

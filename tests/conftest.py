@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.simulate import simulate
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.sim.simulate import simulate
 
 SimResult = tuple[np.ndarray, dict[str, np.ndarray], SimConfig]
 
@@ -53,7 +53,7 @@ MULTISLICE_DATA = Path(__file__).resolve().parent / "data"
 def multislice_files() -> dict[str, Path]:
     """The multislice validation sets (``name -> .npy``) in ``tests/data``, simulated with
     abTEM on first use and kept there (git-ignored) for later sessions."""
-    from ccstae_hpc.multislice import VALIDATION_SETS, validation_set
+    from ccstae_hpc.sim.multislice import VALIDATION_SETS, validation_set
 
     return {name: validation_set(MULTISLICE_DATA, name) for name in VALIDATION_SETS}
 

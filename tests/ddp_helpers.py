@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ccstae_hpc import workflow
-from ccstae_hpc.config import SimConfig, TrainConfig
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.stages import train as train_stage
 
 TC = TrainConfig(epochs=1, batch_size=32)
 # 1 rank and 2 ranks sum the same batch in a different order.  Adam normalises each
@@ -27,9 +27,9 @@ TOL, LOSS_RTOL = 1e-2, 1e-3
 
 def make_prepped(d: Path) -> Path:
     """Simulate, ingest and preprocess the shared training set into ``d/s.zarr``."""
-    from ccstae_hpc.io import ingest
-    from ccstae_hpc.prep import PrepConfig, preprocess_store
-    from ccstae_hpc.simulate import save_simulation
+    from ccstae_hpc.sim.simulate import save_simulation
+    from ccstae_hpc.stages.ingest import ingest
+    from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
 
     save_simulation(d / "s.npy", SimConfig(scan=(16, 16), detector=64, dose=1000, seed=0))
     ingest(d / "s.npy", d / "s.zarr")
@@ -43,7 +43,7 @@ def copy_store(src: Path, dst: Path) -> Path:
 
 
 def weights(store: Path) -> dict[str, np.ndarray]:
-    model, _, _ = workflow.load_model(store)
+    model, _, _ = train_stage.load_model(store)
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ccstae_hpc import cli, store
+from ccstae_hpc import cli
+from ccstae_hpc.stages import store
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -99,7 +100,7 @@ def test_existing_output_without_overwrite(
     inp = _good_input(tmp_path)
     out = tmp_path / "o.zarr"
     ds = xr.Dataset({"exx": (("scan_y", "scan_x"), np.zeros((4, 5), np.float32))})
-    store.write_strain(ds, out)
+    store.write_group(ds, out)
     before = _snapshot(tmp_path)
     _fails(["run", str(inp), "--out", str(out)], capsys, "exists", "--overwrite")
     assert _snapshot(tmp_path) == before

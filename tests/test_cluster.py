@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from ccstae_hpc.cluster import (
+from ccstae_hpc.runtime.jobqueue import (
     PROCESSES_ENV,
     ClusterConfig,
     available_sections,
@@ -92,7 +92,7 @@ def test_gpu_sections_run_one_worker_per_gpu(name: str, prefect_env: str) -> Non
     count = gpus.group(1) or gpus.group(2) or "4"  # Polaris nodes always have 4
     assert int(count) == n, "processes must equal the GPUs of a job"
     assert "--resources GPU=1" in script
-    assert "--preload ccstae_hpc.cluster" in script
+    assert "--preload ccstae_hpc.runtime.jobqueue" in script
     assert f"export {PROCESSES_ENV}={n}" in script.splitlines()
     assert "NCCL_SOCKET_IFNAME" in script
 

@@ -1,4 +1,4 @@
-"""Centre-of-mass lattice-fit baseline (ccstae_hpc.com) against the simulator's truth and
+"""Centre-of-mass lattice-fit baseline (ccstae_hpc.core.com) against the simulator's truth and
 against synthetic lattices built directly (including non-hexagonal ones)."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from ccstae_hpc import com
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.preprocess import find_hot_pixels, repair_hot_pixels
-from ccstae_hpc.simulate import LATTICE_A, simulate
-from ccstae_hpc.strain import reference_deformation, relative_strain, rotation_matrix
+from ccstae_hpc.core import com
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.patterns import find_hot_pixels, repair_hot_pixels
+from ccstae_hpc.core.strain import reference_deformation, relative_strain, rotation_matrix
+from ccstae_hpc.sim.simulate import LATTICE_A, simulate
 
 SCAN = (24, 24)
 SEED = 1

@@ -19,10 +19,13 @@ from ddp_helpers import copy_store as _copy
 from ddp_helpers import model_attrs as _attrs
 from ddp_helpers import weights as _weights
 
-from ccstae_hpc import cli, workflow
-from ccstae_hpc.config import TrainConfig
-from ccstae_hpc.ddp import DistEnv, env_from_environ, free_port
-from ccstae_hpc.train import CheckpointConfig, epoch_plan, read_checkpoint, shard_sizes
+from ccstae_hpc import cli
+from ccstae_hpc.core.config import TrainConfig
+from ccstae_hpc.core.training import epoch_plan, shard_sizes
+from ccstae_hpc.runtime.ddp import DistEnv, env_from_environ, free_port
+from ccstae_hpc.stages import train as train_stage
+from ccstae_hpc.stages.store import group_state, staging
+from ccstae_hpc.stages.train import CheckpointConfig, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +39,7 @@ def prepped(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def one_rank(prepped: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list]:
     """Reference: one process, global batch 32."""
     s = _copy(prepped, tmp_path_factory.mktemp("one") / "s.zarr")
-    hist = workflow.train_store(s, train_cfg=TC)
+    hist = train_stage.train_store(s, train_cfg=TC)
     return _weights(s), [h["loss"] for h in hist]
 
 
@@ -121,7 +124,7 @@ def test_killed_run_resumes_to_the_same_result(prepped: Path, tmp_path: Path,
     tc = TrainConfig(epochs=2, batch_size=64)  # 4 steps per epoch, 8 in all
     ck = CheckpointConfig(every=3)
     full = _copy(prepped, tmp_path / "full.zarr")
-    hist_full = workflow.train_store(full, train_cfg=tc, checkpoint=ck)
+    hist_full = train_stage.train_store(full, train_cfg=tc, checkpoint=ck)
 
     killed = _copy(prepped, tmp_path / "killed.zarr")
 
@@ -130,30 +133,38 @@ def test_killed_run_resumes_to_the_same_result(prepped: Path, tmp_path: Path,
             raise _Killed
 
     with pytest.raises(_Killed):
-        workflow.train_store(killed, train_cfg=tc, checkpoint=ck, progress=kill_at_6)
+        train_stage.train_store(killed, train_cfg=tc, checkpoint=ck, progress=kill_at_6)
     state = read_checkpoint(killed)
-    assert state is not None and not _attrs(killed)["complete"]
+    # the checkpoints live in the staging group; no model/ until training completes
+    assert state is not None and group_state(killed, "model") == "absent"
+    assert group_state(killed, staging("model")) == "incomplete"
     # the last checkpoint was step 6's: next is epoch 1, step 2 (4 steps per epoch)
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (6, 1, 2)
     with pytest.raises(FileNotFoundError):
-        workflow.load_model(killed)
+        train_stage.load_model(killed)
     # other settings than the checkpoint's are refused, no options resume it
     assert cli.main(["train", str(killed), "--epochs", "3", "--quiet"]) == 2
     assert "--restart" in capsys.readouterr().err
     assert cli.main(["train", str(killed), "--quiet", "--checkpoint-every", "3"]) == 0
     a = _attrs(killed)
     assert a["complete"] and a["resumed_from_step"] == 6
+    assert group_state(killed, staging("model")) == "absent"
     np.testing.assert_allclose(a["loss"], [h["loss"] for h in hist_full], rtol=1e-6)
+    _assert_close(_weights(full), _weights(killed), 1e-7)
+    # a trained model is replaced only when asked, like every stage's group
+    assert cli.main(["train", str(killed), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     _assert_close(_weights(full), _weights(killed), 1e-7)
 
     # --restart starts over: a fresh curve (same seed, so the same values), complete model
-    assert cli.main(["train", str(killed), "--restart", "--quiet", "--epochs", "1"]) == 0
+    assert cli.main(["train", str(killed), "--restart", "--overwrite", "--quiet",
+                     "--epochs", "1"]) == 0
     a = _attrs(killed)
     assert a["complete"] and a["resumed_from_step"] == 0 and len(a["loss"]) == 4
 
 
 def test_more_ranks_than_shards_is_refused(prepped: Path, tmp_path: Path) -> None:
-    from ccstae_hpc.train import TrainError, read_shards
+    from ccstae_hpc.stages.train import TrainError, read_shards
 
     with pytest.raises(TrainError, match="at most 4 ranks"):
         read_shards(prepped, 0, 5)
@@ -165,7 +176,7 @@ def test_more_ranks_than_shards_is_refused(prepped: Path, tmp_path: Path) -> Non
 def test_a_failing_rank_reports_its_own_error_and_frees_the_workers() -> None:
     from distributed import Client, LocalCluster
 
-    from ccstae_hpc.ddp import Comm, process_group, run_on_dask
+    from ccstae_hpc.runtime.ddp import Comm, process_group, run_on_dask
 
     def fn(env: DistEnv) -> int:  # nested: pickled by value for the workers
         import torch

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ccstae_hpc import evaluate
-from ccstae_hpc.config import MapConfig
-from ccstae_hpc.strain import rotation_matrix
+from ccstae_hpc.core.config import MapConfig
+from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.sim import evaluate
 
 NY, NX = 18, 24
 THETA0 = {1: 17.0, 2: 23.0}  # absolute lattice rotation per phase: the references must differ

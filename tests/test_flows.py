@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import xarray as xr
 
-import ccstae_hpc.io
-import ccstae_hpc.prep
-import ccstae_hpc.workflow
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.simulate import save_simulation
+import ccstae_hpc.stages.ingest
+import ccstae_hpc.stages.map
+import ccstae_hpc.stages.prep
+import ccstae_hpc.stages.train
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.sim.simulate import save_simulation
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -35,10 +36,10 @@ CONFIG: dict[str, Any] = {
 }
 # the library functions the tasks call: (module, attribute, counter key)
 LIBRARY = (
-    (ccstae_hpc.io, "ingest", "ingest"),
-    (ccstae_hpc.prep, "preprocess_store", "prep"),
-    (ccstae_hpc.workflow, "train_store", "train"),
-    (ccstae_hpc.workflow, "map_store", "map"),
+    (ccstae_hpc.stages.ingest, "ingest", "ingest"),
+    (ccstae_hpc.stages.prep, "preprocess_store", "prep"),
+    (ccstae_hpc.stages.train, "train_store", "train"),
+    (ccstae_hpc.stages.map, "map_store", "map"),
 )
 
 
@@ -46,7 +47,7 @@ class Calls:
     """Counts calls of the library functions and of cluster starts; injects failures."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
-        from flows.cluster import DaskCluster
+        from flows.dask_cluster import DaskCluster
 
         self.n: Counter[str] = Counter()
         self.fail: dict[str, tuple[int, Callable[[], BaseException]]] = {}
@@ -215,7 +216,7 @@ def test_unknown_cluster_fails_before_any_stage(prefect_server: None, dataset: t
 
 
 def test_schedule_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ccstae_hpc.serve import ServeError, build_deployments, load_schedule, serve
+    from flows.serve import ServeError, build_deployments, load_schedule, serve
 
     assert serve(check=True) == 0  # the shipped example, flows/schedules.yaml
     assert "pipeline/nightly: 0 2 * * *" in capsys.readouterr().out

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.infer import refine
-from ccstae_hpc.preprocess import disk_mask, normalise, ring_mask
-from ccstae_hpc.simulate import render_patterns
-from ccstae_hpc.strain import affine_to_deformation, relative_strain, rotation_matrix
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.patterns import disk_mask, normalise, ring_mask
+from ccstae_hpc.core.refine import refine
+from ccstae_hpc.core.strain import affine_to_deformation, relative_strain, rotation_matrix
+from ccstae_hpc.sim.simulate import render_patterns
 
 
 def _F(exx, eyy, exy, theta):
@@ -55,7 +55,7 @@ def _dictionary():
 
 
 def test_dictionary_entries_related_and_vacuum_found():
-    from ccstae_hpc.phases import analyse_dictionary
+    from ccstae_hpc.core.phases import analyse_dictionary
 
     _, D, ring = _dictionary()
     info = analyse_dictionary(D, ring)
@@ -78,7 +78,7 @@ def test_dictionary_entries_related_and_vacuum_found():
 def test_composition_misfit_tells_phases_apart_not_strain():
     """WS2 patterns scored against every entry through their own registration: the strained
     WS2 entry explains them as well as their own, the WSe2 entry does not."""
-    from ccstae_hpc.phases import analyse_dictionary
+    from ccstae_hpc.core.phases import analyse_dictionary
 
     cfg, D, ring = _dictionary()
     info = analyse_dictionary(D, ring)
@@ -88,7 +88,7 @@ def test_composition_misfit_tells_phases_apart_not_strain():
                                   np.ones(2, int), total=counts)).astype(np.float32)
     scale = torch.full((2,), float(x.mean() * 128 * 128 / counts))
     start = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).repeat(2, 1, 1)
-    from ccstae_hpc.infer import disk_templates
+    from ccstae_hpc.core.refine import disk_templates
 
     templates = disk_templates(D, info.labels, info.relations)
     _, _, chi2 = refine(torch.from_numpy(x), torch.ones(2, dtype=torch.long), start, D,

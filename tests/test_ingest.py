@@ -23,10 +23,16 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
-from ccstae_hpc.io import IngestConfig, IngestError, ingest, ingest_main, plan_layout, readers
+from ccstae_hpc.stages import readers
+from ccstae_hpc.stages.ingest import (
+    IngestConfig,
+    IngestError,
+    ingest,
+    ingest_main,
+    plan_layout,
+)
 
-# the package re-exports the function ``ingest``, which shadows the submodule's name
-ingest_mod = importlib.import_module("ccstae_hpc.io.ingest")
+ingest_mod = importlib.import_module("ccstae_hpc.stages.ingest")
 
 CFG = IngestConfig(rows_per_shard=2)
 # one shard at a time: the interruption tests count shards deterministically
@@ -355,7 +361,7 @@ def test_empad_round_trip(tmp_path: Path) -> None:
 
 def test_blockfile_round_trip(tmp_path: Path) -> None:
     data = patterns((5, 3, 16, 16), np.uint8, seed=7)
-    blo = readers._import_rsciio("blo")  # rosettasciio's own writer makes the test file
+    blo = readers.import_rsciio("blo")  # rosettasciio's own writer makes the test file
 
     def axis(i: int, name: str, scale: float, units: str, nav: bool) -> dict[str, Any]:
         return {"size": data.shape[i], "index_in_array": i, "name": name, "scale": scale,

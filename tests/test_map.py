@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import zarr
 
-from ccstae_hpc import cli, ddp, workflow
-from ccstae_hpc.config import SimConfig, TrainConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import PrepConfig, open_prep, preprocess_store
-from ccstae_hpc.simulate import save_simulation
+from ccstae_hpc import cli
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages import map as map_stage
+from ccstae_hpc.stages import train as train_stage
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.prep import PrepConfig, open_prep, prep_geometry, preprocess_store
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_simulation(d / "s.npy", SimConfig(scan=(16, 16), detector=64, dose=1000, seed=1))
     ingest(d / "s.npy", d / "s.zarr")
     preprocess_store(d / "s.zarr", PrepConfig(max_train=256, shard_size=128))
-    workflow.train_store(d / "s.zarr", train_cfg=TrainConfig(epochs=1, batch_size=64))
+    train_stage.train_store(d / "s.zarr", train_cfg=TrainConfig(epochs=1, batch_size=64))
     return d / "s.zarr"
 
 
@@ -47,7 +49,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
                                                                 tmp_path: Path) -> None:
     stores = {n: shutil.copytree(trained, tmp_path / f"w{n}.zarr") for n in (0, 1, 2)}
-    workflow.map_store(stores[0], rows_per_block=2, workers=2)  # two threads here
+    map_stage.map_store(stores[0], rows_per_block=2, workers=2)  # two threads here
     for n in (1, 2):
         argv = ["map", str(stores[n]), "--workers", str(n), "--rows-per-block", "2", "--quiet"]
         assert cli.main(argv) == 0
@@ -61,7 +63,7 @@ def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
     assert a["workers"] == 2 and a["threads_per_task"] == 1 and a["complete"]
     # the dictionary's sample entries, compared pairwise, and the phases they form travel
     # with the strain maps
-    from ccstae_hpc.store import open_strain
+    from ccstae_hpc.stages.store import open_strain
 
     attrs = open_strain(stores[1]).attrs
     rel = json.loads(attrs["entry_relations"])
@@ -86,27 +88,29 @@ def test_model_once_per_worker_and_no_patterns_gathered(trained: Path, tmp_path:
             return futs
 
         client.map = spy
-        workflow.map_store(s, client=client, rows_per_block=2)
+        map_stage.map_store(s, client=client, rows_per_block=2)
         [(starts, kw)] = seen
         assert starts == list(range(0, 16, 2))
         # the model went as one scattered future, not inside every task
         assert set(kw) == {"payload", "pure"} and type(kw["payload"]).__name__ == "Future"
         # each worker process rebuilt it once and holds only that one
-        tokens = client.run(lambda: list(ddp._MAP_CACHE))
+        tokens = client.run(map_stage.cached_models)
         assert all(len(t) == 1 for t in tokens.values())
         assert len({t[0] for t in tokens.values()}) == 1
     # a block's task hands back a count, never patterns
     model, geom, cfg = _model_geom(s)
-    inputs = workflow.phase_inputs(open_prep(s), model, geom, cfg)
-    payload = ddp.map_payload(str(s), model, geom, cfg, (16, 16), 2, 1, inputs.to_dict())
-    assert ddp.map_rows(14, payload) == 2 * 16
+    inputs = map_stage.phase_inputs(open_prep(s), model, geom, cfg)
+    payload = map_stage.map_payload(str(s), model, geom, cfg, (16, 16), 2, 1, inputs.to_dict())
+    assert payload["group"] == "affine.partial"  # a map run writes its staging group
+    payload["group"] = "affine"  # (committed by now: write the same rows there again)
+    assert map_stage.map_rows(14, payload) == 2 * 16
 
 
 def _model_geom(store: Path) -> tuple:
-    from ccstae_hpc.config import MapConfig
+    from ccstae_hpc.core.config import MapConfig
 
-    model, _, _ = workflow.load_model(store)
-    return model, workflow.geometry_from_prep(open_prep(store)), MapConfig()
+    model, _, _ = train_stage.load_model(store)
+    return model, prep_geometry(open_prep(store)), MapConfig()
 
 
 def test_model_of_an_older_version_gets_a_clear_message(trained: Path, tmp_path: Path,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ccstae_hpc import multislice as ms
-from ccstae_hpc.evaluate import load_truth
-from ccstae_hpc.strain import polar_decompose
+from ccstae_hpc.core.strain import polar_decompose
+from ccstae_hpc.sim import multislice as ms
+from ccstae_hpc.sim.evaluate import load_truth
 
 # the sets are simulated on first use into tests/data (the session fixture)
 pytestmark = pytest.mark.usefixtures("multislice_files")

@@ -12,8 +12,8 @@ import pytest
 import xarray as xr
 
 from ccstae_hpc import cli
-from ccstae_hpc.evaluate import strain_errors
-from ccstae_hpc.multislice import load_multislice
+from ccstae_hpc.sim.evaluate import strain_errors
+from ccstae_hpc.sim.multislice import load_multislice
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("multislice_files")]
 DATA = Path(__file__).resolve().parent / "data"

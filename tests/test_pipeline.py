@@ -15,10 +15,10 @@ import pytest
 import xarray as xr
 
 from ccstae_hpc import cli
-from ccstae_hpc.config import SimConfig, TrainConfig
-from ccstae_hpc.evaluate import strain_errors
-from ccstae_hpc.mapping import rereference
-from ccstae_hpc.simulate import save_simulation, truth_rows
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.core.mapping import rereference
+from ccstae_hpc.sim.evaluate import strain_errors
+from ccstae_hpc.sim.simulate import save_simulation, truth_rows
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.simulate import save_simulation
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.sim.simulate import save_simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -100,8 +100,8 @@ def test_served_pipeline_runs_on_a_real_server(tmp_path: Path) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from ccstae_hpc.evaluate import load_truth, strain_errors
-    from ccstae_hpc.store import open_strain
+    from ccstae_hpc.sim.evaluate import load_truth, strain_errors
+    from ccstae_hpc.stages.store import open_strain
 
     npy, truth = save_simulation(tmp_path / "scan.npy", SimConfig(scan=(16, 16), dose=None))
     store = tmp_path / "scan.zarr"

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import zarr
 
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.io import ingest
-from ccstae_hpc.prep import PrepConfig, PrepError, fit_descan, preprocess_store, read_patterns
-from ccstae_hpc.preprocess import find_hot_pixels
-from ccstae_hpc.simulate import save_simulation
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.patterns import find_hot_pixels, fit_descan
+from ccstae_hpc.sim.simulate import save_simulation
+from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.prep import PrepConfig, PrepError, preprocess_store, read_patterns
+from ccstae_hpc.stages.store import StageExistsError
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_rerun_is_a_no_op_and_other_settings_need_overwrite(sim_store, prepped):
     before = zarr.open_group(str(store), mode="r")["prep"].attrs["elapsed_s"]
     g = preprocess_store(store, cfg)
     assert g.attrs["elapsed_s"] == before
-    with pytest.raises(PrepError, match="--overwrite"):
+    with pytest.raises(StageExistsError, match="--overwrite"):
         preprocess_store(store, PrepConfig(rows_per_block=5, max_train=200))
 
 
@@ -127,7 +128,7 @@ def test_subpixel_recentring_puts_every_origin_on_the_centre(sim_store, tmp_path
     centre within 0.05 px over the scan (4 px of simulated descan drift removed)."""
     import shutil
 
-    from ccstae_hpc.prep import _origins
+    from ccstae_hpc.core.patterns import measure_origins
 
     store = tmp_path / "sub.zarr"
     shutil.copytree(sim_store[0], store)
@@ -137,19 +138,19 @@ def test_subpixel_recentring_puts_every_origin_on_the_centre(sim_store, tmp_path
     assert pat.dtype == np.float32 and g["shift"].dtype == np.float32
     c = np.array(g.attrs["center"])
     np.testing.assert_allclose(c, 63.5, atol=0.05)
-    origin, _ = _origins(pat.copy(), np.zeros(pat.shape[-2:], bool), c,
+    origin, _ = measure_origins(pat.copy(), np.zeros(pat.shape[-2:], bool), c,
                          g.attrs["disk_radius"], 2 * g.attrs["disk_radius"] + 2)
     fit, _ = fit_descan(origin, 2)
     assert np.abs(fit - 63.5).max() < 0.05, np.abs(fit - 63.5).max()
 
 
 def test_binning_sums_counts_exactly():
-    from ccstae_hpc.prep import _recentred
+    from ccstae_hpc.core.patterns import recentred
 
     rng = np.random.default_rng(0)
     block = rng.poisson(3.0, (2, 3, 256, 260)).astype(np.uint16)
     want = block.astype(np.int64).reshape(2, 3, 128, 2, 130, 2).sum((3, 5))[..., :, 1:129]
-    counts, scale = _recentred(block.copy(), np.zeros((256, 260), bool),
+    counts, scale = recentred(block.copy(), np.zeros((256, 260), bool),
                                np.zeros((2, 3, 2), np.int64), 128)
     assert counts.dtype == np.uint32
     np.testing.assert_array_equal(counts, want)
@@ -161,7 +162,7 @@ def test_radial_background_removes_the_diffuse_halo(sim_store, prepped, tmp_path
     simulator's diffuse Lorentzian halo); the disks and the stored counts stay."""
     import shutil
 
-    from ccstae_hpc.preprocess import ring_mask
+    from ccstae_hpc.core.patterns import ring_mask
 
     g0 = prepped[0]
     store = tmp_path / "bg.zarr"

@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from ccstae_hpc import simulate as sim
-from ccstae_hpc.config import SimConfig
-from ccstae_hpc.crb import cramer_rao
-from ccstae_hpc.simulate import (
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.sim import simulate as sim
+from ccstae_hpc.sim.crb import cramer_rao
+from ccstae_hpc.sim.simulate import (
     NOMINAL_TOTAL,
     load_simulation,
     phase_lattice_scale,
@@ -22,7 +23,6 @@ from ccstae_hpc.simulate import (
     simulate_rows,
     truth_rows,
 )
-from ccstae_hpc.strain import rotation_matrix
 
 A = {1: 3.153, 2: 3.282}  # Angstrom, independent of the module's constants
 

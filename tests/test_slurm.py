@@ -33,8 +33,8 @@ from ddp_helpers import model_attrs as _model_attrs
 from ddp_helpers import weights as _weights
 from distributed import Client
 
-from ccstae_hpc import workflow
-from ccstae_hpc.cluster import (
+from ccstae_hpc.core.config import SimConfig, TrainConfig
+from ccstae_hpc.runtime.jobqueue import (
     default_partition,
     make_cluster,
     render_template,
@@ -43,7 +43,8 @@ from ccstae_hpc.cluster import (
     submit_batch,
     wait_for_jobs_gone,
 )
-from ccstae_hpc.config import SimConfig, TrainConfig
+from ccstae_hpc.stages import map as map_stage
+from ccstae_hpc.stages import train as train_stage
 
 _REASON = slurm_unavailable_reason()
 pytestmark = [
@@ -133,7 +134,7 @@ def one_rank(prepped: Path, tmp_path_factory: pytest.TempPathFactory
              ) -> tuple[dict[str, np.ndarray], list[float]]:
     """Reference: one process, global batch 32 -> (weights, loss curve)."""
     s = _copy(prepped, tmp_path_factory.mktemp("one-rank") / "s.zarr")
-    hist = workflow.train_store(s, train_cfg=TC)
+    hist = train_stage.train_store(s, train_cfg=TC)
     assert len(hist) == 8  # 256 patterns, batch 32
     return _weights(s), [h["loss"] for h in hist]
 
@@ -170,10 +171,10 @@ def test_dask_array_on_slurm_workers(slurm_client: Client) -> None:
 def test_preprocessing_on_slurm_workers(slurm_client: Client, tmp_path: Path) -> None:
     """The preprocessing stage on SLURM-job workers writes what threads write, and right."""
 
-    from ccstae_hpc.config import SimConfig
-    from ccstae_hpc.io import ingest
-    from ccstae_hpc.prep import PrepConfig, preprocess_store
-    from ccstae_hpc.simulate import save_simulation
+    from ccstae_hpc.core.config import SimConfig
+    from ccstae_hpc.sim.simulate import save_simulation
+    from ccstae_hpc.stages.ingest import ingest
+    from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
 
     npy, truth_path = save_simulation(tmp_path / "sim.npy",
                                       SimConfig(scan=(16, 12), dose=1000.0, seed=2))
@@ -203,7 +204,7 @@ def test_two_ddp_ranks_in_two_slurm_jobs_match_one_rank(
     assert len(set(job_of.values())) == N_WORKERS
 
     s = _copy(prepped, tmp_path / "s.zarr")
-    hist = workflow.train_store(s, train_cfg=TC, client=slurm_client)
+    hist = train_stage.train_store(s, train_cfg=TC, client=slurm_client)
     w1, loss1 = one_rank
     attrs = _model_attrs(s)
     assert attrs["complete"] and attrs["world_size"] == N_WORKERS
@@ -282,8 +283,8 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
     prepped: Path, tmp_path: Path, one_rank: tuple[dict[str, np.ndarray], list[float]],
 ) -> None:
     """ddp.sbatch with the real interpreter: 2 srun ranks train, checkpoint, match 1 rank."""
-    from ccstae_hpc.ddp import free_port
-    from ccstae_hpc.train import _read_packed, read_checkpoint
+    from ccstae_hpc.runtime.ddp import free_port
+    from ccstae_hpc.stages.train import read_checkpoint, read_packed
 
     s = _copy(prepped, tmp_path / "s.zarr")
     # 8 steps: checkpoints after steps 4 and 8, in slots checkpoint_a and checkpoint_b
@@ -313,7 +314,7 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
     assert (last.attrs["step"], first.attrs["step"]) == (8, 4)
     assert (first.attrs["epoch"], first.attrs["step_in_epoch"]) == (0, 4)
     # ... holding the final weights and the loss curve
-    ck_w = _read_packed(last["weights"])
+    ck_w = read_packed(last["weights"])
     assert ck_w.keys() == weights.keys()
     for k in weights:
         np.testing.assert_array_equal(ck_w[k], weights[k], err_msg=k)
@@ -330,7 +331,7 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
                                    "step_in_epoch": 4}})
     state = read_checkpoint(r)
     assert state is not None and state["step"] == 4 and len(state["history"]) == 4
-    workflow.train_store(r, checkpoint=None)  # no configs given: the checkpoint's are used
+    train_stage.train_store(r, checkpoint=None)  # no configs given: the checkpoint's are used
     b = _model_attrs(r)
     assert b["complete"] and b["resumed_from_step"] == 4 and b["world_size"] == 1
     np.testing.assert_array_equal(b["loss"][:4], a["loss"][:4])
@@ -346,7 +347,7 @@ def test_gpu_preload_pins_one_device_per_worker() -> None:
         cores=2,
         processes=2,
         memory="2GiB",
-        worker_extra_args=["--resources", "GPU=1", "--preload", "ccstae_hpc.cluster"],
+        worker_extra_args=["--resources", "GPU=1", "--preload", "ccstae_hpc.runtime.jobqueue"],
         # what SLURM's gres would set for a job owning GPUs 5 and 7
         job_script_prologue=["export CUDA_VISIBLE_DEVICES=5,7"],
     )
@@ -394,11 +395,11 @@ def test_pipeline_flow_with_its_dask_cluster_on_slurm(
     prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Prefect ``pipeline`` flow, cluster ``slurm-test``: its workers are SLURM jobs."""
-    import ccstae_hpc.cluster as site
-    import ccstae_hpc.prep
-    from ccstae_hpc.evaluate import load_truth, strain_errors
-    from ccstae_hpc.simulate import save_simulation
-    from ccstae_hpc.store import open_strain
+    import ccstae_hpc.runtime.jobqueue as site
+    import ccstae_hpc.stages.prep
+    from ccstae_hpc.sim.evaluate import load_truth, strain_errors
+    from ccstae_hpc.sim.simulate import save_simulation
+    from ccstae_hpc.stages.store import open_strain
     from flows.pipeline import pipeline
 
     npy, truth_path = save_simulation(
@@ -431,9 +432,9 @@ def test_pipeline_flow_with_its_dask_cluster_on_slurm(
         return wrapper
 
     monkeypatch.setattr(site, "scale_and_wait", scale_and_wait)
-    monkeypatch.setattr(ccstae_hpc.prep, "preprocess_store",
-                        counting(ccstae_hpc.prep.preprocess_store, "prep"))
-    monkeypatch.setattr(workflow, "map_store", counting(workflow.map_store, "map"))
+    monkeypatch.setattr(ccstae_hpc.stages.prep, "preprocess_store",
+                        counting(ccstae_hpc.stages.prep.preprocess_store, "prep"))
+    monkeypatch.setattr(map_stage, "map_store", counting(map_stage.map_store, "map"))
     config = {
         "prep": {"max_train": 256, "shard_size": 64},
         # 192 steps: fewer (e.g. 6 epochs of batch 64) often leave this small scan in one

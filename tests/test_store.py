@@ -1,4 +1,5 @@
-"""Result store: round trip, consolidated metadata, and never corrupting existing data."""
+"""The store contract: round trip, consolidated metadata, staging and commit, overwrite rules,
+and never corrupting what is already written."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from ccstae_hpc import store
+from ccstae_hpc.stages import store
 
 DIMS = ("scan_y", "scan_x")
 
@@ -47,118 +48,138 @@ def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith("."))
 
 
+def _store(path: Path) -> Path:
+    """A store with a complete prep group, as the map stage finds it."""
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.create_group("prep").attrs["complete"] = True
+    return path
+
+
+def _write(ds: xr.Dataset, path: Path, overwrite: bool = False) -> Path:
+    """What the map stage does with its result: stage, mark complete, commit."""
+    store.check_stage(path, store.GROUP, overwrite)
+    store.write_group(store.with_pixel_coords(ds.assign_attrs(complete=True)), path,
+                      store.staging(store.GROUP))
+    store.commit(path, store.GROUP)
+    return path
+
+
+def _strain(path: Path) -> xr.Dataset:
+    return store.open_strain(path).load().drop_attrs(deep=False)
+
+
 def test_round_trip_identical(tmp_path: Path) -> None:
     ds = _dataset()
-    out = store.write_strain(ds, tmp_path / "a.zarr")
+    out = _write(ds, _store(tmp_path / "a.zarr"))
     back = store.open_strain(out)
-    expected = store.with_pixel_coords(ds)
-    xr.testing.assert_identical(back.load(), expected)
+    assert back.attrs.pop("complete") is True
+    xr.testing.assert_identical(back.load(), store.with_pixel_coords(ds))
     assert back.scan_y.attrs["units"] == "px"
     np.testing.assert_array_equal(back.scan_x.values, np.arange(7))
     assert back.phase.dtype == np.int16 and back.sample.dtype == bool
 
 
 def test_consolidated_and_warning_free(tmp_path: Path) -> None:
-    path = tmp_path / "a.zarr"
+    path = _store(tmp_path / "a.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        store.write_strain(_dataset(), path)
+        _write(_dataset(), path)
         ds = xr.open_zarr(path, group="strain")  # the documented way users read results
         ds.load()
     root = json.loads((path / "zarr.json").read_text())
     assert root["zarr_format"] == 3
-    assert "strain/exx" in root["consolidated_metadata"]["metadata"]
+    meta = root["consolidated_metadata"]["metadata"]
+    assert "strain/exx" in meta and not any(".partial" in k for k in meta)
     group = zarr.open_consolidated(path, mode="r", zarr_format=3)
     assert "exx" in group["strain"]
 
 
-def test_parents_created_and_no_temp_left(tmp_path: Path) -> None:
-    path = tmp_path / "deep" / "er" / "a.zarr"
-    store.write_strain(_dataset(), path)
-    assert store.is_store(path)
-    assert _siblings(path) == []
-
-
-def test_existing_store_refused_and_unchanged(tmp_path: Path) -> None:
-    path = tmp_path / "a.zarr"
-    store.write_strain(_dataset(0), path)
+def test_complete_group_refused_without_overwrite(tmp_path: Path) -> None:
+    path = _write(_dataset(0), _store(tmp_path / "a.zarr"))
     before = _snapshot(tmp_path)
-    with pytest.raises(store.StoreExistsError, match="exists; pass --overwrite to replace it"):
-        store.write_strain(_dataset(1), path)
+    with pytest.raises(store.StageExistsError, match="strain is complete; pass --overwrite"):
+        _write(_dataset(1), path)
     assert _snapshot(tmp_path) == before
 
 
-def test_overwrite_replaces(tmp_path: Path) -> None:
-    path = tmp_path / "a.zarr"
-    store.write_strain(_dataset(0), path)
+def test_overwrite_replaces_and_leaves_no_staging(tmp_path: Path) -> None:
+    path = _write(_dataset(0), _store(tmp_path / "a.zarr"))
     new = _dataset(1, shape=(3, 4))
-    store.write_strain(new, path, overwrite=True)
-    xr.testing.assert_identical(store.open_strain(path).load(), store.with_pixel_coords(new))
-    assert _siblings(path) == []
+    _write(new, path, overwrite=True)
+    back = store.open_strain(path).load()
+    back.attrs.pop("complete")
+    xr.testing.assert_identical(back, store.with_pixel_coords(new))
+    assert sorted(c.name for c in path.iterdir()) == ["prep", "strain", "zarr.json"]
+    assert _siblings(path / "strain") == []
 
 
-def test_non_store_never_replaced(tmp_path: Path) -> None:
-    path = tmp_path / "results"
-    path.mkdir()
-    (path / "notes.txt").write_text("mine")
-    with pytest.raises(store.NotAStoreError, match="not a Zarr store"):
-        store.write_strain(_dataset(), path, overwrite=True)
-    assert (path / "notes.txt").read_text() == "mine"
-    (tmp_path / "file.zarr").write_text("x")
-    with pytest.raises(store.NotAStoreError):
-        store.write_strain(_dataset(), tmp_path / "file.zarr", overwrite=True)
+def test_commit_of_an_earlier_stage_removes_what_was_made_from_it(tmp_path: Path) -> None:
+    path = _write(_dataset(0), _store(tmp_path / "a.zarr"))
+    root = zarr.open_group(path, mode="r+", zarr_format=3)
+    root.create_group("model").attrs["complete"] = True
+    with pytest.raises(store.StageExistsError, match=r"removes model, affine, strain"):
+        store.check_stage(path, "prep", overwrite=False)
+    root.create_group(store.staging("prep")).attrs.update(complete=True, version=2)
+    store.commit(path, "prep")
+    assert sorted(c.name for c in path.iterdir()) == ["prep", "zarr.json"]
+    assert store.group_state(path, "prep") == "complete"
+    assert store.open_root(path)["prep"].attrs["version"] == 2
 
 
-def test_store_with_other_stages_data_never_replaced(tmp_path: Path) -> None:
-    path = tmp_path / "a.zarr"
-    root = zarr.open_group(path, mode="w", zarr_format=3)
-    root.create_array("raw", shape=(2, 2, 32, 32), dtype="uint16")
-    before = _snapshot(tmp_path)
-    with pytest.raises(store.StoreExistsError, match=r"holds other data \(raw\)"):
-        store.write_strain(_dataset(), path, overwrite=True)
-    assert _snapshot(tmp_path) == before
+def test_incomplete_staging_is_never_committed(tmp_path: Path) -> None:
+    path = _write(_dataset(0), _store(tmp_path / "a.zarr"))
+    zarr.open_group(path, mode="r+", zarr_format=3).create_group(store.staging("strain"))
+    with pytest.raises(RuntimeError, match="not complete"):
+        store.commit(path, "strain")
+    assert store.group_state(path, "strain") == "complete"
 
 
-def _half_write(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_mid_write_keeps_old_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _store(tmp_path / "a.zarr")
+    old = _dataset(0)
+    _write(old, path)
     real = xr.Dataset.to_zarr
 
-    def half(self: xr.Dataset, path: Path, encoding: dict, **kw: object) -> None:
+    def half(self: xr.Dataset, where: Path, encoding: dict, **kw: object) -> None:
         # write one variable for real, then die: a crash in the middle of a write
         part = self[["exx"]]
-        real(part, path, encoding={k: v for k, v in encoding.items() if k in part}, **kw)
+        real(part, where, encoding={k: v for k, v in encoding.items() if k in part}, **kw)
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(xr.Dataset, "to_zarr", half)
-
-
-def test_failure_mid_write_keeps_old_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "a.zarr"
-    old = _dataset(0)
-    store.write_strain(old, path)
-    before = _snapshot(tmp_path)
-    _half_write(monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
-        store.write_strain(_dataset(1), path, overwrite=True)
-    assert _snapshot(tmp_path) == before
+        _write(_dataset(1), path, overwrite=True)
     monkeypatch.undo()
-    xr.testing.assert_identical(store.open_strain(path).load(), store.with_pixel_coords(old))
+    back = store.open_strain(path).load()
+    back.attrs.pop("complete")
+    xr.testing.assert_identical(back, store.with_pixel_coords(old))
+    # the next run starts its staging group afresh
+    store.discard_staging(path, "strain")
+    assert not (path / store.staging("strain")).exists()
 
 
-def test_failure_mid_write_of_new_store_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _half_write(monkeypatch)
-    with pytest.raises(RuntimeError):
-        store.write_strain(_dataset(), tmp_path / "a.zarr")
-    assert list(tmp_path.iterdir()) == []
+def test_publish_refuses_then_replaces_whole_stores(tmp_path: Path) -> None:
+    dest = _write(_dataset(0), _store(tmp_path / "a.zarr"))
+    before = _snapshot(tmp_path)
+    tmp = store.sibling(dest, "tmp")
+    _write(_dataset(1), _store(tmp))
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        store.publish(tmp, dest, overwrite=False)
+    assert _snapshot(tmp_path) == before and not tmp.exists()
+    tmp = store.sibling(dest, "tmp")
+    _write(_dataset(2), _store(tmp))
+    store.publish(tmp, dest, overwrite=True)
+    assert _siblings(dest) == []
+    np.testing.assert_array_equal(_strain(dest).exx, store.with_pixel_coords(_dataset(2)).exx)
 
 
 def test_failure_at_final_rename_restores_old(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "a.zarr"
-    store.write_strain(_dataset(0), path)
-    before = _snapshot(tmp_path)
+    dest = _write(_dataset(0), _store(tmp_path / "a.zarr"))
+    tmp = store.sibling(dest, "tmp")
+    _write(_dataset(1), _store(tmp))
+    shutil_free = _snapshot(tmp_path)
     real = os.rename
 
     def flaky(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
@@ -169,16 +190,11 @@ def test_failure_at_final_rename_restores_old(
 
     monkeypatch.setattr(store.os, "rename", flaky)
     with pytest.raises(OSError, match="simulated"):
-        store.write_strain(_dataset(1), path, overwrite=True)
+        store.publish(tmp, dest, overwrite=True)
     monkeypatch.undo()
-    assert _snapshot(tmp_path) == before
-
-
-def test_dask_backed_dataset_can_be_rewritten(tmp_path: Path) -> None:
-    store.write_strain(_dataset(), tmp_path / "a.zarr")
-    lazy = store.open_strain(tmp_path / "a.zarr")
-    store.write_strain(lazy, tmp_path / "b.zarr")
-    xr.testing.assert_identical(store.open_strain(tmp_path / "b.zarr").load(), lazy.load())
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k.startswith("a.zarr")} == {
+        k: v for k, v in shutil_free.items() if k.startswith("a.zarr")}
 
 
 def test_open_missing(tmp_path: Path) -> None:
@@ -190,5 +206,5 @@ def test_open_missing(tmp_path: Path) -> None:
 
 
 def test_large_maps_are_chunked(tmp_path: Path) -> None:
-    path = store.write_strain(_dataset(shape=(600, 20)), tmp_path / "a.zarr")
+    path = _write(_dataset(shape=(600, 20)), _store(tmp_path / "a.zarr"))
     assert zarr.open_array(path / "strain" / "exx", mode="r").chunks == (512, 20)

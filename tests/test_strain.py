@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccstae_hpc.strain import (
+from ccstae_hpc.core.strain import (
     affine_to_deformation,
     polar_decompose,
     pool_deformation,

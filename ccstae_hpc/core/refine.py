@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .model import CCSTAE, affine_matrix
+from ccstae_hpc.core.model import CCSTAE, affine_matrix
 
 __all__ = ["encode", "refine", "relate_entries", "compose_affine", "disk_templates",
            "pixel_grid"]

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ccstae_hpc.config import MapConfig
-from ccstae_hpc.strain import reference_deformation, relative_strain, stretch_determinant
+from ccstae_hpc.core.config import MapConfig
+from ccstae_hpc.core.strain import reference_deformation, relative_strain, stretch_determinant
 
 __all__ = [
     "COMPONENTS",

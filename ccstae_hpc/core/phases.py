@@ -6,7 +6,7 @@ entries of different phases sit in arbitrary lattice frames of their own.  Every
 derived from the dictionary and from a sample of the data's own patterns; no I/O.
 
 * **Relations.**  Every sample entry is registered onto every other one
-  (:func:`ccstae_hpc.infer.relate_entries`): ``T_cj`` with ``D_c(A_cj k + t_cj) ~ D_j(k)``.
+  (:func:`ccstae_hpc.core.refine.relate_entries`): ``T_cj`` with ``D_c(A_cj k + t_cj) ~ D_j(k)``.
   The linear parts are then re-estimated from the data (:func:`calibrate`): patterns of entry
   ``c`` are registered onto ``c`` and, from the composed start, onto ``j``; the median of
   ``A_c^-1 A_j`` over them is what the patterns themselves say about the two frames, which is
@@ -14,7 +14,7 @@ derived from the dictionary and from a sample of the data's own patterns; no I/O
 * **Phases.**  Entries ``j`` and ``k`` are one phase unless the patterns of ``k`` are
   explained by ``j`` (placed by their own registration) significantly worse than by ``k``
   itself, and the patterns of ``j`` significantly worse by ``k`` than by ``j``: the mean gain
-  in the composition misfit of :func:`ccstae_hpc.infer.refine` (Poisson chi-square of whole
+  in the composition misfit of :func:`ccstae_hpc.core.refine.refine` (Poisson chi-square of whole
   Bragg-disk intensities: blind to how blurred an averaged entry is, sensitive to
   composition) over the calibration patterns, against its standard error
   (:data:`MERGE_SIGNIFICANCE`).  A split phase has an entry that serves both halves as well;
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .infer import compose_affine, disk_templates, encode, refine, relate_entries
-from .preprocess import disk_contrast, disk_mask
-from .strain import affine_to_deformation
+from ccstae_hpc.core.patterns import disk_contrast, disk_mask
+from ccstae_hpc.core.refine import compose_affine, disk_templates, encode, refine, relate_entries
+from ccstae_hpc.core.strain import affine_to_deformation, polar_decompose
 
 __all__ = [
     "COMPOSITION_SIGNIFICANCE",
@@ -49,6 +49,7 @@ __all__ = [
     "analyse_dictionary",
     "calibrate",
     "decide_phase",
+    "entry_relations",
 ]
 
 # dictionary entries whose Bragg-disk contrast is below this fraction of the strongest
@@ -356,3 +357,19 @@ def decide_phase(entry: np.ndarray, chi2: np.ndarray, phase_of_entry: np.ndarray
     override = (best_gain > COMPOSITION_SIGNIFICANCE * chi2_scale) & (phase > 0)
     phase[override] = best_phase[override]
     return phase
+
+
+def entry_relations(info: DictionaryInfo, ph: PhaseMap) -> list[dict]:
+    """Strain and rotation between the sample entries' lattices (calibrated relations)."""
+    out = []
+    sample = np.nonzero(~info.vacuum)[0]
+    for a, j in enumerate(sample):
+        for k in sample[a + 1:]:
+            M = affine_to_deformation(ph.relations[k, j, :, :2].astype(np.float64))
+            rot, U = polar_decompose(M)
+            out.append({"entries": [int(j), int(k)],
+                        "max_strain": float(np.abs(U - np.eye(2)).max()),
+                        "rotation_deg": float(rot),
+                        "dictionary_residual": float(info.relation_residual[k, j]),
+                        "same_phase": bool(ph.phase_of_entry[j] == ph.phase_of_entry[k])})
+    return out

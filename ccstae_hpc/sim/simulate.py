@@ -1,6 +1,6 @@
 """Vectorised synthetic 4D-STEM of a WS2/WSe2 lateral heterostructure, with ground truth.
 
-Conventions (see :mod:`ccstae_hpc.strain`):
+Conventions (see :mod:`ccstae_hpc.core.strain`):
 
 * data are ``(scan_y, scan_x, k_y, k_x)``; detector pixel centres sit at integer ``(row, col)``;
   detector axes are parallel to the scan axes (``x`` = columns, ``y`` = rows);
@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import SimConfig
-from .strain import rotation_matrix
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.strain import rotation_matrix
 
 __all__ = [
     "LATTICE_A",

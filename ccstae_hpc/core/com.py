@@ -5,14 +5,14 @@ Bragg disk's position is the CoM of a window around its predicted position (iter
 windows follow the current lattice estimate), and the pattern's reciprocal basis ``Gp`` is a
 weighted least-squares fit of all disk positions relative to the origin.
 
-Conventions follow :mod:`ccstae_hpc.strain`: ``origin`` and disk positions are ``(k_y, k_x)``
+Conventions follow :mod:`ccstae_hpc.core.strain`: ``origin`` and disk positions are ``(k_y, k_x)``
 detector pixels (row, column); reciprocal bases are 2x2 matrices whose columns ``g1, g2`` are
 ``(x, y) = (k_x, k_y)`` vectors in detector pixels, so a disk ``(h, k)`` sits at
 ``(x, y) = origin_xy + G @ (h, k)``.  ``Gp = A G_ref`` defines the detector sampling matrix
 ``A`` and the real-space deformation ``M = A^-T`` (:func:`deformation`).
 
-Hot pixels are not handled here: repair them first (:func:`ccstae_hpc.preprocess.find_hot_pixels`
-on the mean pattern, then :func:`ccstae_hpc.preprocess.repair_hot_pixels`); a hot pixel inside
+Hot pixels are not handled here: repair them first (:func:`ccstae_hpc.core.patterns.find_hot_pixels`
+on the mean pattern, then :func:`ccstae_hpc.core.patterns.repair_hot_pixels`); a hot pixel inside
 a window pulls that disk's CoM.
 
 Typical use::
@@ -34,8 +34,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
-from .preprocess import central_disk, find_hot_pixels, repair_hot_pixels
-from .strain import affine_to_deformation
+from ccstae_hpc.core.patterns import central_disk, find_hot_pixels, repair_hot_pixels
+from ccstae_hpc.core.strain import affine_to_deformation
 
 __all__ = ["ComLattice", "reference_lattice", "fit_patterns", "deformation"]
 
@@ -278,8 +278,8 @@ def fit_patterns(patterns: np.ndarray, lattice: ComLattice, iterations: int = 2
 def deformation(Gp: np.ndarray, G_ref: np.ndarray) -> np.ndarray:
     """Real-space deformation ``M = A^-T`` with ``A = Gp G_ref^-1`` (``Gp = A G_ref``).
 
-    Feed ``M`` to :func:`ccstae_hpc.strain.reference_deformation` and
-    :func:`ccstae_hpc.strain.relative_strain` exactly like the main method's output.
+    Feed ``M`` to :func:`ccstae_hpc.core.strain.reference_deformation` and
+    :func:`ccstae_hpc.core.strain.relative_strain` exactly like the main method's output.
     """
     A = np.asarray(Gp, dtype=np.float64) @ np.linalg.inv(np.asarray(G_ref, dtype=np.float64))
     return affine_to_deformation(A)

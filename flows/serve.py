@@ -251,7 +251,7 @@ def serve(schedule: str | os.PathLike[str] | None = None, *, limit: int | None =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ccstae_hpc.serve [--schedule FILE] [--limit N] [--check]``."""
+    """``python -m flows.serve [--schedule FILE] [--limit N] [--check]``."""
     import argparse
     import sys
 

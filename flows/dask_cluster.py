@@ -6,9 +6,9 @@ tasks *on* Dask workers (prefect-dask's ``DaskTaskRunner``) would make every wor
 Prefect API (or start its own ephemeral server when ``PREFECT_API_URL`` is not set there),
 for stages that are one call each anyway.
 
-Names are sections of ``cluster/clusters.yaml`` resolved by ``ccstae_hpc.cluster``
+Names are sections of ``cluster/clusters.yaml`` resolved by ``ccstae_hpc.runtime.jobqueue``
 (``local``, ``slurm-cpu``, ``SITE:SECTION``, ``FILE.yaml:SECTION``), or the address of a
-running scheduler (``tcp://host:8786``).  When ``ccstae_hpc.cluster`` is not importable,
+running scheduler (``tcp://host:8786``).  When ``ccstae_hpc.runtime.jobqueue`` is not importable,
 ``local`` falls back to a plain ``LocalCluster``.  The cluster starts on first use, so a
 rerun whose chunked stages are all done starts none.
 """
@@ -33,7 +33,7 @@ def is_address(name: str) -> bool:
 def _site() -> Any | None:
     # imported lazily: the module (and dask_jobqueue behind it) is optional for the flows
     try:
-        from ccstae_hpc import cluster as site
+        from ccstae_hpc.runtime import jobqueue as site
     except ImportError:
         return None
     return site if hasattr(site, "make_cluster") else None
@@ -74,8 +74,8 @@ class DaskCluster:
         site = _site()
         if site is None:
             if self.name != "local":
-                raise ValueError(f"cluster {self.name!r} needs ccstae_hpc.cluster, which is "
-                                 "not available; use 'local' or a scheduler address")
+                raise ValueError(f"cluster {self.name!r} needs ccstae_hpc.runtime.jobqueue, which "
+                                 "is not available; use 'local' or a scheduler address")
             return
         site.load_cluster_config(self.name, **self.overrides)
 

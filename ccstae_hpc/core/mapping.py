@@ -2,7 +2,7 @@
 
 No I/O: :func:`map_block` is the unit of work of distributed inference (a worker reads its
 rows, calls it, writes ``affine/``), :func:`assemble_strain` turns the whole ``affine/`` group
-into the ``strain`` Dataset.  Conventions: :mod:`ccstae_hpc.strain`.
+into the ``strain`` Dataset.  Conventions: :mod:`ccstae_hpc.core.strain`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import __version__
-from .config import MapConfig
-from .infer import compose_affine, disk_templates, encode, refine
-from .model import CCSTAE
-from .phases import DictionaryInfo, PhaseMap, decide_phase
-from .strain import (
+from ccstae_hpc import __version__
+from ccstae_hpc.core.config import MapConfig
+from ccstae_hpc.core.model import CCSTAE
+from ccstae_hpc.core.phases import DictionaryInfo, PhaseMap, decide_phase
+from ccstae_hpc.core.refine import compose_affine, disk_templates, encode, refine
+from ccstae_hpc.core.strain import (
     affine_to_deformation,
     pool_deformation,
     reference_deformation,
@@ -85,7 +85,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
     Each pattern is registered onto the root entry of its encoder class's phase (the
     encoder's affine composed with the entry-to-root relation as the start), then scored for
     composition against the other phases' roots, which decides its phase
-    (:func:`ccstae_hpc.phases.decide_phase`).
+    (:func:`ccstae_hpc.core.phases.decide_phase`).
 
     Returns
     -------

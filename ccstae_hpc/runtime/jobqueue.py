@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ccstae_hpc.config import _check, _Config
+from ccstae_hpc.core.config import Config, check
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_TYPES = ("local", "slurm", "pbs")
 DEFAULT_FILE = "clusters.yaml"
-GPU_PRELOAD = "ccstae_hpc.cluster"
+GPU_PRELOAD = "ccstae_hpc.runtime.jobqueue"
 # set in the job script so that the preloaded dask_setup knows how many workers share the job
 PROCESSES_ENV = "CCSTAE_PROCESSES_PER_JOB"
 # the scheduler address a rendered job script shows instead of a live one
@@ -82,11 +82,11 @@ _TEMPLATE_RE = re.compile(r"(?<!\$)\{([a-z_][a-z0-9_]*)\}")
 def cluster_dir() -> Path:
     """Directory holding ``clusters.yaml``, ``sites/`` and ``templates/``."""
     env = os.environ.get("CCSTAE_CLUSTER_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "cluster"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "cluster"
 
 
 @dataclass(frozen=True)
-class ClusterConfig(_Config):
+class ClusterConfig(Config):
     """One resolved cluster section: what :func:`make_cluster` builds, kept for provenance.
 
     Parameters
@@ -104,7 +104,7 @@ class ClusterConfig(_Config):
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.type in CLUSTER_TYPES,
             f"cluster section {self.name!r} has type {self.type!r}; "
             f"type must be one of {list(CLUSTER_TYPES)}",
@@ -408,7 +408,7 @@ def gpu_for_worker(worker_name: str, processes: int, visible: str | None) -> str
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload ccstae_hpc.cluster``): pin this worker to its own GPU.
+    """Worker preload (``--preload ccstae_hpc.runtime.jobqueue``): pin this worker to its own GPU.
 
     Runs in the worker process before any task, hence before CUDA is initialised.
     """
@@ -514,13 +514,13 @@ def render_template(name: str, **params: Any) -> str:
 
 
 def _derive_template_values(name: str, v: dict[str, Any]) -> dict[str, Any]:
-    _check(v["store"] is not None, f"template {name} needs store=<path of the Zarr store>")
-    _check(int(v["nodes"]) >= 1, "nodes must be >= 1")
+    check(v["store"] is not None, f"template {name} needs store=<path of the Zarr store>")
+    check(int(v["nodes"]) >= 1, "nodes must be >= 1")
     gpus = int(v["gpus_per_node"])
-    _check(gpus >= 0, "gpus_per_node must be >= 0 (0 = CPU ranks)")
+    check(gpus >= 0, "gpus_per_node must be >= 0 (0 = CPU ranks)")
     if v["ranks_per_node"] is None:
         v["ranks_per_node"] = gpus if gpus > 0 else 1
-    _check(int(v["ranks_per_node"]) >= 1, "ranks_per_node must be >= 1")
+    check(int(v["ranks_per_node"]) >= 1, "ranks_per_node must be >= 1")
     if name.endswith(".sbatch"):
         v["gpus_per_task"] = 1 if gpus > 0 else None
     # shell words are quoted here; directive values are not shell-parsed

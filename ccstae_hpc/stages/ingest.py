@@ -49,8 +49,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from ccstae_hpc.config import _check, _Config
-from ccstae_hpc.io.readers import (
+from ccstae_hpc.core.config import Config, check
+from ccstae_hpc.stages.readers import (
     CALIBRATION_KEYS,
     FORMATS,
     IngestError,
@@ -76,7 +76,7 @@ _MB = 1_000_000
 
 
 @dataclass(frozen=True)
-class IngestConfig(_Config):
+class IngestConfig(Config):
     """Layout, compression and concurrency of the ingest.
 
     ``shard_mb`` is the target uncompressed size of one shard (a whole number of scan rows);
@@ -100,24 +100,24 @@ class IngestConfig(_Config):
     max_chunk_mb: float = 512.0
 
     def __post_init__(self) -> None:
-        _check(self.shard_mb > 0, "shard_mb must be > 0")
-        _check(
+        check(self.shard_mb > 0, "shard_mb must be > 0")
+        check(
             self.rows_per_shard is None or self.rows_per_shard >= 1,
             "rows_per_shard must be >= 1 or None (derived from shard_mb)",
         )
-        _check(
+        check(
             self.cname in ("zstd", "lz4", "lz4hc", "blosclz", "zlib"),
             "cname must be one of zstd, lz4, lz4hc, blosclz, zlib",
         )
-        _check(0 <= self.clevel <= 9, "clevel must be in 0..9")
-        _check(self.blocksize >= 0, "blocksize must be >= 0 (0: Blosc's automatic choice)")
-        _check(
+        check(0 <= self.clevel <= 9, "clevel must be in 0..9")
+        check(self.blocksize >= 0, "blocksize must be >= 0 (0: Blosc's automatic choice)")
+        check(
             self.shuffle in ("noshuffle", "shuffle", "bitshuffle"),
             "shuffle must be noshuffle, shuffle or bitshuffle",
         )
-        _check(self.in_flight >= 1, "in_flight must be >= 1")
-        _check(self.max_inflight_mb > 0, "max_inflight_mb must be > 0")
-        _check(self.max_chunk_mb > 0, "max_chunk_mb must be > 0")
+        check(self.in_flight >= 1, "in_flight must be >= 1")
+        check(self.max_inflight_mb > 0, "max_inflight_mb must be > 0")
+        check(self.max_chunk_mb > 0, "max_chunk_mb must be > 0")
 
 
 @dataclass(frozen=True)
@@ -485,7 +485,7 @@ def ingest(
     overwrite
         Replace an existing store (complete, foreign or from another input).
     calibration
-        Values for the keys of :data:`~ccstae_hpc.io.readers.CALIBRATION_KEYS` that the file
+        Values for the keys of :data:`~ccstae_hpc.stages.readers.CALIBRATION_KEYS` that the file
         lacks; a value contradicting the file by more than 1% is an error.
     config
         Layout/compression/concurrency; defaults to :class:`IngestConfig()`.

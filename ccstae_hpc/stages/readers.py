@@ -773,7 +773,7 @@ def _rsciio_calibration(sig: dict[str, Any], axes: list[dict[str, Any]]) -> dict
     return calib
 
 
-def _import_rsciio(fmt: str) -> Any:
+def import_rsciio(fmt: str) -> Any:
     """Import the rosettasciio plugin module of ``fmt``.
 
     rosettasciio 0.15's blockfile plugin imports scikit-image at module level, but only its
@@ -829,7 +829,7 @@ def _check_mib_complete(sig: dict[str, Any], p: Path, n_frames: int) -> None:
 
 def _open_rsciio(p: Path, fmt: str, scan_shape: tuple[int, int] | None) -> Source:
     plugin = _RSCIIO_PLUGIN[fmt]
-    mod = _import_rsciio(fmt)
+    mod = import_rsciio(fmt)
     kwargs: dict[str, Any] = {}
     hdr_missing = False
     if fmt == "mib":

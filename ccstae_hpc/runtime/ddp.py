@@ -1,4 +1,4 @@
-"""Distributed execution: DDP ranks for training, model-once-per-worker tasks for inference.
+"""Distributed execution: DDP process groups, their collectives, and the Dask launchers.
 
 Training runs one rank per process, started in one of three ways:
 
@@ -14,9 +14,8 @@ Each rank then enters :func:`process_group` (NCCL on ``cuda:LOCAL_RANK`` where C
 available, gloo on CPU) and runs the same training function; :class:`Comm` wraps the few
 collectives that training needs so that the single-process path runs the same code.
 
-Inference (:func:`map_rows`) maps one block of scan rows per task; the model travels once to
-each worker (:func:`map_payload`, scattered with ``broadcast=True``) and is rebuilt once per
-worker process.
+Inference needs no process group: its tasks (:func:`ccstae_hpc.stages.map.map_rows`) run on
+the workers of the same Dask clients (:func:`dask_client`).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,8 +40,6 @@ __all__ = [
     "device_for",
     "process_group",
     "run_on_dask",
-    "map_payload",
-    "map_rows",
     "dask_client",
 ]
 
@@ -119,7 +114,7 @@ def device_for(local_rank: int) -> torch.device:
     """``cuda:LOCAL_RANK`` where CUDA is available, else the CPU.
 
     A worker that sees a single GPU (``CUDA_VISIBLE_DEVICES`` restricted per worker, as
-    :mod:`ccstae_hpc.cluster` does) uses it whatever its local rank.
+    :mod:`ccstae_hpc.runtime.jobqueue` does) uses it whatever its local rank.
     """
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -299,88 +294,11 @@ def run_on_dask(
     return client.gather(futures)
 
 
-# ----------------------------------------------------------------------- inference on workers
-
-# the model of the current map run, built once per worker process: token -> (model, geom, cfg)
-_MAP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
-_MAP_LOCK = threading.Lock()
 
 
-def map_payload(store: str, model: Any, geom: Any, map_cfg: Any, shape: tuple[int, int],
-                rows: int, threads: int, inputs: dict) -> dict:
-    """Everything a worker needs to map blocks of ``store``: plain arrays and dicts.
-
-    Sent once per worker (``client.scatter(..., broadcast=True)``); the model is rebuilt
-    from it once per worker process and cached under the payload's token.
-    """
-    return {
-        "token": uuid.uuid4().hex,
-        "store": store,
-        "weights": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-        "model_config": model.cfg.to_dict(),
-        "detector": int(model.detector),
-        "center": [float(c) for c in geom.center],
-        "radius": float(geom.radius),
-        "map_config": map_cfg.to_dict(),
-        "shape": [int(shape[0]), int(shape[1])],
-        "rows": int(rows),
-        "threads": int(threads),
-        "inputs": inputs,
-    }
 
 
-def _cached(payload: dict) -> tuple[Any, Any, Any, Any]:
-    from .config import MapConfig, ModelConfig
-    from .mapping import MapInputs
-    from .model import CCSTAE
-    from .preprocess import ring_mask
-    from .train import Geometry
 
-    with _MAP_LOCK:
-        hit = _MAP_CACHE.get(payload["token"])
-        if hit is None:
-            _MAP_CACHE.clear()  # one map run at a time per process: drop older models
-            w = {k: torch.from_numpy(v) for k, v in payload["weights"].items()}
-            Q = payload["detector"]
-            model = CCSTAE(ModelConfig.from_dict(payload["model_config"]), Q,
-                           tuple(payload["center"]), payload["radius"])
-            model.load_state_dict(w)
-            model.eval()
-            c, r = tuple(payload["center"]), payload["radius"]
-            geom = Geometry(c, r, ring_mask((Q, Q), c, 2 * r + 2))
-            hit = (model, geom, MapConfig.from_dict(payload["map_config"]),
-                   MapInputs.from_dict(payload["inputs"]))
-            _MAP_CACHE[payload["token"]] = hit
-    return hit
-
-
-def map_rows(y0: int, payload: dict) -> int:
-    """Map scan rows ``y0 : y0 + rows`` of ``prep/patterns`` into ``affine/`` (a region write).
-
-    The unit of distributed inference, run the same way in a Dask worker and in a local
-    thread: reads its own block (nothing is gathered), fixes torch's thread count so that
-    the result does not depend on where it runs, and returns only the number of patterns.
-    """
-    import zarr
-
-    from .mapping import map_block
-    from .prep import read_patterns
-
-    # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
-    torch.set_num_threads(payload["threads"])
-    model, geom, cfg, inputs = _cached(payload)
-    ny, nx = payload["shape"]
-    y1 = min(y0 + payload["rows"], ny)
-    path = payload["store"]
-    x = read_patterns(path, y0, y1)
-    scale = zarr.open_array(path, path="prep/scale", mode="r")[y0:y1]
-    out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs)
-    del x
-    # region writes aligned with the row chunks: blocks never share a chunk
-    for name, v in out.items():
-        zarr.open_array(path, path=f"affine/{name}", mode="r+")[y0:y1] = v.reshape(
-            y1 - y0, nx, *v.shape[1:])
-    return (y1 - y0) * nx
 
 
 @contextmanager

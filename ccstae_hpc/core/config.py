@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-T = TypeVar("T", bound="_Config")
+T = TypeVar("T", bound="Config")
 
 
-class _Config:
-    """Mixin: dict/JSON round trip for frozen dataclasses."""
+class Config:
+    """Base of every stage config: dict/JSON round trip for frozen dataclasses.
+
+    Subclass as ``@dataclass(frozen=True)`` and validate in ``__post_init__`` with :func:`check`.
+    """
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -51,14 +54,15 @@ class _Config:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``: the message says what to change."""
     # explicit check instead of assert: asserts vanish under python -O
     if not cond:
         raise ValueError(msg)
 
 
 @dataclass(frozen=True)
-class SimConfig(_Config):
+class SimConfig(Config):
     """Synthetic WS2/WSe2 lateral heterostructure 4D-STEM dataset.
 
     ``dose`` is electrons per pattern (Poisson); ``None`` gives noise-free expected
@@ -87,14 +91,14 @@ class SimConfig(_Config):
     heterostructure: bool = True
 
     def __post_init__(self) -> None:
-        _check(len(self.scan) == 2 and min(self.scan) >= 2, "scan must be (ny, nx) >= 2")
-        _check(self.detector >= 32, "detector must be at least 32 px")
-        _check(self.dose is None or self.dose > 0, "dose must be positive or None (noise-free)")
-        _check(0 <= self.background_weight < 1, "background_weight must be in [0, 1)")
+        check(len(self.scan) == 2 and min(self.scan) >= 2, "scan must be (ny, nx) >= 2")
+        check(self.detector >= 32, "detector must be at least 32 px")
+        check(self.dose is None or self.dose > 0, "dose must be positive or None (noise-free)")
+        check(0 <= self.background_weight < 1, "background_weight must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Config):
+class ModelConfig(Config):
     """CC-ST-AE architecture."""
 
     num_base: int = 3  # dictionary size: phases + vacuum
@@ -106,12 +110,12 @@ class ModelConfig(_Config):
     max_shift: float = 0.05  # learned correction to the measured origin, fraction of half-width
 
     def __post_init__(self) -> None:
-        _check(self.num_base >= 1, "num_base must be >= 1")
-        _check(self.input_size % 16 == 0, "input_size must be a multiple of 16")
+        check(self.num_base >= 1, "num_base must be >= 1")
+        check(self.input_size % 16 == 0, "input_size must be a multiple of 16")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Config):
+class TrainConfig(Config):
     """Training loop."""
 
     # None: 6 epochs, or as many more as make ``min_steps`` optimiser steps: an epoch of a
@@ -125,10 +129,10 @@ class TrainConfig(_Config):
     class_anchor: float = 1.0  # weight of the pull toward the data-derived classes
 
     def __post_init__(self) -> None:
-        _check(self.epochs is None or self.epochs >= 1, "epochs must be >= 1 (or None)")
-        _check(self.min_steps >= 0, "min_steps must be >= 0")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
-        _check(self.lr > 0, "lr must be positive")
+        check(self.epochs is None or self.epochs >= 1, "epochs must be >= 1 (or None)")
+        check(self.min_steps >= 0, "min_steps must be >= 0")
+        check(self.batch_size >= 1, "batch_size must be >= 1")
+        check(self.lr > 0, "lr must be positive")
 
     def epochs_for(self, steps_per_epoch: int) -> int:
         """Epochs to run at ``steps_per_epoch``: ``epochs`` when given, else
@@ -139,7 +143,7 @@ class TrainConfig(_Config):
 
 
 @dataclass(frozen=True)
-class MapConfig(_Config):
+class MapConfig(Config):
     """Inference, per-pattern refinement and strain assembly.
 
     ``reference`` is ``None`` for the automatic reference, or a scan box
@@ -163,13 +167,13 @@ class MapConfig(_Config):
     outlier_mad: float = 8.0
 
     def __post_init__(self) -> None:
-        _check(self.refine_iters >= 0, "refine_iters must be >= 0")
+        check(self.refine_iters >= 0, "refine_iters must be >= 0")
         if self.reference is not None:
-            _check(len(self.reference) == 4, "reference must be (y0, y1, x0, x1)")
+            check(len(self.reference) == 4, "reference must be (y0, y1, x0, x1)")
             y0, y1, x0, x1 = self.reference
-            _check(y1 > y0 and x1 > x0, "reference box must be non-empty: y1 > y0 and x1 > x0")
-        _check(self.symmetry >= 1, "symmetry must be >= 1")
-        _check(self.reference_mode in ("global", "per_phase"),
+            check(y1 > y0 and x1 > x0, "reference box must be non-empty: y1 > y0 and x1 > x0")
+        check(self.symmetry >= 1, "symmetry must be >= 1")
+        check(self.reference_mode in ("global", "per_phase"),
                "reference_mode must be 'global' (one reference lattice) or 'per_phase'")
-        _check(self.pool_sigma >= 0, "pool_sigma must be >= 0 (0 disables pooling)")
-        _check(self.outlier_mad > 0, "outlier_mad must be positive")
+        check(self.pool_sigma >= 0, "pool_sigma must be >= 0 (0 disables pooling)")
+        check(self.outlier_mad > 0, "outlier_mad must be positive")

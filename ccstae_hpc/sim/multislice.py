@@ -1,11 +1,11 @@
 """Multislice (abTEM) 4D-STEM validation data of WS2 and a WS2/WSe2 heterostructure.
 
 The patterns are computed by abTEM from atom positions, independently of the project's own
-kinematic simulator (:mod:`ccstae_hpc.simulate`); the ground truth is computed from the same
+kinematic simulator (:mod:`ccstae_hpc.sim.simulate`); the ground truth is computed from the same
 atom positions.  ``abtem`` and ``ase`` are imported lazily, so this module (and the truth, which
 needs neither) imports without them.
 
-Conventions (those of :mod:`ccstae_hpc.strain` and :mod:`ccstae_hpc.simulate`):
+Conventions (those of :mod:`ccstae_hpc.core.strain` and :mod:`ccstae_hpc.sim.simulate`):
 
 * real space: lab coordinates ``(x, y)`` in Angstrom, ``x`` along scan columns, ``y`` along
   scan rows; probe ``(row, col)`` sits at ``(x, y) = step * (col, row)``;
@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from .simulate import LATTICE_A, NOMINAL_TOTAL, basis_vectors
-from .strain import polar_decompose, rotation_matrix
+from ccstae_hpc.core.strain import polar_decompose, rotation_matrix
+from ccstae_hpc.sim.simulate import LATTICE_A, NOMINAL_TOTAL, basis_vectors
 
 __all__ = [
     "BOX",
@@ -454,7 +454,7 @@ def multislice_truth(
 ) -> dict[str, np.ndarray]:
     """Ground truth of :func:`simulate_multislice` (no abTEM needed).
 
-    Same keys and conventions as :func:`ccstae_hpc.simulate.truth_rows`, except that ``F`` (and
+    Same keys and conventions as :func:`ccstae_hpc.sim.simulate.truth_rows`, except that ``F`` (and
     so the strain) is relative to the relaxed WS2 reference lattice for both phases.
     """
     return _truth(_build_sample(kind, scan, seed, step), detector)
@@ -633,7 +633,7 @@ def config_dict(
         versions = {}
     sample = _build_sample(kind, scan, seed, step)
     return {
-        "generator": "ccstae_hpc.multislice",
+        "generator": "ccstae_hpc.sim.multislice",
         "kind": kind,
         "scan": [int(v) for v in scan],
         "seed": int(seed),
@@ -807,8 +807,8 @@ def validation_set(directory: str | Path, name: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ccstae_hpc.multislice OUT.npy --kind single|interface ...``."""
-    ap = argparse.ArgumentParser(prog="python -m ccstae_hpc.multislice", description=__doc__
+    """``python -m ccstae_hpc.sim.multislice OUT.npy --kind single|interface ...``."""
+    ap = argparse.ArgumentParser(prog="python -m ccstae_hpc.sim.multislice", description=__doc__
                                  .split("\n\n")[0])
     ap.add_argument("out", help="output .npy (the truth goes to OUT.truth.npz)")
     ap.add_argument("--kind", choices=("single", "interface"), required=True)

@@ -1,6 +1,6 @@
 """Cramer-Rao lower bounds of a single simulated pattern under Poisson noise.
 
-The bound uses the simulator's own renderer (:func:`ccstae_hpc.simulate.render_pattern`), so
+The bound uses the simulator's own renderer (:func:`ccstae_hpc.sim.simulate.render_pattern`), so
 it is the precision floor for any estimator on these data: strain, rotation and pattern origin
 cannot be recovered from one pattern at a given dose more precisely than this.
 """
@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from .config import SimConfig
-from .simulate import base_origin, render_pattern
-from .strain import rotation_matrix
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.sim.simulate import base_origin, render_pattern
 
 __all__ = ["PARAMS", "pattern_from_params", "fisher_information", "cramer_rao", "render_pattern"]
 

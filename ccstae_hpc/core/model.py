@@ -3,7 +3,7 @@
 Torch only, no I/O.  Shapes: patterns ``(N, Q, Q)`` float32, normalised to mean 1 over the
 detector; the encoder sees them binned to ``input_size`` and square-rooted.
 
-Affine convention (see :mod:`ccstae_hpc.strain`): in normalised detector coordinates
+Affine convention (see :mod:`ccstae_hpc.core.strain`): in normalised detector coordinates
 ``u = (x, y)`` in ``[-1, 1]`` (``align_corners=False``), the *forward* transform samples the
 input at ``A u + t`` so that ``I(A u + t) ~ D_c(u)`` with ``D_c`` the pattern's dictionary
 entry.  The *cycle* (inverse) transform samples the dictionary at ``A^-1 (u - t)`` and must
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ccstae_hpc.core.config import ModelConfig
+from ccstae_hpc.core.geometry import ring_inner_radius
 
 __all__ = [
     "CCSTAE",
@@ -172,7 +173,7 @@ class CCSTAE(nn.Module):
         # data-derived geometry travels with the weights (state_dict) for provenance
         self.register_buffer("center", torch.tensor(c, dtype=torch.float32))
         self.register_buffer("radius", torch.tensor(float(radius)))
-        self.r_in = int(2 * radius + 2)
+        self.r_in = int(ring_inner_radius(radius))
         n_radial = detector // 2 - self.r_in
         chans = (1, *cfg.channels)
         pairs = zip(chans[:-1], chans[1:], strict=True)

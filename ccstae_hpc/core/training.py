@@ -1,0 +1,455 @@
+"""Training CC-ST-AE: one loop for a single process and for DDP ranks, with checkpoints.
+
+Data order
+----------
+The training set is a list of shards (the chunks of ``prep/train``; an in-memory array is one
+shard).  Rank ``r`` of ``W`` holds shards ``r, r + W, ...`` (one rank holds all).  In epoch
+``e`` every shard ``k`` contributes a quota proportional to its size, in the order
+``default_rng((seed, e, k)).permutation``, and global step ``s`` takes the ``s``-th of the
+epoch's equal slices of every quota.  The global batch is therefore the same set of patterns
+for any number of ranks (each rank supplies the slices of its own shards), and a resumed run
+replays the order from ``(seed, epoch, step)`` alone.  Each rank's loss is weighted by its
+share of the global batch, so that DDP's gradient average equals the gradient of the global
+batch mean: ``W`` ranks with ``B / W`` patterns each step like one rank with ``B``.
+
+Initialisation
+--------------
+k-means starting classes (radial descriptors gathered on rank 0, labels broadcast), class
+means (summed over ranks) and the loss normalisation (probe losses summed over ranks) come
+out the same for any number of ranks; rank 0's values are broadcast so every rank starts
+from identical weights.
+
+This module is the loop and its data order, with no I/O: the collectives come in as a
+``comm`` (:class:`ccstae_hpc.runtime.ddp.Comm`), checkpoints go out through a callback
+(:mod:`ccstae_hpc.stages.train` writes them into the store).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ccstae_hpc.core.config import ModelConfig, TrainConfig
+from ccstae_hpc.core.geometry import Geometry
+from ccstae_hpc.core.model import CCSTAE, cycle_loss, radial_features
+from ccstae_hpc.core.patterns import disk_mask, kmeans
+
+__all__ = [
+    "Collectives",
+    "initial_classes",
+    "class_masks",
+    "TrainData",
+    "EpochPlan",
+    "epoch_plan",
+    "shard_sizes",
+    "steps_per_epoch",
+    "train_input",
+    "fit",
+]
+
+# patterns of the loss-normalisation probe
+_PROBE = 512
+# the original's penalty on scale and shear: free up to this fraction ...
+DEFORMATION_FREE = 0.03
+# ... and this weight on the squared excess beyond it
+DEFORMATION_PENALTY = 10.0
+
+
+class Collectives(Protocol):
+    """What the loop needs of the job's process group (:class:`ccstae_hpc.runtime.ddp.Comm`)."""
+
+    device: torch.device
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world(self) -> int: ...
+
+    def allreduce_sum(self, a: np.ndarray) -> np.ndarray: ...
+
+    def broadcast(self, a: np.ndarray) -> np.ndarray: ...
+
+    def broadcast_object(self, obj: Any) -> Any: ...
+
+    def gather_objects(self, obj: Any) -> list[Any]: ...
+
+
+def _descriptors(x: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Radial descriptors (:func:`~ccstae_hpc.core.model.radial_features`) of ``x``, in blocks."""
+    center = torch.tensor(geom.center, dtype=torch.float32)
+    feats = [
+        radial_features(torch.from_numpy(np.ascontiguousarray(x[i:i + 1024], np.float32)),
+                        center, geom.radius, geom.r_in).numpy()
+        for i in range(0, len(x), 1024)
+    ]
+    return np.concatenate(feats)
+
+
+def initial_classes(x: np.ndarray, geom: Geometry, k: int, seed: int = 0) -> np.ndarray:
+    """Data-derived starting classes: k-means on rotation-invariant radial profiles.
+
+    The same descriptor the classifier sees (:func:`ccstae_hpc.core.model.radial_features`).
+    """
+    if k == 1:
+        return np.zeros(len(x), dtype=np.int64)
+    return kmeans(_descriptors(x, geom), k, seed=seed, restarts=10)
+
+
+def class_masks(dictionary: np.ndarray, ring: np.ndarray, floor: float = 0.25) -> np.ndarray:
+    """Loss weights per class ``(K, Q, Q)``: the Bragg-disk mask on a low floor over the ring.
+
+    The floor keeps a disk-free (vacuum) entry from winning by having nothing to compare.
+    """
+    return np.stack([ring * (floor + (1 - floor) * disk_mask(d, ring)) for d in dictionary])
+
+
+@dataclass
+class TrainData:
+    """The training patterns one rank holds: some shards of the global training set."""
+
+    sizes: tuple[int, ...]  # patterns per shard, every shard of the set
+    shards: dict[int, np.ndarray]  # shard id -> (n, Q, Q) patterns held by this rank
+
+    @classmethod
+    def from_array(cls, x: np.ndarray) -> TrainData:
+        """An in-memory set as a single shard."""
+        return cls((len(x),), {0: x})
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Global index of each shard's first pattern."""
+        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+
+    @property
+    def detector(self) -> int:
+        return int(next(iter(self.shards.values())).shape[-1])
+
+    def local(self) -> list[int]:
+        return sorted(self.shards)
+
+    def take(self, pieces: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
+        """Patterns ``(n, Q, Q)`` float32 of ``(shard, local indices)`` pieces, in order."""
+        parts = [self.shards[k][idx] for k, idx in pieces if len(idx)]
+        if not parts:
+            Q = self.detector
+            return np.empty((0, Q, Q), np.float32)
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def global_index(self, pieces: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
+        off = self.offsets
+        return np.concatenate([off[k] + idx for k, idx in pieces] or [np.empty(0, np.int64)])
+
+
+def shard_sizes(n: int, shard: int) -> tuple[int, ...]:
+    """Sizes of the ``ceil(n / shard)`` shards of ``n`` patterns."""
+    return tuple(min(shard, n - s) for s in range(0, n, shard))
+
+
+def train_input(x: np.ndarray, scale: np.ndarray | None, bg: torch.Tensor | None
+                ) -> torch.Tensor:
+    """Model input (float32) of patterns of ``prep/train``: counts * ``train_scale`` -
+    background (:func:`ccstae_hpc.core.patterns.normalised`); float16 shards (float data) are stored
+    scaled already."""
+    t = torch.from_numpy(np.asarray(x).astype(np.float32))
+    if scale is not None and x.dtype != np.float16:
+        t *= torch.from_numpy(np.asarray(scale))[:, None, None]
+    if bg is not None:
+        t -= bg
+    return t
+
+
+def _apportion(total: int, sizes: Sequence[int]) -> np.ndarray:
+    """Split ``total`` over shards in proportion to their sizes (largest remainders, exact)."""
+    s = np.asarray(sizes, np.int64)
+    q, rem = np.divmod(total * s, s.sum())
+    extra = total - int(q.sum())
+    q[np.argsort(-rem, kind="stable")[:extra]] += 1
+    return q
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which patterns every global step of one epoch uses (see the module docstring)."""
+
+    steps: int
+    quotas: np.ndarray  # patterns used per shard this epoch, every shard
+    orders: dict[int, np.ndarray]  # shard id -> ordered local indices, held shards only
+
+    def batch_size(self, s: int) -> int:
+        """Size of the global batch of step ``s`` (all ranks together)."""
+        q = self.quotas
+        return int(((s + 1) * q // self.steps - s * q // self.steps).sum())
+
+    def pieces(self, s: int) -> list[tuple[int, np.ndarray]]:
+        """This rank's ``(shard, local indices)`` of step ``s``."""
+        out = []
+        for k, order in sorted(self.orders.items()):
+            q = len(order)
+            out.append((k, order[s * q // self.steps:(s + 1) * q // self.steps]))
+        return out
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    return max(1, min(n, cfg.max_patterns) // cfg.batch_size)
+
+
+def epoch_plan(sizes: Sequence[int], cfg: TrainConfig, epoch: int,
+               shards: Iterable[int]) -> EpochPlan:
+    """The epoch's sample order for the shards ``shards``; a function of the seed and epoch."""
+    n = int(sum(sizes))
+    steps = steps_per_epoch(n, cfg)
+    quotas = _apportion(min(n, steps * cfg.batch_size), sizes)
+    orders = {k: np.random.default_rng((cfg.seed, epoch, k)).permutation(sizes[k])[:quotas[k]]
+              for k in shards}
+    return EpochPlan(steps, quotas, orders)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0])
+
+
+def _initial_state(
+    data: TrainData, geom: Geometry, model_cfg: ModelConfig, train_cfg: TrainConfig,
+    comm: Collectives, labels0: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global starting classes ``(N,)`` and starting dictionary ``(K, Q, Q)``, as on rank 0."""
+    K, N, Q = model_cfg.num_base, data.total, data.detector
+    off = data.offsets
+    if labels0 is None:
+        if K == 1:
+            labels0 = np.zeros(N, np.int64)
+        else:
+            feats = comm.gather_objects({k: _descriptors(data.shards[k], geom)
+                                         for k in data.local()})
+            labels0 = None
+            if comm.rank == 0:
+                merged = {k: f for d in feats for k, f in d.items()}
+                allf = np.concatenate([merged[k] for k in range(len(data.sizes))])
+                labels0 = kmeans(allf, K, seed=train_cfg.seed, restarts=10)
+            labels0 = comm.broadcast_object(labels0)
+    labels0 = np.asarray(labels0, np.int64)
+    # class means summed over ranks in float64; empty classes fall back to the overall mean
+    acc = np.zeros((K + 1, Q, Q))
+    cnt = np.zeros(K + 1)
+    for k in data.local():
+        x = data.shards[k]
+        lab = labels0[off[k]:off[k] + len(x)]
+        for i in range(0, len(x), 1024):
+            xb = np.asarray(x[i:i + 1024], np.float64)
+            lb = lab[i:i + 1024]
+            for j in range(K):
+                sel = lb == j
+                acc[j] += xb[sel].sum(0)
+                cnt[j] += sel.sum()
+            acc[K] += xb.sum(0)
+            cnt[K] += len(xb)
+    acc = comm.allreduce_sum(acc)
+    cnt = comm.allreduce_sum(cnt)
+    init = np.stack([acc[j] / cnt[j] if cnt[j] > 0 else acc[K] / cnt[K] for j in range(K)])
+    init = comm.broadcast(init.astype(np.float32))
+    return labels0, init
+
+
+def _loss_scale(model: CCSTAE, data: TrainData, labels0: np.ndarray, masks: torch.Tensor,
+                cfg: TrainConfig, comm: Collectives, device: torch.device) -> float:
+    """Mean cycle loss of the starting model on a fixed probe of patterns, over all ranks.
+
+    The cycle loss scales with the Poisson noise (1/dose in normalised units); dividing by
+    its value at the start makes the loss, and its balance with the class anchor, the same
+    at every dose.
+    """
+    N = data.total
+    probe = np.random.default_rng(cfg.seed).choice(N, min(N, _PROBE), replace=False)
+    off = data.offsets
+    pieces = []
+    for k in data.local():
+        sel = probe[(probe >= off[k]) & (probe < off[k] + data.sizes[k])] - off[k]
+        pieces.append((k, np.sort(sel)))
+    tot = np.zeros(2)
+    x = data.take(pieces)
+    if len(x):
+        with torch.no_grad():
+            lab = torch.from_numpy(labels0[data.global_index(pieces)]).to(device)
+            xt = torch.from_numpy(x).to(device)
+            _, parts = cycle_loss(xt, model(xt), masks[lab].unsqueeze(1))
+            tot[:] = float(parts["per_pattern"].double().sum()), len(x)
+    tot = comm.allreduce_sum(tot)
+    scale = comm.broadcast(np.array([max(tot[0] / tot[1], 1e-12)]))
+    return float(scale[0])
+
+
+def _progress_bar(total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def fit(
+    data: TrainData,
+    geom: Geometry,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    comm: Collectives,
+    labels0: np.ndarray | None = None,
+    progress: bool | Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+) -> tuple[CCSTAE, list[dict]]:
+    """Train CC-ST-AE on this rank's shards ``data``; every rank returns the same model.
+
+    Parameters
+    ----------
+    data : this rank's shards of the training set.
+    geom : detector geometry.
+    comm : collectives of the job (:class:`ccstae_hpc.runtime.ddp.Comm`, also for one process).
+    labels0 : global starting classes ``(N,)`` (k-means when None).
+    progress : rank 0 only: True shows a tqdm bar; a callable receives each step's record.
+    resume : a state from :func:`read_checkpoint` to continue from.
+    checkpoint : rank 0 only: called with the training state to persist.
+    checkpoint_every : steps between ``checkpoint`` calls (0: only at the end).
+
+    Returns
+    -------
+    The trained model (on the CPU, eval mode) and the loss curve (one record per step).
+    """
+    device = comm.device
+    main = comm.rank == 0
+    N = data.total
+    if not data.shards:
+        raise ValueError(f"rank {comm.rank} holds no training shard")
+    steps = steps_per_epoch(N, train_cfg)
+    epochs = train_cfg.epochs_for(steps)
+    total = steps * epochs
+
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    model = CCSTAE(model_cfg, data.detector, geom.center, geom.radius)
+    if resume is None:
+        labels0, init = _initial_state(data, geom, model_cfg, train_cfg, comm, labels0)
+        model.init_dictionary(torch.from_numpy(init))
+        masks_np = class_masks(init, geom.ring)
+    else:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in resume["weights"].items()})
+        labels0, masks_np = resume["labels0"], resume["masks"]
+    model.to(device)
+    masks = torch.from_numpy(masks_np).to(device)
+    dict_params = list(model.decoder.parameters())
+    other = [p for n, p in model.named_parameters() if not n.startswith("decoder")]
+    opt = torch.optim.Adam(
+        [{"params": other, "lr": train_cfg.lr}, {"params": dict_params, "lr": train_cfg.lr * 5}]
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))) * 0.95 + 0.05
+    )
+    if resume is None:
+        loss_scale = _loss_scale(model, data, labels0, masks, train_cfg, comm, device)
+        history: list[dict] = []
+        step, epoch0, s0 = 0, 0, 0
+    else:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        loss_scale = float(resume["loss_scale"])
+        history = list(resume["history"])
+        step, epoch0, s0 = int(resume["step"]), int(resume["epoch"]), int(resume["step_in_epoch"])
+    lab_all = torch.from_numpy(np.asarray(labels0, np.int64))
+
+    net: torch.nn.Module = model
+    if comm.world > 1:
+        # DDP also broadcasts rank 0's parameters here: all ranks start identical
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = device.type == "cuda"  # bf16 autocast on GPUs only; CPU runs stay float32
+
+    def state(epoch: int, s: int) -> dict:
+        return {
+            "weights": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": step, "epoch": epoch, "step_in_epoch": s, "loss_scale": loss_scale,
+            "labels0": np.asarray(labels0), "masks": masks.cpu().numpy(),
+            "history": list(history),
+        }
+
+    bar = _progress_bar(total, step) if main and progress is True else None
+    callback = progress if main and callable(progress) else None
+    t0, done = time.perf_counter(), 0
+    try:
+        for epoch in range(epoch0, epochs):
+            plan = epoch_plan(data.sizes, train_cfg, epoch, data.local())
+            for s in range(s0 if epoch == epoch0 else 0, plan.steps):
+                torch.manual_seed(_step_seed(train_cfg.seed, step, comm.rank))
+                pieces = plan.pieces(s)
+                n_glob = plan.batch_size(s)
+                x = data.take(pieces)
+                idx = torch.from_numpy(data.global_index(pieces))
+                n_loc = len(x)
+                if n_loc == 0:
+                    # this rank has nothing this step but must join the gradient all-reduce:
+                    # one pattern with zero weight
+                    k = data.local()[0]
+                    x, idx = data.take([(k, np.array([0]))]), torch.tensor([data.offsets[k]])
+                xb = torch.from_numpy(x).to(device)
+                lab = lab_all[idx].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = net(xb)
+                    m = masks[out["onehot"].argmax(-1)].unsqueeze(1)
+                    loss, parts = cycle_loss(xb, out, m)
+                    loss = loss / loss_scale
+                    # anchor the top-1 classifier to the data-derived classes: without it the
+                    # straight-through code drifts and merges phases whose lattices differ by
+                    # a few percent (the affine head can absorb that as scale)
+                    loss = loss + train_cfg.class_anchor * F.cross_entropy(out["logits"], lab)
+                    # the original's penalty on scale and shear (DEFORMATION_FREE): keeps one
+                    # dictionary entry per lattice instead of one stretched over several
+                    pr = out["params"]
+                    excess = (torch.relu((pr[:, :2] - 1).abs() - DEFORMATION_FREE).sum(1)
+                              + torch.relu(pr[:, 2].abs() - DEFORMATION_FREE))
+                    loss = loss + DEFORMATION_PENALTY * (excess**2).mean()
+                # DDP averages gradients over ranks: weighting each rank's batch mean by its
+                # share of the global batch makes that the gradient of the global mean
+                weight = comm.world * n_loc / n_glob
+                opt.zero_grad(set_to_none=True)
+                (loss * weight if weight != 1.0 else loss).backward()
+                opt.step()
+                sched.step()
+                step += 1
+                done += n_glob
+                value = float(loss.detach())
+                if comm.world > 1:
+                    value = float(comm.allreduce_sum(np.array([value * n_loc]))[0] / n_glob)
+                rec = {"step": step, "epoch": epoch, "epochs": epochs, "loss": value,
+                       "patterns_per_s": done / (time.perf_counter() - t0)}
+                history.append(rec)
+                last = s + 1 == plan.steps
+                if last:
+                    # the masks follow the dictionary once per epoch (identical on all ranks)
+                    with torch.no_grad():
+                        masks = torch.from_numpy(class_masks(
+                            model.dictionary().detach().cpu().numpy(), geom.ring)).to(device)
+                due = checkpoint_every > 0 and step % checkpoint_every == 0
+                if main and checkpoint is not None and (due or step == total):
+                    checkpoint(state(epoch + 1, 0) if last else state(epoch, s + 1))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.4g}",
+                                    patterns_per_s=f"{rec['patterns_per_s']:.0f}")
+                    bar.update(1)
+                if callback is not None:
+                    callback(rec)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.cpu().eval()
+    return model, history

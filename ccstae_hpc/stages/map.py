@@ -1,0 +1,288 @@
+"""Map stage: ``prep/patterns`` + ``model/`` -> ``affine/`` and ``strain/`` of a store.
+
+:func:`map_store` calibrates the dictionary's phases once (:func:`phase_inputs`), then maps
+blocks of whole scan rows as tasks (:func:`map_rows`, on Dask workers or local threads), each
+reading its own block and writing its rows of ``affine/`` (region writes aligned with the row
+chunks), and finally assembles the ``strain`` Dataset on one reference lattice
+(:func:`ccstae_hpc.core.mapping.assemble_strain`).  The model travels once to each worker
+(:func:`map_payload`, scattered with ``broadcast=True``) and is rebuilt once per worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from ccstae_hpc.core.config import MapConfig, ModelConfig
+from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
+from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block
+from ccstae_hpc.core.model import CCSTAE
+from ccstae_hpc.core.patterns import fit_lattice
+from ccstae_hpc.core.phases import analyse_dictionary, calibrate, entry_relations
+from ccstae_hpc.core.training import train_input
+from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_patterns
+from ccstae_hpc.stages.store import (
+    GROUP,
+    check_stage,
+    commit,
+    discard_staging,
+    staging,
+    with_pixel_coords,
+    write_group,
+)
+from ccstae_hpc.stages.train import load_model
+
+__all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "map_payload", "map_rows",
+           "cached_models"]
+
+# training-set patterns used to group the dictionary into phases and calibrate their frames
+CALIBRATION_SAMPLE = 1024
+AFFINE = "affine"
+_CODEC = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+
+
+
+
+
+
+
+
+def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any | None = None,
+              rows_per_block: int = 8, *, threads: int = 1, workers: int | None = None,
+              progress: bool = False, overwrite: bool = False) -> Path:
+    """Blockwise inference into ``affine/``, then the ``strain`` group of the store.
+
+    Each block of ``rows_per_block`` scan rows is one task that reads its patterns, maps
+    them and writes its rows of ``affine/`` (a region write): no patterns reach the caller.
+    The model goes once to each worker.  Every task runs with ``threads`` torch threads, so
+    the results are the same on any number of workers and in this process.  Both groups are
+    written under staging names and replace earlier ones only once complete
+    (:mod:`ccstae_hpc.stages.store`).
+
+    Parameters
+    ----------
+    client : a ``distributed.Client`` to map on; None maps in this process on ``workers``
+        threads (default: the CPUs available).
+    threads : torch threads per task.
+    progress : a tqdm bar over the blocks.
+    overwrite : replace complete ``affine`` and ``strain`` groups (refused otherwise).
+    """
+    map_cfg = map_cfg or MapConfig()
+    store = Path(store)
+    for group in (AFFINE, GROUP):
+        check_stage(store, group, overwrite)
+    prep = open_prep(store)
+    geom = prep_geometry(prep)
+    model, mcfg, tcfg = load_model(store)
+    ny, nx = prep["patterns"].shape[:2]
+    inputs = phase_inputs(prep, model, geom, map_cfg)
+    aff = _create_affine(store, (ny, nx), rows_per_block, len(inputs.info.patterns))
+    payload = map_payload(str(store.resolve()), model, geom, map_cfg, (ny, nx), rows_per_block,
+                          threads, inputs.to_dict())
+    t0 = time.perf_counter()
+    n_workers = _run_blocks(payload, client, workers, progress)
+    dt = time.perf_counter() - t0
+    aff.attrs.update({"map_config": map_cfg.to_dict(), "elapsed_s": dt,
+                      "patterns_per_s": ny * nx / dt, "workers": n_workers,
+                      "threads_per_task": threads, "rows_per_block": rows_per_block,
+                      "complete": True})
+    affine = {k: aff[k][...] for k in ("theta", "entry", "phase", "residual")}
+    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    ds = assemble_strain(affine, inputs.phases, map_cfg, reference_lattice=_base_lattice(
+        root, prep, geom, inputs), attrs={
+            "model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
+            "prep_config": json.dumps(prep.attrs["config"]),
+            "geometry": json.dumps(geom.to_dict()),
+            "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
+            "map_patterns_per_s": ny * nx / dt,
+            "entry_relations": json.dumps(entry_relations(inputs.info, inputs.phases)),
+        })
+    write_group(with_pixel_coords(ds.assign_attrs(complete=True)), store, staging(GROUP))
+    commit(store, AFFINE, GROUP)
+    return store
+
+
+def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: int
+                   ) -> zarr.Group:
+    """The empty staging ``affine`` group, chunked by blocks of whole scan rows."""
+    discard_staging(store, AFFINE)
+    discard_staging(store, GROUP)
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
+    aff = root.create_group(staging(AFFINE))
+    ny, nx = shape
+    rows = (rows_per_block, nx)
+    for name, shp, dtype, chunks, dims in (
+        ("theta", (ny, nx, 2, 3), "float32", rows + (2, 3), ("scan_y", "scan_x", "i", "j")),
+        ("entry", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
+        ("phase", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
+        ("residual", (ny, nx), "float32", rows, ("scan_y", "scan_x")),
+        ("composition", (ny, nx, K), "float32", rows + (K,), ("scan_y", "scan_x", "entry")),
+    ):
+        aff.create_array(name, shape=shp, dtype=dtype, chunks=chunks, compressors=_CODEC,
+                         dimension_names=dims, fill_value=0)
+    return aff
+
+
+def _run_blocks(payload: dict, client: Any | None, workers: int | None, progress: bool) -> int:
+    """Map every block of ``payload``'s scan on ``client`` or local threads; the worker count."""
+    ny, nx = payload["shape"]
+    starts = list(range(0, ny, payload["rows"]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ny * nx, unit="pattern", desc="map", dynamic_ncols=True)
+    try:
+        if client is not None:
+            from distributed import as_completed
+
+            n_workers = len(client.scheduler_info()["workers"])
+            [shared] = client.scatter([payload], broadcast=True, hash=False)
+            futures = client.map(map_rows, starts, payload=shared, pure=False)
+            try:
+                for fut in as_completed(futures):
+                    n = fut.result()  # raises the first failed block's error
+                    if bar is not None:
+                        bar.update(n)
+            finally:
+                client.cancel([*futures, shared])
+            return n_workers
+        from concurrent.futures import ThreadPoolExecutor
+
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        n_workers = workers or (len(cpus) if cpus else os.cpu_count() or 1)
+        before = torch.get_num_threads()
+        try:
+            # torch releases the GIL inside its kernels: threads run blocks in parallel
+            with ThreadPoolExecutor(n_workers) as ex:
+                for n in ex.map(lambda y0: map_rows(y0, payload), starts):
+                    if bar is not None:
+                        bar.update(n)
+        finally:
+            torch.set_num_threads(before)
+        return n_workers
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig
+                 ) -> MapInputs:
+    """Analyse the dictionary and calibrate its phases on the training sample of ``prep``."""
+    info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring, map_cfg.symmetry)
+    n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
+    scale = prep["train_scale"][:n]
+    bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
+    x = train_input(prep["train"][:n], scale, bg).numpy()
+    phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
+    return MapInputs(info, phases)
+
+
+def _base_lattice(root: zarr.Group, prep: zarr.Group, geom: Geometry, inputs: MapInputs
+                  ) -> dict:
+    """Reciprocal basis of the base phase's root entry (the common frame), with the
+    detector calibration when the raw data carry one."""
+    ph = inputs.phases
+    base = [e for e in range(len(ph.phase_of_entry))
+            if ph.phase_of_entry[e] > 0 and ph.root_of_entry[e] == e
+            and np.allclose(np.nan_to_num(ph.frames[e]), np.eye(2))]
+    if not base:
+        return {"found": False}
+    lat = fit_lattice(inputs.info.patterns[base[0]], geom.center, ring_inner_radius(geom.radius))
+    cal = dict(root["raw"].attrs.get("calibration", {}) or {}) if "raw" in root else {}
+    ps = cal.get("detector_pixel_size_inv_A")
+    if ps:
+        lat["pixel_size_inv_A"] = float(ps) * int(prep.attrs.get("bin_factor", 1))
+    return lat
+
+
+# ---------------------------------------------------------------- the worker side
+
+# the model of the current map run, built once per worker process: token -> (model, geom, cfg)
+_MAP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
+
+
+_MAP_LOCK = threading.Lock()
+
+
+def map_payload(store: str, model: Any, geom: Any, map_cfg: Any, shape: tuple[int, int],
+                rows: int, threads: int, inputs: dict) -> dict:
+    """Everything a worker needs to map blocks of ``store``: plain arrays and dicts.
+
+    Sent once per worker (``client.scatter(..., broadcast=True)``); the model is rebuilt
+    from it once per worker process and cached under the payload's token.
+    """
+    return {
+        "token": uuid.uuid4().hex,
+        "store": store,
+        "weights": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+        "model_config": model.cfg.to_dict(),
+        "detector": int(model.detector),
+        "center": [float(c) for c in geom.center],
+        "radius": float(geom.radius),
+        "map_config": map_cfg.to_dict(),
+        "shape": [int(shape[0]), int(shape[1])],
+        "rows": int(rows),
+        "threads": int(threads),
+        "inputs": inputs,
+        "group": staging(AFFINE),  # where the blocks go until the map run commits
+    }
+
+
+def _cached(payload: dict) -> tuple[Any, Any, Any, Any]:
+    with _MAP_LOCK:
+        hit = _MAP_CACHE.get(payload["token"])
+        if hit is None:
+            _MAP_CACHE.clear()  # one map run at a time per process: drop older models
+            w = {k: torch.from_numpy(v) for k, v in payload["weights"].items()}
+            Q = payload["detector"]
+            model = CCSTAE(ModelConfig.from_dict(payload["model_config"]), Q,
+                           tuple(payload["center"]), payload["radius"])
+            model.load_state_dict(w)
+            model.eval()
+            geom = Geometry.from_disk(tuple(payload["center"]), payload["radius"], Q)
+            hit = (model, geom, MapConfig.from_dict(payload["map_config"]),
+                   MapInputs.from_dict(payload["inputs"]))
+            _MAP_CACHE[payload["token"]] = hit
+    return hit
+
+
+def cached_models() -> list[str]:
+    """Tokens of the map runs whose model this process holds (at most one)."""
+    with _MAP_LOCK:
+        return list(_MAP_CACHE)
+
+
+def map_rows(y0: int, payload: dict) -> int:
+    """Map scan rows ``y0 : y0 + rows`` of ``prep/patterns`` into ``affine/`` (a region write).
+
+    The unit of distributed inference, run the same way in a Dask worker and in a local
+    thread: reads its own block (nothing is gathered), fixes torch's thread count so that
+    the result does not depend on where it runs, and returns only the number of patterns.
+    """
+    # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
+    torch.set_num_threads(payload["threads"])
+    model, geom, cfg, inputs = _cached(payload)
+    ny, nx = payload["shape"]
+    y1 = min(y0 + payload["rows"], ny)
+    path = payload["store"]
+    x = read_patterns(path, y0, y1)
+    scale = zarr.open_array(path, path="prep/scale", mode="r")[y0:y1]
+    out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs)
+    del x
+    # region writes aligned with the row chunks: blocks never share a chunk
+    for name, v in out.items():
+        zarr.open_array(path, path=f"{payload['group']}/{name}", mode="r+")[y0:y1] = v.reshape(
+            y1 - y0, nx, *v.shape[1:])
+    return (y1 - y0) * nx

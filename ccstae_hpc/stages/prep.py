@@ -1,0 +1,433 @@
+"""Preprocessing stage: ``raw/`` -> ``prep/`` of a store, chunked over scan rows on Dask.
+
+Modelled on LiberTEM's UDFs: each pass is a pure function of one block of whole scan rows
+(:mod:`ccstae_hpc.core.patterns` kernels) that returns small per-pattern results and may write
+its block of a large output array (a region write aligned with the row chunks, so blocks
+never share a chunk); the client merges the small results.
+
+Passes
+------
+1. sum pattern -> hot pixels, central disk (centre, radius);
+2. per pattern: hot-pixel repair, central-disk origin, Bragg-ring fraction (vacuum);
+3. smooth descan fit of the origins (robust polynomial over the scan);
+4. per pattern: repair, integer re-centring on the fitted origin, bin/crop -> ``prep/patterns``
+   and its normalising ``scale``; a random subset is returned for the shuffled training shards;
+5. mean pattern of the re-centred data -> Bragg-disk mask and lattice fit.
+
+``prep/`` holds ``patterns`` (repaired, re-centred, binned counts in an integer dtype for
+counting detectors: lossless and half the bytes of float), ``scale`` (per pattern: ``patterns
+* scale`` has mean 1 and is the model input, see :func:`read_patterns`), ``origin``
+(measured), ``origin_fit`` (descan model), ``shift`` (shift applied), ``vacuum``,
+``ring_fraction``, ``mask``, ``mean`` (sum of all patterns scaled to mean 1), ``train`` and
+``train_scale`` (shuffled training shards: counts and scale like ``patterns``, or normalised
+float16 for float patterns); every parameter is in its attrs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import zarr
+from scipy import ndimage
+
+from ccstae_hpc import __version__
+from ccstae_hpc.core.config import Config, check
+from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
+from ccstae_hpc.core.patterns import (
+    central_disk,
+    disk_mask,
+    find_hot_pixels,
+    fit_descan,
+    fit_lattice,
+    measure_origins,
+    normalised,
+    pattern_dtype,
+    radial_background,
+    recentred,
+    ring_mask,
+)
+from ccstae_hpc.stages.store import (
+    check_stage,
+    commit,
+    discard_staging,
+    group_state,
+    open_root,
+    staging,
+)
+
+__all__ = ["PrepConfig", "PrepError", "open_prep", "prep_geometry", "preprocess_store",
+           "read_patterns"]
+
+PREP = "prep"
+# raw bytes per block of whole scan rows when PrepConfig.rows_per_block is 0
+ROWS_BLOCK_BYTES = 32e6
+# patterns of the pass-1 mean (evenly spaced rows): enough for hot pixels and the disk
+SAMPLE_PATTERNS = 4096
+# zstd level 1: as fast as writing uncompressed through zarr here, and 4x smaller than lz4
+# on sparse low-dose patterns
+_CODEC = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
+class PrepError(ValueError):
+    """The store cannot be preprocessed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PrepConfig(Config):
+    """Preprocessing parameters (stored in ``prep`` attrs)."""
+
+    # model input size: larger detectors are binned (integer factor) then cropped
+    output_size: int = 128
+    descan_order: int = 2  # polynomial order of the smooth descan fit over the scan
+    hot_nsigma: float = 8.0
+    # "integer" (default): whole-pixel shifts, lossless, Poisson counts kept, the sub-pixel
+    # rest (< 0.5 px, measured in prep/origin_fit) is left to the model's translation;
+    # "subpixel": bilinear shift onto the exact origin (float32 patterns; interpolation
+    # correlates neighbouring pixels' noise); "none"
+    recentre: str = "integer"
+    # "none" (default): the refinement fits a constant offset per pattern; "radial": the
+    # model input is normalised pattern - prep/background, the radially symmetric diffuse
+    # halo of the mean pattern between the Bragg disks (preprocess.radial_background).
+    # Stored patterns stay counts; the subtraction happens on reading (read_patterns,
+    # training shards), unbiased for sparse counts (no clipping at 0)
+    background: str = "none"
+    rows_per_block: int = 0  # 0: about 32 MB of raw data per block
+    max_train: int = 8192  # patterns in the shuffled training shards
+    shard_size: int = 1024  # patterns per training shard
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.output_size >= 32, "output_size must be >= 32")
+        check(self.descan_order in (0, 1, 2, 3), "descan_order must be 0..3")
+        check(self.recentre in ("integer", "subpixel", "none"),
+               "recentre must be 'integer', 'subpixel' or 'none'")
+        check(self.background in ("none", "radial"), "background must be 'none' or 'radial'")
+        check(self.max_train >= 1 and self.shard_size >= 1, "max_train/shard_size must be >= 1")
+
+
+def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
+    """Float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
+    g = zarr.open_group(str(store), mode="r", zarr_format=3)[PREP]
+    bg = g["background"][...] if "background" in g else None
+    return normalised(g["patterns"][y0:y1], g["scale"][y0:y1], background=bg)
+
+
+# -- the stage --------------------------------------------------------------------------
+
+def _blocks(ny: int, rows: int) -> list[tuple[int, int]]:
+    return [(y, min(y + rows, ny)) for y in range(0, ny, rows)]
+
+
+def _map(fn: Callable, items: list, client: Any | None) -> list:
+    """Run ``fn`` over ``items`` on a distributed client, else on a local thread pool."""
+    if client is not None:
+        return client.gather(client.map(fn, items, pure=False))
+    import dask
+
+    return list(dask.compute(*[dask.delayed(fn)(it) for it in items], scheduler="threads"))
+
+
+def open_prep(store: str | Path) -> zarr.Group:
+    """Open a store's ``prep`` group; error if preprocessing did not complete."""
+    try:
+        g = zarr.open_group(str(store), mode="r", zarr_format=3)[PREP]
+    except (KeyError, FileNotFoundError) as e:
+        raise PrepError(f"{store} has no prep group; run `ccstae preprocess {store}` first") from e
+    if not g.attrs.get("complete"):
+        raise PrepError(f"{store}/prep is incomplete; rerun `ccstae preprocess {store}`")
+    return g
+
+
+def prep_geometry(prep: zarr.Group) -> Geometry:
+    """The detector geometry recorded by preprocessing (centre, disk radius, annulus)."""
+    return Geometry.from_disk(tuple(prep.attrs["center"]), float(prep.attrs["disk_radius"]),
+                              prep["patterns"].shape[-1])
+
+
+def preprocess_store(
+    store: str | Path,
+    config: PrepConfig | None = None,
+    client: Any | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> zarr.Group:
+    """Preprocess ``STORE/raw`` into ``STORE/prep`` (see the module docstring).
+
+    The group is written as ``prep.partial`` and replaces ``prep`` only once complete
+    (:mod:`ccstae_hpc.stages.store`); a complete ``prep`` with the same settings and raw
+    data is kept as it is.
+
+    Parameters
+    ----------
+    store : path of a store written by ``ccstae ingest`` (``raw`` complete).
+    config : parameters; defaults to ``PrepConfig()``.
+    client : a ``distributed.Client`` to run the blocks on (threads when None).
+    overwrite : replace an existing complete ``prep`` group made with other settings.
+    """
+    cfg = config or PrepConfig()
+    say = log or (lambda s: None)
+    root = open_root(store, "r+")
+    if "raw" not in root or not root["raw"].attrs.get("complete", root.attrs.get("complete")):
+        raise PrepError(f"{store} has no complete raw array; run `ccstae ingest INPUT {store}`")
+    raw = root["raw"]
+    if raw.ndim != 4:
+        raise PrepError(f"raw has shape {raw.shape}; expected (scan_y, scan_x, k_y, k_x)")
+    if group_state(store, PREP) == "complete" and \
+            root[PREP].attrs.get("config") == cfg.to_dict() and \
+            root[PREP].attrs.get("raw_identity") == _raw_identity(root):
+        say("prep is complete and up to date; nothing to do")
+        return root[PREP]
+    check_stage(store, PREP, overwrite)
+    ny, nx, Q0, Q1 = raw.shape
+    rows = cfg.rows_per_block or max(
+        1, int(ROWS_BLOCK_BYTES // (nx * Q0 * Q1 * raw.dtype.itemsize)))
+    blocks = _blocks(ny, rows)
+    raw_path = str(store)
+    t0 = time.perf_counter()
+
+    def read(y0: int, y1: int) -> np.ndarray:
+        return zarr.open_array(raw_path, path="raw", mode="r")[y0:y1]
+
+    disk = _pass_disk(read, raw, cfg, client)
+    say(f"pass 1 ({time.perf_counter() - t0:.1f} s): mean pattern, {int(disk.hot.sum())} hot "
+        f"pixels, central disk r={disk.radius:.2f} px")
+    orig = _pass_origins(read, blocks, disk, cfg, client)
+    say(f"pass 2 ({time.perf_counter() - t0:.1f} s): origins; descan range "
+        f"{np.ptp(orig.fit[..., 0]):.2f} x "
+        f"{np.ptp(orig.fit[..., 1]):.2f} px; {int(orig.vacuum.sum())} vacuum patterns")
+    discard_staging(store, PREP)
+    g = root.create_group(staging(PREP))
+    g.attrs.update({"complete": False})
+    out = _pass_patterns(read, blocks, rows, raw, disk, orig, cfg, client, g, str(store))
+    say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
+    _pass_lattice(g, disk, orig, out, cfg)
+    g.attrs.update({
+        "config": cfg.to_dict(),
+        "raw_identity": _raw_identity(root),
+        "center_raw": [float(disk.cy), float(disk.cx)],
+        "descan_coef": orig.coef.tolist(),
+        "descan_order": cfg.descan_order,
+        "n_hot_pixels": int(disk.hot.sum()),
+        "n_train": int(out.n_train),
+        "elapsed_s": time.perf_counter() - t0,
+        "ccstae_hpc_version": __version__,
+        "complete": True,
+    })
+    commit(store, PREP)
+    say(f"pass 3-4: {ny * nx} patterns in {time.perf_counter() - t0:.1f} s "
+        f"({ny * nx / (time.perf_counter() - t0):.0f} patterns/s)")
+    return open_root(store)[PREP]
+
+
+class _Disk(NamedTuple):
+    hot: np.ndarray  # (Q0, Q1) bool
+    cy: float
+    cx: float
+    radius: float  # central disk radius, raw px
+    r_in: float  # inner radius of the Bragg annulus, raw px
+
+
+class _Origins(NamedTuple):
+    origin: np.ndarray  # (ny, nx, 2) measured central-disk origin
+    frac: np.ndarray  # (ny, nx) Bragg-ring fraction
+    vacuum: np.ndarray  # (ny, nx) bool
+    fit: np.ndarray  # (ny, nx, 2) smooth descan model
+    coef: np.ndarray
+    shift: np.ndarray  # (ny, nx, 2) shift applied (whole or sub-pixel)
+    target: np.ndarray  # (2,) detector centre the patterns are moved to
+    size: int  # output detector side
+    f: int  # bin factor
+
+
+class _Patterns(NamedTuple):
+    mean: np.ndarray  # (size, size) mean pattern at mean 1
+    scale: np.ndarray  # (ny, nx)
+    n_train: int
+
+
+def _pass_disk(read: Callable, raw: zarr.Array, cfg: PrepConfig, client: Any | None) -> _Disk:
+    """Pass 1: mean pattern of evenly spaced scan rows -> hot pixels and the central disk."""
+    ny, nx = raw.shape[:2]
+    # <= ~SAMPLE_PATTERNS patterns: hot pixels and the central disk need no full pass
+    step = max(1, ny // max(1, SAMPLE_PATTERNS // nx))
+    sample_rows = [(y, y + 1) for y in range(0, ny, step)]
+    sums = _map(lambda b: read(*b).sum((0, 1), dtype=np.float64), sample_rows, client)
+    mean_raw = np.sum(sums, 0) / (len(sample_rows) * nx)
+    counts = np.issubdtype(raw.dtype, np.integer)
+    hot = find_hot_pixels(mean_raw, cfg.hot_nsigma, len(sample_rows) * nx if counts else None)
+    mean_rep = mean_raw.copy()
+    mean_rep[hot] = ndimage.median_filter(mean_raw, 3)[hot]
+    cy, cx, radius = central_disk(mean_rep)
+    return _Disk(hot, cy, cx, radius, ring_inner_radius(radius))
+
+
+def _pass_origins(read: Callable, blocks: list[tuple[int, int]], disk: _Disk, cfg: PrepConfig,
+                  client: Any | None) -> _Origins:
+    """Pass 2: per-pattern origin and ring fraction, vacuum, descan fit, the shifts to apply."""
+    center = np.array([disk.cy, disk.cx])
+    res = _map(lambda b: measure_origins(read(*b), disk.hot, center, disk.radius, disk.r_in),
+               blocks, client)
+    origin = np.concatenate([r[0] for r in res])
+    frac = np.concatenate([r[1] for r in res])
+    vacuum = _vacuum(frac)
+    origin_fit, coef = fit_descan(origin, cfg.descan_order)
+    Q0, Q1 = disk.hot.shape
+    # smaller detectors pass through unbinned (never upsampled)
+    size = min(cfg.output_size, Q0, Q1)
+    f = max(1, min(Q0, Q1) // size)
+    target = np.array([(Q0 - 1) / 2, (Q1 - 1) / 2])
+    if cfg.recentre == "integer":
+        shift = np.rint(origin_fit - target).astype(np.int64)
+    elif cfg.recentre == "subpixel":
+        shift = (origin_fit - target).astype(np.float64)
+    else:
+        shift = np.zeros_like(origin_fit, dtype=np.int64)
+    return _Origins(origin, frac, vacuum, origin_fit, coef, shift, target, size, f)
+
+
+def _pass_patterns(read: Callable, blocks: list[tuple[int, int]], rows: int, raw: zarr.Array,
+                   disk: _Disk, orig: _Origins, cfg: PrepConfig, client: Any | None, g: zarr.Group,
+                   store_path: str) -> _Patterns:
+    """Pass 3: re-centred, binned patterns into ``g/patterns``; the shuffled training shards."""
+    ny, nx = raw.shape[:2]
+    size = orig.size
+    pdt = pattern_dtype(raw.dtype, orig.f > 1, cfg.recentre == "subpixel")
+    g.create_array(
+        "patterns", shape=(ny, nx, size, size), dtype=pdt,
+        chunks=(1, nx, size, size), shards=(rows, nx, size, size),
+        dimension_names=("scan_y", "scan_x", "k_y", "k_x"),
+        compressors=_CODEC,
+    )
+    rng = np.random.default_rng(cfg.seed)
+    n_train = min(cfg.max_train, ny * nx)
+    picks = np.sort(rng.choice(ny * nx, n_train, replace=False))
+    slot = rng.permutation(n_train)  # picks[i] goes to prep/train[slot[i]]: shuffled shards
+    # counts stay counts in the shards too (with their scale); float patterns are stored
+    # normalised in float16 (scale 1)
+    tdt = pdt if np.issubdtype(pdt, np.integer) else np.dtype(np.float16)
+    path = f"{g.path}/patterns"
+
+    def write(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y0, y1 = b
+        x, sc = recentred(read(y0, y1), disk.hot, orig.shift[y0:y1], size)
+        out = zarr.open_array(store_path, path=path, mode="r+")
+        # zarr otherwise compares every chunk with the fill value before writing it (~40%
+        # of the write time): patterns are never empty
+        out.with_config({"write_empty_chunks": True})[y0:y1] = x
+        flat, sflat = x.reshape(-1, size * size), sc.ravel()
+        sel = picks[(picks >= y0 * nx) & (picks < y1 * nx)] - y0 * nx
+        # the training subset is the one thing gathered in the client
+        sub = x.reshape(-1, size, size)[sel]
+        if tdt == np.float16:
+            sub = normalised(sub, sflat[sel]).astype(np.float16)
+        # sum pattern (exact for counts) and total: the mean pattern at mean 1 is their ratio
+        acc = flat.sum(0, dtype=np.float64)
+        return sub, acc.reshape(size, size), sc
+
+    res = _map(write, blocks, client)
+    total = np.sum([r[1] for r in res], 0)
+    mean = (total * (size * size / max(total.sum(), 1e-12))).astype(np.float32)
+    scale = np.concatenate([r[2] for r in res])
+    parts = [r[0] for r in res]
+    del res
+    _write_shards(g, parts, picks, slot, scale, tdt, size, cfg.shard_size)
+    return _Patterns(mean, scale, n_train)
+
+
+def _write_shards(g: zarr.Group, parts: list[np.ndarray], picks: np.ndarray, slot: np.ndarray,
+                  scale: np.ndarray, tdt: np.dtype, size: int, shard_size: int) -> None:
+    """``g/train`` and ``g/train_scale``: the training subset in shuffled shards.
+
+    One shard at a time through one reused buffer: the client never holds a second copy of
+    the training subset (first-touch of fresh memory is slow on VMs).
+    """
+    n_train = len(picks)
+    src = np.argsort(slot)  # train index j holds pick src[j]
+    # float16 shards are normalised already
+    train_scale = (scale.ravel()[picks[src]] if tdt != np.float16
+                   else np.ones(n_train, np.float32))
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    S = min(shard_size, n_train)
+    t = g.create_array("train", shape=(n_train, size, size), dtype=tdt, chunks=(S, size, size),
+                       compressors=_CODEC).with_config({"write_empty_chunks": True})
+    buf = np.empty((S, size, size), tdt)
+    for j0 in range(0, n_train, S):
+        js = src[j0:j0 + S]
+        part = np.searchsorted(starts, js, side="right") - 1
+        for k in np.unique(part):
+            at = np.nonzero(part == k)[0]
+            buf[at] = parts[k][js[at] - starts[k]]
+        t[j0:j0 + len(js)] = buf[:len(js)]
+    g.create_array("train_scale", data=train_scale, dimension_names=("pattern",))
+    t.attrs["source_index"] = "random subset of prep/patterns, shuffled; seed in prep attrs"
+
+
+def _pass_lattice(g: zarr.Group, disk: _Disk, orig: _Origins, out: _Patterns,
+                  cfg: PrepConfig) -> None:
+    """Pass 4: disk mask, lattice and background on the re-centred mean; the small arrays."""
+    size, f = orig.size, orig.f
+    c_new = np.array([(size - 1) / 2, (size - 1) / 2]) + (
+        (orig.fit - orig.shift) - orig.target).reshape(-1, 2).mean(0) / f
+    ring = ring_mask((size, size), tuple(c_new), disk.r_in / f)
+    mask = disk_mask(out.mean, ring)
+    lattice = fit_lattice(out.mean, c_new, disk.r_in / f)
+    background = (radial_background(out.mean, tuple(c_new), disk.r_in / f, mask > 0)
+                  if cfg.background == "radial" else np.zeros_like(out.mean))
+    for name, arr, dims in (
+        ("origin", orig.origin.astype(np.float32), ("scan_y", "scan_x", "yx")),
+        ("origin_fit", orig.fit.astype(np.float32), ("scan_y", "scan_x", "yx")),
+        ("shift", orig.shift.astype(np.float32 if cfg.recentre == "subpixel" else np.int16),
+         ("scan_y", "scan_x", "yx")),
+        ("vacuum", orig.vacuum, ("scan_y", "scan_x")),
+        ("ring_fraction", orig.frac.astype(np.float32), ("scan_y", "scan_x")),
+        ("scale", out.scale, ("scan_y", "scan_x")),
+        ("mean", out.mean, ("k_y", "k_x")),
+        ("mask", mask.astype(np.float32), ("k_y", "k_x")),
+        ("hot_pixels", disk.hot, ("k_y_raw", "k_x_raw")),
+        ("background", background, ("k_y", "k_x")),
+    ):
+        g.create_array(name, data=arr, dimension_names=dims)
+    g.attrs.update({
+        "center": [float(v) for v in c_new],
+        "disk_radius": float(disk.radius / f),
+        "bin_factor": int(f),
+        "lattice": json.loads(json.dumps(lattice)),
+    })
+
+
+def _raw_identity(root: zarr.Group) -> dict[str, Any]:
+    a = root["raw"]
+    return {"shape": list(a.shape), "dtype": str(a.dtype),
+            "ingest": json.loads(json.dumps(root.attrs.get("provenance", {}), default=str))}
+
+
+def _vacuum(frac: np.ndarray) -> np.ndarray:
+    """Vacuum = low Bragg-ring fraction, split at the widest gap of a 2-class Otsu threshold.
+
+    When the fractions are unimodal (no vacuum in the scan) nothing is flagged.
+    """
+    v = frac.ravel()
+    lo, hi = np.percentile(v, [1, 99])
+    if hi - lo < 1e-6 or not math.isfinite(hi):
+        return np.zeros(frac.shape, bool)
+    hist, edges = np.histogram(v, bins=128, range=(lo, hi))
+    p = hist / hist.sum()
+    mids = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(p)
+    m = np.cumsum(p * mids)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        between = (m[-1] * w0 - m) ** 2 / (w0 * (1 - w0))
+    k = int(np.nanargmax(between))
+    thr = mids[k]
+    a, b = v[v <= thr], v[v > thr]
+    # bimodal only if the two modes are far apart compared with their spreads
+    if len(a) == 0 or len(b) == 0 or (b.mean() - a.mean()) < 3 * (a.std() + b.std()):
+        return np.zeros(frac.shape, bool)
+    return frac <= thr

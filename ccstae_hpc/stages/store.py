@@ -1,0 +1,248 @@
+"""The store contract: one Zarr v3 store per dataset, one group per stage, the same rules for all.
+
+Layout (``/work/shared/DESIGN.md``); the data's way, each stage crossed once::
+
+    STORE.zarr/
+      raw/      ingest: the detector data (scan_y, scan_x, k_y, k_x) and calibration
+      prep/     preprocess: re-centred patterns, scale, origins, vacuum, training shards
+      model/    train: weights, dictionary, loss curve (checkpoints while training)
+      affine/   map: per-pattern affine, dictionary entry, phase, residual, composition
+      strain/   map: xarray Dataset exx, eyy, exy, theta, phase, sample, ... on (scan_y, scan_x)
+
+Rules every stage keeps (:func:`check_stage`, :func:`staging`, :func:`commit`):
+
+* **Marker**: a group is complete when its attrs say ``complete: true``; readers refuse
+  anything else.
+* **Never in place**: a stage writes its group under a staging name (``prep.partial``) and
+  renames it into place only once it is complete, so an interrupted or failed stage leaves
+  the previous result as it was.
+* **Overwrite**: a complete group is replaced only when the caller asks (``--overwrite``);
+  replacing it removes the groups after it, which were made from the old one.
+* **Resume**: an interrupted stage's staging group is where it resumes (training's
+  checkpoints) or is discarded and started over (the others); ingest resumes ``raw`` row by
+  row (:mod:`ccstae_hpc.stages.ingest`).
+* **Consolidation**: the root's consolidated metadata is refreshed after every commit (when a
+  stage wrote one); readers of groups being written bypass it.
+
+Whole stores (``ccstae run``) are built beside the output and renamed into place
+(:func:`publish`); a path that exists but is not a Zarr store is never replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+__all__ = [
+    "GROUP",
+    "STAGE_GROUPS",
+    "StageExistsError",
+    "check_stage",
+    "commit",
+    "discard_staging",
+    "group_state",
+    "is_store",
+    "open_root",
+    "open_strain",
+    "publish",
+    "reconsolidate",
+    "sibling",
+    "staging",
+    "swap_into_place",
+    "with_pixel_coords",
+    "write_group",
+]
+
+GROUP = "strain"
+# the groups of a store in the order the stages write them
+STAGE_GROUPS = ("raw", "prep", "model", "affine", "strain")
+# suffix of a group being written (zarr node names may hold dots)
+STAGING_SUFFIX = ".partial"
+# chunk edge of the stored maps: small enough for partial reads of large scans, large enough
+# that a 256x256 map is one chunk per variable
+_CHUNK = 512
+
+
+class StageExistsError(FileExistsError):
+    """The stage's group is complete and the caller did not ask to replace it."""
+
+
+def is_store(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory holding a Zarr v3 root (``zarr.json``)."""
+    p = Path(path)
+    return p.is_dir() and (p / "zarr.json").is_file()
+
+
+def with_pixel_coords(ds: xr.Dataset) -> xr.Dataset:
+    """Add ``scan_y`` / ``scan_x`` pixel-index coordinates (units "px") where missing."""
+    coords = {}
+    for dim in ("scan_y", "scan_x"):
+        if dim in ds.dims and dim not in ds.coords:
+            coords[dim] = (dim, np.arange(ds.sizes[dim], dtype=np.int64), {"units": "px"})
+    ds = ds.assign_coords(coords) if coords else ds
+    for dim in ("scan_y", "scan_x"):
+        if dim in ds.coords and "units" not in ds[dim].attrs:
+            ds[dim].attrs["units"] = "px"
+    return ds
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, tuple[int, ...]]]:
+    # in-memory variables get bounded chunks; dask-backed ones keep their own chunking
+    enc: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, var in ds.variables.items():
+        if var.chunks is None and var.ndim > 0 and "chunks" not in var.encoding:
+            enc[str(name)] = {"chunks": tuple(min(n, _CHUNK) for n in var.shape)}
+    return enc
+
+
+def write_group(ds: xr.Dataset, path: str | os.PathLike[str], group: str = GROUP) -> None:
+    """Write ``ds`` as a new group of the store at ``path`` (consolidated metadata)."""
+    with warnings.catch_warnings():
+        # zarr warns that consolidated metadata is not (yet) part of the v3 spec; using it is
+        # this project's deliberate convention (module docstring), so the warning is noise
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(
+            path,
+            group=group,
+            mode="w-",
+            zarr_format=3,
+            consolidated=True,
+            encoding=_encoding(ds),
+        )
+
+
+def sibling(p: Path, tag: str) -> Path:
+    """A hidden, unique path beside ``p`` (same file system: renames there are atomic)."""
+    # same parent directory, hence the same file system: os.replace/rename is atomic there
+    return p.with_name(f".{p.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def swap_into_place(tmp: Path, dest: Path) -> None:
+    """Replace the existing ``dest`` by the complete directory ``tmp``.
+
+    Two renames: a crash between them leaves the old store intact at a hidden sibling and
+    the new one complete at ``tmp``; neither is ever partially written.
+    """
+    old = sibling(dest, "old")
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move the complete store ``tmp`` to ``dest``; an existing ``dest`` is replaced only with
+    ``overwrite`` (else ``tmp`` is removed and ``FileExistsError`` raised)."""
+    if os.path.lexists(dest):
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
+        swap_into_place(tmp, dest)
+    else:
+        os.rename(tmp, dest)
+
+
+def open_strain(store_path: str | os.PathLike[str]) -> xr.Dataset:
+    """Open the ``strain`` group of a store lazily (consolidated metadata, dask-backed).
+
+    Raises
+    ------
+    FileNotFoundError
+        No store or no ``strain`` group at ``store_path``.
+    """
+    p = Path(store_path)
+    if not is_store(p):
+        raise FileNotFoundError(f"no Zarr store at {p}; run `ccstae run INPUT --out {p}` first")
+    if not (p / GROUP / "zarr.json").is_file():
+        raise FileNotFoundError(f"store {p} has no '{GROUP}' group; the strain stage has not run")
+    return xr.open_zarr(p, group=GROUP, consolidated=True)
+
+
+# --------------------------------------------------------------------------- stage contract
+
+
+def open_root(store: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
+    """The store's root group, read past the consolidated metadata."""
+    # never the consolidated block: it is stale while a stage rewrites its group
+    return zarr.open_group(str(store), mode=mode, zarr_format=3, use_consolidated=False)
+
+
+def group_state(store: str | os.PathLike[str], group: str) -> str:
+    """``"absent"``, ``"incomplete"`` or ``"complete"`` (the group's ``complete`` marker)."""
+    root = open_root(store)
+    if group not in root:
+        return "absent"
+    return "complete" if root[group].attrs.get("complete") else "incomplete"
+
+
+def staging(group: str) -> str:
+    """Name under which a stage writes ``group`` until :func:`commit`."""
+    return group + STAGING_SUFFIX
+
+
+def check_stage(store: str | os.PathLike[str], group: str, overwrite: bool) -> None:
+    """Refuse to replace a complete ``group`` unless ``overwrite``; call before any work.
+
+    Raises
+    ------
+    StageExistsError
+        ``group`` is complete and ``overwrite`` is False.
+    """
+    if not overwrite and group_state(store, group) == "complete":
+        after = STAGE_GROUPS[STAGE_GROUPS.index(group) + 1:] if group in STAGE_GROUPS else ()
+        also = (f" (and removes {', '.join(after)}, made from it)" if after else "")
+        raise StageExistsError(
+            f"{store}/{group} is complete; pass --overwrite to replace it{also}, or leave it")
+
+
+def commit(store: str | os.PathLike[str], *groups: str) -> None:
+    """Move the complete staging groups of ``groups`` into place, in one step each.
+
+    An existing group is swapped out (:func:`swap_into_place`), the groups after the first
+    one (made from what it replaces) are removed, and the root's consolidated metadata is
+    refreshed.
+    """
+    path = Path(store)
+    for group in groups:
+        staged = path / staging(group)
+        if not open_root(store)[staging(group)].attrs.get("complete"):
+            raise RuntimeError(f"{staged} is not complete; it cannot replace {group}")
+        dest = path / group
+        if dest.exists():
+            swap_into_place(staged, dest)
+        else:
+            os.rename(staged, dest)
+    if groups and groups[0] in STAGE_GROUPS:
+        for later in STAGE_GROUPS[STAGE_GROUPS.index(groups[0]) + 1:]:
+            if later not in groups and (path / later).exists():
+                shutil.rmtree(path / later)
+    reconsolidate(path)
+
+
+def discard_staging(store: str | os.PathLike[str], group: str) -> None:
+    """Remove an interrupted stage's staging group (nothing else is touched)."""
+    shutil.rmtree(Path(store) / staging(group), ignore_errors=True)
+
+
+def reconsolidate(path: str | os.PathLike[str]) -> None:
+    """Refresh the root's consolidated metadata if a stage wrote one."""
+    try:
+        has = zarr.open_group(str(path), mode="r", zarr_format=3).metadata.consolidated_metadata
+    except (KeyError, ValueError, FileNotFoundError):
+        return
+    if has is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata",
+                                    category=UserWarning)
+            zarr.consolidate_metadata(str(path), zarr_format=3)
