@@ -71,7 +71,7 @@ def _away(kind: str, scan: tuple[int, int], far: float = FAR) -> np.ndarray:
     ok = truth["phase"] > 0
     if kind == "single":
         return ok
-    sample = ms._build_sample(kind, scan, seed=0)
+    sample = ms.build_sample(kind, scan, seed=0)
     pos = sample.probe_positions()
     d = sample.field.distance(sample.to_reference(pos.reshape(-1, 2))).reshape(scan)
     ny, nx = scan
@@ -124,7 +124,7 @@ def test_truth_from_atoms_matches_imposed_field(kind: str) -> None:
 def test_interface_strain_profile() -> None:
     """WS2 is stretched and WSe2 compressed next to the interface (vs their relaxed lattices)."""
     _, truth, _ = ms.load_multislice(FILES["interface"][0])
-    sample = ms._build_sample("interface", (16, 16), seed=0)
+    sample = ms.build_sample("interface", (16, 16), seed=0)
     pos = sample.probe_positions().reshape(-1, 2)
     d = sample.field.distance(sample.to_reference(pos)).reshape(16, 16)
     ratio = 3.282 / A_WS2

@@ -290,13 +290,6 @@ def _loss_scale(model: CCSTAE, data: TrainData, labels0: np.ndarray, masks: torc
     return float(scale[0])
 
 
-def _progress_bar(total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True,
-                mininterval=0.5)
-
-
 def fit(
     data: TrainData,
     geom: Geometry,
@@ -305,7 +298,7 @@ def fit(
     *,
     comm: Collectives,
     labels0: np.ndarray | None = None,
-    progress: bool | Callable[[dict], None] | None = None,
+    progress: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
@@ -318,7 +311,7 @@ def fit(
     geom : detector geometry.
     comm : collectives of the job (:class:`ccstae_hpc.runtime.ddp.Comm`, also for one process).
     labels0 : global starting classes ``(N,)`` (k-means when None).
-    progress : rank 0 only: True shows a tqdm bar; a callable receives each step's record.
+    progress : rank 0 only: called with each step's record (``steps`` is the total).
     resume : a state from :func:`read_checkpoint` to continue from.
     checkpoint : rank 0 only: called with the training state to persist.
     checkpoint_every : steps between ``checkpoint`` calls (0: only at the end).
@@ -383,73 +376,64 @@ def fit(
             "history": list(history),
         }
 
-    bar = _progress_bar(total, step) if main and progress is True else None
-    callback = progress if main and callable(progress) else None
+    callback = progress if main else None
     t0, done = time.perf_counter(), 0
-    try:
-        for epoch in range(epoch0, epochs):
-            plan = epoch_plan(data.sizes, train_cfg, epoch, data.local())
-            for s in range(s0 if epoch == epoch0 else 0, plan.steps):
-                torch.manual_seed(_step_seed(train_cfg.seed, step, comm.rank))
-                pieces = plan.pieces(s)
-                n_glob = plan.batch_size(s)
-                x = data.take(pieces)
-                idx = torch.from_numpy(data.global_index(pieces))
-                n_loc = len(x)
-                if n_loc == 0:
-                    # this rank has nothing this step but must join the gradient all-reduce:
-                    # one pattern with zero weight
-                    k = data.local()[0]
-                    x, idx = data.take([(k, np.array([0]))]), torch.tensor([data.offsets[k]])
-                xb = torch.from_numpy(x).to(device)
-                lab = lab_all[idx].to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = net(xb)
-                    m = masks[out["onehot"].argmax(-1)].unsqueeze(1)
-                    loss, parts = cycle_loss(xb, out, m)
-                    loss = loss / loss_scale
-                    # anchor the top-1 classifier to the data-derived classes: without it the
-                    # straight-through code drifts and merges phases whose lattices differ by
-                    # a few percent (the affine head can absorb that as scale)
-                    loss = loss + train_cfg.class_anchor * F.cross_entropy(out["logits"], lab)
-                    # the original's penalty on scale and shear (DEFORMATION_FREE): keeps one
-                    # dictionary entry per lattice instead of one stretched over several
-                    pr = out["params"]
-                    excess = (torch.relu((pr[:, :2] - 1).abs() - DEFORMATION_FREE).sum(1)
-                              + torch.relu(pr[:, 2].abs() - DEFORMATION_FREE))
-                    loss = loss + DEFORMATION_PENALTY * (excess**2).mean()
-                # DDP averages gradients over ranks: weighting each rank's batch mean by its
-                # share of the global batch makes that the gradient of the global mean
-                weight = comm.world * n_loc / n_glob
-                opt.zero_grad(set_to_none=True)
-                (loss * weight if weight != 1.0 else loss).backward()
-                opt.step()
-                sched.step()
-                step += 1
-                done += n_glob
-                value = float(loss.detach())
-                if comm.world > 1:
-                    value = float(comm.allreduce_sum(np.array([value * n_loc]))[0] / n_glob)
-                rec = {"step": step, "epoch": epoch, "epochs": epochs, "loss": value,
-                       "patterns_per_s": done / (time.perf_counter() - t0)}
-                history.append(rec)
-                last = s + 1 == plan.steps
-                if last:
-                    # the masks follow the dictionary once per epoch (identical on all ranks)
-                    with torch.no_grad():
-                        masks = torch.from_numpy(class_masks(
-                            model.dictionary().detach().cpu().numpy(), geom.ring)).to(device)
-                due = checkpoint_every > 0 and step % checkpoint_every == 0
-                if main and checkpoint is not None and (due or step == total):
-                    checkpoint(state(epoch + 1, 0) if last else state(epoch, s + 1))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{value:.4g}",
-                                    patterns_per_s=f"{rec['patterns_per_s']:.0f}")
-                    bar.update(1)
-                if callback is not None:
-                    callback(rec)
-    finally:
-        if bar is not None:
-            bar.close()
+    for epoch in range(epoch0, epochs):
+        plan = epoch_plan(data.sizes, train_cfg, epoch, data.local())
+        for s in range(s0 if epoch == epoch0 else 0, plan.steps):
+            torch.manual_seed(_step_seed(train_cfg.seed, step, comm.rank))
+            pieces = plan.pieces(s)
+            n_glob = plan.batch_size(s)
+            x = data.take(pieces)
+            idx = torch.from_numpy(data.global_index(pieces))
+            n_loc = len(x)
+            if n_loc == 0:
+                # this rank has nothing this step but must join the gradient all-reduce:
+                # one pattern with zero weight
+                k = data.local()[0]
+                x, idx = data.take([(k, np.array([0]))]), torch.tensor([data.offsets[k]])
+            xb = torch.from_numpy(x).to(device)
+            lab = lab_all[idx].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = net(xb)
+                m = masks[out["onehot"].argmax(-1)].unsqueeze(1)
+                loss, parts = cycle_loss(xb, out, m)
+                loss = loss / loss_scale
+                # anchor the top-1 classifier to the data-derived classes: without it the
+                # straight-through code drifts and merges phases whose lattices differ by
+                # a few percent (the affine head can absorb that as scale)
+                loss = loss + train_cfg.class_anchor * F.cross_entropy(out["logits"], lab)
+                # the original's penalty on scale and shear (DEFORMATION_FREE): keeps one
+                # dictionary entry per lattice instead of one stretched over several
+                pr = out["params"]
+                excess = (torch.relu((pr[:, :2] - 1).abs() - DEFORMATION_FREE).sum(1)
+                          + torch.relu(pr[:, 2].abs() - DEFORMATION_FREE))
+                loss = loss + DEFORMATION_PENALTY * (excess**2).mean()
+            # DDP averages gradients over ranks: weighting each rank's batch mean by its
+            # share of the global batch makes that the gradient of the global mean
+            weight = comm.world * n_loc / n_glob
+            opt.zero_grad(set_to_none=True)
+            (loss * weight if weight != 1.0 else loss).backward()
+            opt.step()
+            sched.step()
+            step += 1
+            done += n_glob
+            value = float(loss.detach())
+            if comm.world > 1:
+                value = float(comm.allreduce_sum(np.array([value * n_loc]))[0] / n_glob)
+            rec = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs,
+                   "loss": value, "patterns_per_s": done / (time.perf_counter() - t0)}
+            history.append(rec)
+            last = s + 1 == plan.steps
+            if last:
+                # the masks follow the dictionary once per epoch (identical on all ranks)
+                with torch.no_grad():
+                    masks = torch.from_numpy(class_masks(
+                        model.dictionary().detach().cpu().numpy(), geom.ring)).to(device)
+            due = checkpoint_every > 0 and step % checkpoint_every == 0
+            if main and checkpoint is not None and (due or step == total):
+                checkpoint(state(epoch + 1, 0) if last else state(epoch, s + 1))
+            if callback is not None:
+                callback(rec)
     model.cpu().eval()
     return model, history

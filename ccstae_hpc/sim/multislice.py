@@ -337,7 +337,7 @@ def _chalcogen_offset() -> np.ndarray:
     return A @ np.array([1.0, 1.0]) / 3.0
 
 
-def _build_sample(
+def build_sample(
     kind: str, scan: tuple[int, int], seed: int, step: float = SCAN_STEP
 ) -> _Sample:
     """Atoms covering every box of the scan, mapped by the field of ``kind``."""
@@ -457,14 +457,14 @@ def multislice_truth(
     Same keys and conventions as :func:`ccstae_hpc.sim.simulate.truth_rows`, except that ``F`` (and
     so the strain) is relative to the relaxed WS2 reference lattice for both phases.
     """
-    return _truth(_build_sample(kind, scan, seed, step), detector)
+    return _truth(build_sample(kind, scan, seed, step), detector)
 
 
 def imposed_field(
     kind: str, scan: tuple[int, int] = (12, 12), seed: int = 0, step: float = SCAN_STEP
 ) -> np.ndarray:
     """The analytic deformation gradient at every probe position, ``(ny, nx, 2, 2)``."""
-    sample = _build_sample(kind, scan, seed, step)
+    sample = build_sample(kind, scan, seed, step)
     pos = sample.probe_positions()
     return sample.imposed_F(pos.reshape(-1, 2)).reshape(*pos.shape[:2], 2, 2)
 
@@ -549,7 +549,7 @@ def simulate_patterns(
     valid_px = MAX_VALID_FRACTION * GPTS / 2.0
     if detector > GPTS or detector / 2.0 * math.sqrt(2.0) > valid_px + 1.0:
         raise ValueError(f"detector {detector} exceeds the antialiased region ({valid_px:.0f} px)")
-    sample = _build_sample(kind, scan, seed, step)
+    sample = build_sample(kind, scan, seed, step)
     pos = sample.probe_positions()
     out = np.empty((len(positions), detector, detector), dtype=np.float32)
     for i, (r, c) in enumerate(positions):
@@ -566,7 +566,7 @@ def homogeneous_pattern(
     """
     from dataclasses import replace
 
-    base = _build_sample("single", (2, 2), seed)
+    base = build_sample("single", (2, 2), seed)
     F = np.asarray(F, dtype=np.float64)
     X = base.metal_X
     sample = replace(
@@ -631,7 +631,7 @@ def config_dict(
         versions = {"abtem": abtem.__version__, "ase": ase.__version__}
     except ImportError:
         versions = {}
-    sample = _build_sample(kind, scan, seed, step)
+    sample = build_sample(kind, scan, seed, step)
     return {
         "generator": "ccstae_hpc.sim.multislice",
         "kind": kind,

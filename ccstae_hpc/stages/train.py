@@ -293,6 +293,27 @@ def _resolve(ck: dict | None, model_cfg: ModelConfig | None, train_cfg: TrainCon
     return ck, m_ck, t_ck
 
 
+class _ProgressBar:
+    """A tqdm bar over training steps, fed the loop's records (rank 0)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, rec: dict) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=rec["steps"], initial=rec["step"] - 1, unit="step",
+                            desc="train", dynamic_ncols=True, mininterval=0.5)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4g}",
+                             patterns_per_s=f"{rec['patterns_per_s']:.0f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train_rank(
     env: DistEnv,
     store: str | Path,
@@ -328,9 +349,14 @@ def train_rank(
                     "ccstae_hpc_version": __version__}
             writer = CheckpointWriter(store, meta, fresh=ck is None)
         t0 = time.perf_counter()
-        model, history = fit(data, geom, model_cfg, train_cfg, comm=comm,
-                             progress=progress if env.is_main else None, resume=ck,
-                             checkpoint=writer, checkpoint_every=ckpt_cfg.every)
+        bar = _ProgressBar() if progress is True and env.is_main else None
+        report = bar or (progress if callable(progress) and env.is_main else None)
+        try:
+            model, history = fit(data, geom, model_cfg, train_cfg, comm=comm, progress=report,
+                                 resume=ck, checkpoint=writer, checkpoint_every=ckpt_cfg.every)
+        finally:
+            if bar is not None:
+                bar.close()
         if writer is not None:
             writer.final(model, history, {"world_size": env.world_size,
                                           "device": device.type,
