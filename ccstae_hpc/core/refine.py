@@ -26,6 +26,12 @@ __all__ = ["encode", "refine", "relate_entries", "compose_affine", "disk_templat
 ROTATION_SEARCH_STEP_DEG = 3.0
 # fits of one entry onto another repeated from the previous result (fresh mask weights)
 RELATION_REFITS = 2
+# trust region of one Gauss-Newton step: the largest change of each linear and translation
+# parameter, in normalised detector units (on a 128 px detector a translation of 0.05 is
+# 3.2 px, and a linear change of 0.05 moves a disk 20 px from the centre by 1 px)
+TRUST_REGION = 0.05
+# Poisson weights of a disk-sum model are floored at this fraction of its mean (empty disks)
+COMPOSITION_WEIGHT_FLOOR = 1e-3
 
 
 @torch.no_grad()
@@ -119,7 +125,7 @@ def _gn_step(xi, W, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=
     # a trust region: no single step may move the pattern by more than a few pixels; at very
     # low dose an ill-conditioned first step would otherwise throw the fit out of the basin
     d = torch.nan_to_num(d)
-    d[:, :6] = d[:, :6].clamp(-0.05, 0.05)
+    d[:, :6] = d[:, :6].clamp(-TRUST_REGION, TRUST_REGION)
     # parameter order: (B00, B01, s_x), (B10, B11, s_y), g, b
     B = B + torch.stack([d[:, 0:2], d[:, 3:5]], 1)
     s = s + torch.stack([d[:, 2], d[:, 5]], 1)
@@ -198,7 +204,7 @@ def _entry_residuals(xi, u, B, s, cls, labels, templates, scale):
             b = (s_ee * s_ia - s_ea * s_ie) / det
             model = g[:, None] * E + b[:, None] * area
             # variance of a disk sum of normalised counts x = counts * scale: scale * model
-            floor = 1e-3 * model.mean(1, keepdim=True).clamp(min=1e-12)
+            floor = COMPOSITION_WEIGHT_FLOOR * model.mean(1, keepdim=True).clamp(min=1e-12)
             w = (area > 0) / (sc * torch.maximum(model, floor))
         r = I - model
         out[ok, j] = (w * r * r).sum(1)[ok]

@@ -60,6 +60,10 @@ _PROBE = 512
 DEFORMATION_FREE = 0.03
 # ... and this weight on the squared excess beyond it
 DEFORMATION_PENALTY = 10.0
+# the dictionary learns this many times faster than the encoder and the heads
+DICTIONARY_LR_FACTOR = 5
+# the cosine learning-rate schedule ends at this fraction of the rate
+LR_FLOOR = 0.05
 
 
 class Collectives(Protocol):
@@ -290,6 +294,64 @@ def _loss_scale(model: CCSTAE, data: TrainData, labels0: np.ndarray, masks: torc
     return float(scale[0])
 
 
+def _batch(data: TrainData, pieces: Sequence[tuple[int, np.ndarray]]
+           ) -> tuple[np.ndarray, torch.Tensor, int]:
+    """This rank's patterns of one step, their global indices and their count.
+
+    A rank with nothing this step must still join the gradient all-reduce: it gets one
+    pattern and a count of 0 (zero weight).
+    """
+    x = data.take(pieces)
+    idx = torch.from_numpy(data.global_index(pieces))
+    n_loc = len(x)
+    if n_loc == 0:
+        k = data.local()[0]
+        x, idx = data.take([(k, np.array([0]))]), torch.tensor([data.offsets[k]])
+    return x, idx, n_loc
+
+
+def _loss(out: dict, xb: torch.Tensor, lab: torch.Tensor, masks: torch.Tensor,
+          loss_scale: float, class_anchor: float) -> torch.Tensor:
+    """The training objective of one batch: the normalised cycle loss, the class anchor and
+    the penalty on scale and shear."""
+    m = masks[out["onehot"].argmax(-1)].unsqueeze(1)
+    loss, _ = cycle_loss(xb, out, m)
+    loss = loss / loss_scale
+    # anchor the top-1 classifier to the data-derived classes: without it the
+    # straight-through code drifts and merges phases whose lattices differ by
+    # a few percent (the affine head can absorb that as scale)
+    loss = loss + class_anchor * F.cross_entropy(out["logits"], lab)
+    # the original's penalty on scale and shear (DEFORMATION_FREE): keeps one
+    # dictionary entry per lattice instead of one stretched over several
+    pr = out["params"]
+    excess = (torch.relu((pr[:, :2] - 1).abs() - DEFORMATION_FREE).sum(1)
+              + torch.relu(pr[:, 2].abs() - DEFORMATION_FREE))
+    return loss + DEFORMATION_PENALTY * (excess**2).mean()
+
+
+def _optimiser(model: CCSTAE, cfg: TrainConfig, total: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam (the dictionary at DICTIONARY_LR_FACTOR x the rate) with a cosine decay to
+    LR_FLOOR of the rate over ``total`` steps."""
+    dict_params = list(model.decoder.parameters())
+    other = [p for n, p in model.named_parameters() if not n.startswith("decoder")]
+    opt = torch.optim.Adam([{"params": other, "lr": cfg.lr},
+                            {"params": dict_params, "lr": cfg.lr * DICTIONARY_LR_FACTOR}])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))) * (1 - LR_FLOOR)
+        + LR_FLOOR)
+    return opt, sched
+
+
+def _resume(resume: dict, opt: torch.optim.Optimizer, sched: Any
+            ) -> tuple[float, list[dict], tuple[int, int, int]]:
+    """Load a checkpoint's optimiser and schedule; its loss scale, history and position."""
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    pos = (int(resume["step"]), int(resume["epoch"]), int(resume["step_in_epoch"]))
+    return float(resume["loss_scale"]), list(resume["history"]), pos
+
+
 def fit(
     data: TrainData,
     geom: Geometry,
@@ -340,24 +402,13 @@ def fit(
         labels0, masks_np = resume["labels0"], resume["masks"]
     model.to(device)
     masks = torch.from_numpy(masks_np).to(device)
-    dict_params = list(model.decoder.parameters())
-    other = [p for n, p in model.named_parameters() if not n.startswith("decoder")]
-    opt = torch.optim.Adam(
-        [{"params": other, "lr": train_cfg.lr}, {"params": dict_params, "lr": train_cfg.lr * 5}]
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))) * 0.95 + 0.05
-    )
+    opt, sched = _optimiser(model, train_cfg, total)
     if resume is None:
         loss_scale = _loss_scale(model, data, labels0, masks, train_cfg, comm, device)
         history: list[dict] = []
         step, epoch0, s0 = 0, 0, 0
     else:
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        loss_scale = float(resume["loss_scale"])
-        history = list(resume["history"])
-        step, epoch0, s0 = int(resume["step"]), int(resume["epoch"]), int(resume["step_in_epoch"])
+        loss_scale, history, (step, epoch0, s0) = _resume(resume, opt, sched)
     lab_all = torch.from_numpy(np.asarray(labels0, np.int64))
 
     net: torch.nn.Module = model
@@ -382,33 +433,12 @@ def fit(
         plan = epoch_plan(data.sizes, train_cfg, epoch, data.local())
         for s in range(s0 if epoch == epoch0 else 0, plan.steps):
             torch.manual_seed(_step_seed(train_cfg.seed, step, comm.rank))
-            pieces = plan.pieces(s)
             n_glob = plan.batch_size(s)
-            x = data.take(pieces)
-            idx = torch.from_numpy(data.global_index(pieces))
-            n_loc = len(x)
-            if n_loc == 0:
-                # this rank has nothing this step but must join the gradient all-reduce:
-                # one pattern with zero weight
-                k = data.local()[0]
-                x, idx = data.take([(k, np.array([0]))]), torch.tensor([data.offsets[k]])
+            x, idx, n_loc = _batch(data, plan.pieces(s))
             xb = torch.from_numpy(x).to(device)
-            lab = lab_all[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = net(xb)
-                m = masks[out["onehot"].argmax(-1)].unsqueeze(1)
-                loss, parts = cycle_loss(xb, out, m)
-                loss = loss / loss_scale
-                # anchor the top-1 classifier to the data-derived classes: without it the
-                # straight-through code drifts and merges phases whose lattices differ by
-                # a few percent (the affine head can absorb that as scale)
-                loss = loss + train_cfg.class_anchor * F.cross_entropy(out["logits"], lab)
-                # the original's penalty on scale and shear (DEFORMATION_FREE): keeps one
-                # dictionary entry per lattice instead of one stretched over several
-                pr = out["params"]
-                excess = (torch.relu((pr[:, :2] - 1).abs() - DEFORMATION_FREE).sum(1)
-                          + torch.relu(pr[:, 2].abs() - DEFORMATION_FREE))
-                loss = loss + DEFORMATION_PENALTY * (excess**2).mean()
+                loss = _loss(net(xb), xb, lab_all[idx].to(device), masks, loss_scale,
+                             train_cfg.class_anchor)
             # DDP averages gradients over ranks: weighting each rank's batch mean by its
             # share of the global batch makes that the gradient of the global mean
             weight = comm.world * n_loc / n_glob
