@@ -284,6 +284,7 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
 ) -> None:
     """ddp.sbatch with the real interpreter: 2 srun ranks train, checkpoint, match 1 rank."""
     from ccstae_hpc.runtime.ddp import free_port
+    from ccstae_hpc.stages.store import staging
     from ccstae_hpc.stages.train import read_checkpoint, read_packed
 
     s = _copy(prepped, tmp_path / "s.zarr")
@@ -321,7 +322,8 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
     np.testing.assert_array_equal(np.asarray(last["history"][:, 2]), a["loss"])
 
     # the step-4 checkpoint resumes: the store as a job killed after step 4 would leave it
-    # (pointer at checkpoint_a, no later slot, no final model), continued by one process
+    # (the staging group model.partial, pointer at checkpoint_a, no later slot, no final
+    # model), continued by one process
     r = _copy(s, tmp_path / "resumed.zarr")
     g = zarr.open_group(str(r), mode="r+", use_consolidated=False)["model"]
     for name in ("checkpoint_b", "weights", "dictionary"):
@@ -329,6 +331,7 @@ def test_ddp_template_trains_two_ranks_and_checkpoints(
     g.attrs.update({"complete": False, "loss": a["loss"][:4],
                     "checkpoint": {"slot": "checkpoint_a", "step": 4, "epoch": 0,
                                    "step_in_epoch": 4}})
+    (r / "model").rename(r / staging("model"))
     state = read_checkpoint(r)
     assert state is not None and state["step"] == 4 and len(state["history"]) == 4
     train_stage.train_store(r, checkpoint=None)  # no configs given: the checkpoint's are used
