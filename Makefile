@@ -27,5 +27,21 @@ test: venv
 bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
+# Peer benchmark: py4DSTEM 0.14.18 needs numpy<2, so it gets its own environment, created once
+# (the stamp is written only after the install succeeded)
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.py4dstem-0.14.18
+
+.PHONY: bench-peers
+
+$(PEERS_STAMP):
+	test -d $(PEERS) || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q "py4DSTEM==0.14.18" "numpy<2"
+	touch $(PEERS_STAMP)
+
+bench-peers: venv $(PEERS_STAMP)
+	$(BIN)/python benchmarks/peers/check_py4dstem.py --single-phase
+	$(BIN)/python benchmarks/peers/check_py4dstem.py
+
 clean:
 	rm -rf demo_out .pytest_cache

@@ -145,6 +145,8 @@ def map_config(args: argparse.Namespace) -> MapConfig:
                 "reference_mode": args.reference_mode}
     if args.pool_sigma is not None:
         kw["pool_sigma"] = args.pool_sigma
+    if getattr(args, "method", None):
+        kw["method"] = args.method
     return MapConfig(**kw)
 
 
@@ -429,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scheduler", metavar="ADDRESS", help="map on this running Dask scheduler")
     m.add_argument("--rows-per-block", type=int, default=8, metavar="R",
                    help="scan rows per task; bounds each worker's memory (8)")
+    m.add_argument("--method", choices=("ccstae", "com"), default="ccstae",
+                   help="ccstae: the trained model with per-pattern refinement (default); com: "
+                   "the centre-of-mass lattice-fit baseline (no model needed), same strain "
+                   "group, for comparison")
     m.add_argument("--overwrite", action="store_true", help="replace existing strain maps")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_map)

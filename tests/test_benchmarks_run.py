@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
     ["benchmarks/bench_multislice.py", "--quick"],
     ["benchmarks/bench_ablation.py", "--scan", "16", "--doses", "none"],
     ["benchmarks/bench_phase_cost.py", "--scan", "16", "--repeat", "2"],
-], ids=["multislice", "ablation", "phase_cost"])
+    ["benchmarks/bench_peers.py", "--scan", "16"],
+    ["benchmarks/bench_training.py", "--scan", "16"],
+], ids=["multislice", "ablation", "phase_cost", "peers", "training"])
 def test_benchmark_runs(argv: list[str], tmp_path: Path) -> None:
     if "phase_cost" not in argv[0]:
         argv = [*argv, "--results", str(tmp_path)]  # the committed full-size results stay

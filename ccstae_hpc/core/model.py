@@ -40,7 +40,9 @@ def encoder_input(x: torch.Tensor, size: int) -> torch.Tensor:
     """
     x = x.unsqueeze(1)
     if x.shape[-1] != size:
-        x = F.adaptive_avg_pool2d(x, size)
+        f = x.shape[-1] // size
+        # whole binning factors (the usual case) pool in one pass
+        x = F.avg_pool2d(x, f) if f * size == x.shape[-1] else F.adaptive_avg_pool2d(x, size)
     return torch.sqrt(torch.clamp(x, min=0.0))
 
 
@@ -91,13 +93,15 @@ def radial_features(
     """
     N, Q, _ = x.shape
     idx = torch.arange(Q, dtype=x.dtype)
-    yy, xx = torch.meshgrid(idx, idx, indexing="ij")
     if centroids is None:
         centroids = disk_centroids(x, center, radius)
-    cy, cx = centroids[:, 0], centroids[:, 1]
-    r = torch.hypot(yy[None] - cy[:, None, None], xx[None] - cx[:, None, None])
+    # squared distances from separable terms, then rounding and clamping in float: whole-
+    # detector int64 arithmetic costs several times more
+    dy2 = (idx[None, :] - centroids[:, :1]) ** 2
+    dx2 = (idx[None, :] - centroids[:, 1:]) ** 2
+    r = (dy2[:, :, None] + dx2[:, None, :]).sqrt_()
     nb = Q // 2
-    rb = r.round().long().clamp(max=nb).view(N, -1)  # bin nb collects the corners
+    rb = r.round_().clamp_(max=nb).view(N, -1).long()  # bin nb collects the corners
     prof = torch.zeros(N, nb + 1, dtype=x.dtype).scatter_add_(1, rb, x.reshape(N, -1))
     # mean intensity per ring (patterns are normalised to mean 1), square-rooted; no
     # per-pattern rescaling, so vacuum stays a tight cluster near zero instead of noise
@@ -131,10 +135,32 @@ def invert_affine(theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([Ai, -Ai @ t], dim=-1)
 
 
+_BASE_GRIDS: dict[tuple, torch.Tensor] = {}
+
+
+def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Normalised pixel centres ``[x, y, 1]`` ``(h*w, 3)`` (align_corners=False), cached:
+    ``F.affine_grid`` rebuilds this constant grid for every pattern of every call."""
+    key = (h, w, str(device))
+    g = _BASE_GRIDS.get(key)
+    if g is None:
+        ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
+        xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        g = torch.stack([xx.ravel(), yy.ravel(), torch.ones(h * w)], -1).to(device)
+        _BASE_GRIDS[key] = g
+    return g
+
+
 def warp(img: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Sample ``img`` ``(N, C, Q, Q)`` at ``theta @ [u, 1]`` (bilinear, zeros outside)."""
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    N, _, H, W = img.shape
+    # float32 sampling positions even under bf16 autocast: a bf16 grid would be off by
+    # up to a quarter pixel
+    with torch.autocast(img.device.type, enabled=False):
+        grid = (_base_grid(H, W, img.device) @ theta.float().transpose(1, 2)).view(N, H, W, 2)
+    return F.grid_sample(img, grid.to(img.dtype), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
 
 
 class _Block(nn.Module):

@@ -137,21 +137,31 @@ def radial_background(mean_pattern: np.ndarray, center: tuple[float, float], r_m
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50, restarts: int = 4
            ) -> np.ndarray:
-    """Plain k-means (k-means++ seeding, a few restarts); returns labels ``(N,)``."""
+    """Plain k-means (k-means++ seeding, a few restarts); returns labels ``(N,)``.
+
+    Distances come from ``|x|^2 - 2 x.c + |c|^2`` (one matrix product per iteration).
+    """
     rng = np.random.default_rng(seed)
     best, best_cost = None, np.inf
     x = np.asarray(x, dtype=np.float64)
+    xx = (x * x).sum(1)
+
+    def dist2(cent: np.ndarray) -> np.ndarray:
+        return np.maximum(xx[:, None] - 2.0 * x @ cent.T + (cent * cent).sum(1)[None], 0.0)
+
     for _ in range(restarts):
-        cent = [x[rng.integers(len(x))]]
+        cent = x[rng.integers(len(x))][None]
         for _ in range(1, k):
-            d2 = np.min(((x[:, None] - np.asarray(cent)[None]) ** 2).sum(-1), axis=1)
+            d2 = dist2(cent).min(1)
             p = d2 / d2.sum() if d2.sum() > 0 else None
-            cent.append(x[rng.choice(len(x), p=p)])
-        cent = np.asarray(cent)
+            cent = np.concatenate([cent, x[rng.choice(len(x), p=p)][None]])
         for _ in range(iters):
-            d2 = ((x[:, None] - cent[None]) ** 2).sum(-1)
+            d2 = dist2(cent)
             lab = d2.argmin(1)
-            new = np.array([x[lab == j].mean(0) if np.any(lab == j) else cent[j] for j in range(k)])
+            counts = np.bincount(lab, minlength=k)
+            sums = np.zeros_like(cent)
+            np.add.at(sums, lab, x)
+            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], cent)
             if np.allclose(new, cent):
                 break
             cent = new

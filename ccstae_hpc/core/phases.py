@@ -50,6 +50,7 @@ __all__ = [
     "calibrate",
     "decide_phase",
     "entry_relations",
+    "single_phase_map",
 ]
 
 # dictionary entries whose Bragg-disk contrast is below this fraction of the strongest
@@ -61,7 +62,11 @@ VACUUM_CONTRAST = 0.15
 # (which sees the whole pattern) decides, and at high dose composition does
 COMPOSITION_SIGNIFICANCE = 9.0
 # entries j, k are one phase unless the patterns of each are explained better by their own
-# entry than by the other by more than this many standard errors of the mean chi-square gain
+# entry than by the other by more than this many standard errors of the mean chi-square gain,
+# and by more on average than the gain that lets composition decide one pattern's phase
+# (COMPOSITION_SIGNIFICANCE x the noise scale): a difference no single pattern can resolve
+# is no phase boundary (seen on noise-free multislice WS2: two entries of one phase differed
+# by 6-9 standard errors, 0.6-1x that per-pattern threshold, after a short training)
 MERGE_SIGNIFICANCE = 3.0
 # entries whose lattice parameters sit further apart than this many pooled robust standard
 # deviations are different phases even when composition cannot tell them apart (small
@@ -119,6 +124,19 @@ class PhaseMap:
                 "calibration_counts": self.counts.tolist(),
                 "chi2_scale": float(self.chi2_scale),
                 "composition_threshold": float(COMPOSITION_SIGNIFICANCE * self.chi2_scale)}
+
+
+def single_phase_map() -> PhaseMap:
+    """The phase map of a method without a dictionary: entry 0 the sample (phase 1, its own
+    frame), entry 1 vacuum."""
+    nan2 = np.full((2, 2), np.nan)
+    rel = np.full((2, 2, 2, 3), np.nan)
+    rel[0, 0] = rel[1, 1] = np.eye(2, 3)
+    return PhaseMap(phase_of_entry=np.array([1, 0]), root_of_entry=np.array([0, 1]),
+                    frames=np.stack([np.eye(2), nan2]), relations=rel,
+                    misfit=np.full((2, 2), np.nan), misfit_se=np.full((2, 2), np.nan),
+                    lattice_gap=np.full((2, 2), np.nan), chi2_scale=1.0,
+                    counts=np.zeros(2, np.int64))
 
 
 def _jsonable(a: np.ndarray) -> list:
@@ -212,18 +230,6 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
             th_j, _ = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
                              info.masks, ring, iters, coarse_iters=0)
             calibrated[c, j, :, :2] = _median_linear(theta[idx, :, :2], th_j[:, :, :2])
-    # an entry the encoder gives (almost) no pattern explains no data: it is no phase of its
-    # own, it joins the used entry its dictionary pattern is closest to
-    used = np.array([e for e in sample_entries if counts[e] >= MIN_ENTRY_PATTERNS])
-    if len(used) == 0:
-        used = sample_entries
-    gap = _lattice_gap(theta[:, :, :2].numpy(), c_np, calibrated, used, K)
-    phase_of_entry, root_of_entry = _group(misfit, misfit_se, gap, used, counts, K)
-    for e in sample_entries:
-        if e not in used:
-            near = used[np.argmin([_relation_distance(info, e, u) for u in used])]
-            phase_of_entry[e], root_of_entry[e] = phase_of_entry[near], root_of_entry[near]
-    frames = _frames(calibrated, phase_of_entry, root_of_entry)
     # how noisy the data really are: the chi-square of each pattern against its own entry
     # per degree of freedom (disks - scale - offset) is ~1 for Poisson counts, far less for
     # noise-free or averaged data, more for over-dispersed detectors
@@ -234,6 +240,18 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
         chi2_scale = float(max(np.median(own / dof), MIN_CHI2_SCALE))
     else:
         chi2_scale = 1.0
+    # an entry the encoder gives (almost) no pattern explains no data: it is no phase of its
+    # own, it joins the used entry its dictionary pattern is closest to
+    used = np.array([e for e in sample_entries if counts[e] >= MIN_ENTRY_PATTERNS])
+    if len(used) == 0:
+        used = sample_entries
+    gap = _lattice_gap(theta[:, :, :2].numpy(), c_np, calibrated, used, K)
+    phase_of_entry, root_of_entry = _group(misfit, misfit_se, gap, used, counts, K, chi2_scale)
+    for e in sample_entries:
+        if e not in used:
+            near = used[np.argmin([_relation_distance(info, e, u) for u in used])]
+            phase_of_entry[e], root_of_entry[e] = phase_of_entry[near], root_of_entry[near]
+    frames = _frames(calibrated, phase_of_entry, root_of_entry)
     return PhaseMap(phase_of_entry, root_of_entry, frames, calibrated, misfit, misfit_se,
                     gap, chi2_scale, counts)
 
@@ -271,7 +289,7 @@ def _lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries:
 
 
 def _group(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndarray,
-           counts: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+           counts: np.ndarray, K: int, chi2_scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Union of entries that explain each other's patterns; phases numbered by size."""
     parent = {int(e): int(e) for e in entries}
 
@@ -281,8 +299,11 @@ def _group(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndar
         return a
 
     def distinct(k: int, j: int) -> bool:
-        # k's patterns are explained significantly worse by j than by k (no data: distinct)
-        return not np.isfinite(misfit[k, j]) or misfit[k, j] > MERGE_SIGNIFICANCE * se[k, j]
+        # k's patterns are explained significantly and resolvably worse by j than by k (no
+        # data: distinct)
+        return not np.isfinite(misfit[k, j]) or (
+            misfit[k, j] > MERGE_SIGNIFICANCE * se[k, j]
+            and misfit[k, j] > COMPOSITION_SIGNIFICANCE * chi2_scale)
 
     def separate(k: int, j: int) -> bool:
         # another composition, or a lattice no single continuous distribution reaches

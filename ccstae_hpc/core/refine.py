@@ -32,6 +32,11 @@ RELATION_REFITS = 2
 TRUST_REGION = 0.05
 # Poisson weights of a disk-sum model are floored at this fraction of its mean (empty disks)
 COMPOSITION_WEIGHT_FLOOR = 1e-3
+# px around the fitted pixels that hold an entry's whole labelled disks (the labels grow the
+# disk mask by phases.LABEL_DILATION = 2 px; 2 px more for the pattern's own strain)
+COMPOSITION_REACH_PX = 4
+# patterns registered together: small enough that the work arrays stay in the CPU's cache
+REFINE_CHUNK = 32
 
 
 @torch.no_grad()
@@ -67,57 +72,47 @@ def _channels(dictionary: np.ndarray, masks: np.ndarray, sigma: float) -> torch.
     return torch.from_numpy(out)
 
 
-def _sample(ch: torch.Tensor, groups: list[tuple[int, int, int]], pts: torch.Tensor,
-            mode: str) -> torch.Tensor:
-    """Sample class images ``ch`` ``(K, C, Q, Q)`` at ``pts`` ``(N, P, 2)``; patterns are
-    sorted by class, ``groups`` holds ``(class, start, stop)`` so no gather is needed."""
-    N, P, _ = pts.shape
-    out = torch.empty(N, ch.shape[1], P)
-    for k, a, z in groups:
-        out[a:z] = F.grid_sample(
-            ch[k:k + 1].expand(z - a, -1, -1, -1), pts[a:z].unsqueeze(1), mode=mode,
-            padding_mode="zeros", align_corners=False,
-        ).squeeze(2)
-    return out
+def _sample(img: torch.Tensor, pts: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sample one class image ``img`` ``(1, C, Q, Q)`` at ``pts`` ``(n, P, 2)`` -> ``(C, n, P)``.
+
+    All patterns' points go into one sampling grid of the single image: expanding the image
+    to the batch would make grid_sample copy it once per pattern.
+    """
+    return F.grid_sample(img, pts.unsqueeze(0), mode=mode, padding_mode="zeros",
+                         align_corners=False)[0]
 
 
-def _gn_step(xi, W, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=True):
-    """One Gauss-Newton step on pixels ``u``; returns updated parameters and the residual.
+def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
+    """One Gauss-Newton step of patterns of one class (``ch`` ``(1, 3, Q, Q)``: the entry and
+    its gradients) on pixels ``u``; returns the updated ``B, s, g, b``.
 
-    The Jacobian is ``[gx*phi, gy*phi, D, 1]`` with ``phi = (u_x, u_y, 1)`` per pixel, so
+    The Jacobian is ``[g Gx phi, g Gy phi, D, 1]`` with ``phi = (u_x, u_y, 1)`` per pixel, so
     the normal equations reduce to ``(N, P) x (P, 9)`` and ``(N, P) x (P, 3)`` products and
-    the ``(N, P, 8)`` Jacobian is never materialised (its memory traffic dominated).
+    the ``(N, P, 8)`` Jacobian is never materialised (its memory traffic dominated); the
+    intensity scale ``g`` multiplies the products afterwards, per pattern.
     """
     N, P = xi.shape
     pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
-    Ds, Gx, Gy = _sample(ch, groups, pts, mode).unbind(1)
-    mu = g[:, None] * Ds + b[:, None]
-    r = xi - mu
-    # Poisson weighting: the variance of normalised counts is proportional to the mean
-    floor = floor_frac * mu.mean(1, keepdim=True).clamp(min=1e-6)
-    w = W / torch.maximum(mu, floor)
+    Ds, Gx, Gy = _sample(ch, pts, mode).unbind(0)
+    w, r = _weights(xi, W, Ds, g, b, floor_frac)
     wr = w * r
-    resid = (wr * r).sum(1) / (w * xi * xi).sum(1).clamp(min=1e-12)
-    if not solve:
-        return B, s, g, b, resid
     phi = torch.cat([u, torch.ones(P, 1)], 1)
     phi2 = (phi[:, :, None] * phi[:, None, :]).reshape(P, 9)
-    gx, gy = g[:, None] * Gx, g[:, None] * Gy
-    wgx, wgy = w * gx, w * gy
-    wD = w * Ds
+    wGx, wGy, wD = w * Gx, w * Gy, w * Ds
+    g1, g2 = g[:, None], (g * g)[:, None, None]
     H = torch.zeros(N, 8, 8)
-    H[:, 0:3, 0:3] = ((wgx * gx) @ phi2).view(N, 3, 3)
-    H[:, 0:3, 3:6] = ((wgx * gy) @ phi2).view(N, 3, 3)
-    H[:, 3:6, 3:6] = ((wgy * gy) @ phi2).view(N, 3, 3)
-    H[:, 0:3, 6] = (wD * gx) @ phi
-    H[:, 3:6, 6] = (wD * gy) @ phi
-    H[:, 0:3, 7] = wgx @ phi
-    H[:, 3:6, 7] = wgy @ phi
+    H[:, 0:3, 0:3] = ((wGx * Gx) @ phi2).view(N, 3, 3) * g2
+    H[:, 0:3, 3:6] = ((wGx * Gy) @ phi2).view(N, 3, 3) * g2
+    H[:, 3:6, 3:6] = ((wGy * Gy) @ phi2).view(N, 3, 3) * g2
+    H[:, 0:3, 6] = ((wD * Gx) @ phi) * g1
+    H[:, 3:6, 6] = ((wD * Gy) @ phi) * g1
+    H[:, 0:3, 7] = (wGx @ phi) * g1
+    H[:, 3:6, 7] = (wGy @ phi) * g1
     H[:, 6, 6] = (wD * Ds).sum(1)
     H[:, 6, 7] = wD.sum(1)
     H[:, 7, 7] = w.sum(1)
     H = torch.triu(H) + torch.triu(H, 1).transpose(1, 2)
-    grad = torch.cat([(wr * gx) @ phi, (wr * gy) @ phi,
+    grad = torch.cat([((wr * Gx) @ phi) * g1, ((wr * Gy) @ phi) * g1,
                       (wr * Ds).sum(1, keepdim=True), wr.sum(1, keepdim=True)], 1)
     eye = torch.eye(8)
     H = H + damping * torch.diagonal(H, dim1=1, dim2=2).unsqueeze(-1) * eye + 1e-9 * eye
@@ -129,7 +124,22 @@ def _gn_step(xi, W, u, B, s, g, b, ch, groups, mode, damping, floor_frac, solve=
     # parameter order: (B00, B01, s_x), (B10, B11, s_y), g, b
     B = B + torch.stack([d[:, 0:2], d[:, 3:5]], 1)
     s = s + torch.stack([d[:, 2], d[:, 5]], 1)
-    return B, s, g + d[:, 6], b + d[:, 7], resid
+    return B, s, g + d[:, 6], b + d[:, 7]
+
+
+def _weights(xi, W, Ds, g, b, floor_frac):
+    """Poisson weights and residuals of the model ``g D + b`` (the variance of normalised
+    counts is proportional to their mean; floored where the model is near zero)."""
+    mu = torch.addcmul(b[:, None], g[:, None], Ds)
+    floor = floor_frac * mu.mean(1, keepdim=True).clamp(min=1e-6)
+    return W / torch.maximum(mu, floor), xi - mu
+
+
+def _residual(xi, W, u, B, s, g, b, ch, mode, floor_frac):
+    """Weighted relative residual ``sum w r^2 / sum w x^2`` of the fit, per pattern."""
+    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    w, r = _weights(xi, W, _sample(ch[:, :1], pts, mode)[0], g, b, floor_frac)
+    return (w * r * r).sum(1) / (w * xi * xi).sum(1).clamp(min=1e-12)
 
 
 def disk_templates(dictionary: np.ndarray, labels: np.ndarray, relations: np.ndarray
@@ -168,8 +178,8 @@ def disk_templates(dictionary: np.ndarray, labels: np.ndarray, relations: np.nda
     return E, area
 
 
-def _entry_residuals(xi, u, B, s, cls, labels, templates, scale):
-    """Composition misfit ``(N, K)`` of each pattern against every entry related to its own.
+def _entry_residuals(xi, u, B, s, c, labels, templates, scale):
+    """Composition misfit ``(N, K)`` of patterns of entry ``c`` against every related entry.
 
     The pattern is integrated over each Bragg disk of its own entry (``labels``, generously
     dilated, placed by its registration) and compared with every related entry's disk
@@ -184,15 +194,14 @@ def _entry_residuals(xi, u, B, s, cls, labels, templates, scale):
     K = E_all.shape[0]
     n_lab = E_all.shape[-1]
     pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
-    lab = _sample(labels.unsqueeze(1).float(), _groups(cls), pts, "nearest")[:, 0].long()
+    lab = _sample(labels[c:c + 1, None].float(), pts, "nearest")[0].long()
     I = torch.zeros(N, n_lab + 1).scatter_add_(1, lab, xi)[:, 1:]
-    area = area_all[cls]
+    area = area_all[c].expand(N, -1)
     sc = scale[:, None]
     out = torch.full((N, K), float("nan"))
     for j in range(K):
-        E = E_all[cls, j]
-        ok = ~torch.isnan(E[:, 0])
-        if not ok.any():
+        E = E_all[c, j].expand(N, -1)
+        if torch.isnan(E[0, 0]):
             continue
         E = torch.nan_to_num(E)
         w = (area > 0).float()
@@ -207,7 +216,7 @@ def _entry_residuals(xi, u, B, s, cls, labels, templates, scale):
             floor = COMPOSITION_WEIGHT_FLOOR * model.mean(1, keepdim=True).clamp(min=1e-12)
             w = (area > 0) / (sc * torch.maximum(model, floor))
         r = I - model
-        out[ok, j] = (w * r * r).sum(1)[ok]
+        out[:, j] = (w * r * r).sum(1)
     return out
 
 
@@ -272,6 +281,50 @@ def relate_entries(dictionary: np.ndarray, masks: np.ndarray, ring: np.ndarray,
     return rel.numpy(), res.numpy()
 
 
+class _ClassFit:
+    """The registration of chunks of patterns of one class (the body of :func:`refine`)."""
+
+    def __init__(self, x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma,
+                 iters, coarse_iters, mode, damping, floor) -> None:
+        self.x, self.x_raw, self.ring_px, self.coarse_grid = x, x_raw, ring_px, coarse_grid
+        self.mask_stack, self.stacks, self.coarse_sigma = mask_stack, stacks, coarse_sigma
+        self.iters, self.coarse_iters = iters, coarse_iters
+        self.mode, self.damping, self.floor = mode, damping, floor
+        self.Q = mask_stack.shape[-1]
+        self.u_ring = pixel_grid(self.Q)[ring_px]
+
+    def __call__(self, k, sl, B, s, g, b):
+        """Refine patterns ``sl`` of class ``k``: ``B, s``, the residual and the pixels that
+        hold their whole disks (for composition scoring)."""
+        # the disk-mask weights are sampled once at the start: the fit moves a pattern by a
+        # pixel or two at most, which the mask's 2-px dilation absorbs, and fixed weights give
+        # the fit one well-defined objective.  Pixels where no pattern of the chunk has weight
+        # add nothing to the fit and are left out (about half of the ring)
+        W = _sample(self.mask_stack[k:k + 1],
+                    torch.einsum("pj,nij->npi", self.u_ring, B) + s[:, None, :], "bilinear")[0]
+        keep = (W > 0).any(0)
+        sets = {}
+        for name, kk in (("fine", keep), ("coarse", keep & self.coarse_grid)):
+            sets[name] = (self.u_ring[kk], self.x[sl][:, self.ring_px[kk]].contiguous(),
+                          W[:, kk].contiguous())
+        for it in range(self.iters):
+            coarse = it < self.coarse_iters
+            uu, xi, Wk = sets["coarse" if coarse else "fine"]
+            ch = self.stacks[self.coarse_sigma if coarse else 0.0][k:k + 1]
+            B, s, g, b = _gn_step(xi, Wk, uu, B, s, g, b, ch, self.mode, self.damping, self.floor)
+        uu, xi, Wk = sets["fine"]
+        resid = _residual(xi, Wk, uu, B, s, g, b, self.stacks[0.0][k:k + 1], self.mode,
+                          self.floor)
+        # whole disks (see disk_templates), ring or not: every pixel within
+        # COMPOSITION_REACH_PX of a fitted one holds all of the class's labelled disks
+        Q = self.Q
+        near = np.zeros(Q * Q, bool)
+        near[self.ring_px[keep].numpy()] = True
+        near = torch.from_numpy(ndimage.binary_dilation(
+            near.reshape(Q, Q), iterations=COMPOSITION_REACH_PX).ravel())
+        return B, s, resid, near
+
+
 @torch.no_grad()
 def refine(
     x: torch.Tensor,
@@ -328,44 +381,32 @@ def refine(
     g = torch.ones(N)
     b = torch.zeros(N)
     stacks = {sig: _channels(dictionary, masks, max(sig, smooth)) for sig in {coarse_sigma, 0.0}}
-    x_raw = x
+    x_raw = x.reshape(N, -1)
     if smooth > 0:
         x = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, smooth, smooth)))
-    # fit only pixels that some pattern of the batch reaches with its (dilated) disk mask:
-    # the masks cover under half of the ring
+    x = x.reshape(N, -1)
     u = pixel_grid(Q)
-    reach = torch.from_numpy(
-        np.stack([ndimage.binary_dilation(m > 0, iterations=4) for m in masks]).astype(np.float32)
-    ).unsqueeze(1)
-    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
-    hit = (_sample(reach, groups, pts, "bilinear")[:, 0] > 0).any(0)
-    keep = hit & torch.from_numpy(ring.ravel() > 0)
+    ring_px = torch.from_numpy(np.flatnonzero(np.asarray(ring).ravel() > 0))
     idx = torch.arange(Q)
-    coarse_grid = ((idx[:, None] % 2 == 0) & (idx[None, :] % 2 == 0)).ravel()
-    # the disk-mask weights are sampled once at the start: the fit moves a pattern by a pixel
-    # or two at most, which the mask's 2-px dilation absorbs, and fixed weights give the fit
-    # one well-defined objective
+    coarse_grid = ((idx[:, None] % 2 == 0) & (idx[None, :] % 2 == 0)).ravel()[ring_px]
     mask_stack = torch.from_numpy(np.asarray(masks, dtype=np.float32)).unsqueeze(1)
-    sets = {}
-    for name, k in (("fine", keep), ("coarse", keep & coarse_grid)):
-        uk = u[k]
-        pk = torch.einsum("pj,nij->npi", uk, B) + s[:, None, :]
-        W = _sample(mask_stack, groups, pk, "bilinear")[:, 0]
-        sets[name] = (uk, x.reshape(N, -1)[:, k].contiguous(), W)
     resid = torch.zeros(N)
-    for it in range(iters + 1):
-        coarse = it < coarse_iters
-        uu, xi, W = sets["coarse" if coarse else "fine"]
-        ch = stacks[coarse_sigma if coarse else 0.0]
-        B, s, g, b, resid = _gn_step(xi, W, uu, B, s, g, b, ch, groups, mode, damping, floor,
-                                     solve=it < iters)
+    entry = torch.full((N, len(masks)), float("nan")) if templates is not None else None
+    fit = _ClassFit(x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
+                    coarse_iters, mode, damping, floor)
+    for k, a, z in groups:
+        # chunks of a few dozen patterns: the work arrays stay in cache, and each chunk fits
+        # only the pixels its own patterns reach
+        for c0 in range(a, z, REFINE_CHUNK):
+            sl = slice(c0, min(c0 + REFINE_CHUNK, z))
+            B[sl], s[sl], resid[sl], near = fit(k, sl, B[sl], s[sl], g[sl], b[sl])
+            if entry is not None:
+                entry[sl] = _entry_residuals(x_raw[sl][:, near], u[near], B[sl], s[sl], k,
+                                             labels, templates, scale[order][sl])
     A = torch.linalg.inv(B)
     t = -(A @ s.unsqueeze(-1))
     inv = torch.argsort(order)
     theta_out = torch.cat([A, t], -1)
-    if templates is None:
+    if entry is None:
         return theta_out[inv], resid[inv]
-    # whole disks (see disk_templates): every pixel some disk reaches, ring or not
-    entry = _entry_residuals(x_raw.reshape(N, -1)[:, hit], u[hit], B, s, cls, labels,
-                             templates, scale[order])
     return theta_out[inv], resid[inv], entry[inv]

@@ -64,6 +64,15 @@ DEFORMATION_PENALTY = 10.0
 DICTIONARY_LR_FACTOR = 5
 # the cosine learning-rate schedule ends at this fraction of the rate
 LR_FLOOR = 0.05
+# convergence (TrainConfig.epochs None): every CONVERGENCE_WINDOW steps the mean loss of the
+# last window is compared with the window before; the curve has converged when it fell by
+# less than LOSS_TOL (relative) and the dictionary moved by less than DICTIONARY_TOL
+# (relative L2 change over the window).  Then the rate decays (cosine) over
+# DECAY_FRACTION of the steps so far (at least CONVERGENCE_WINDOW) and training stops.
+CONVERGENCE_WINDOW = 25
+LOSS_TOL = 0.01
+DICTIONARY_TOL = 0.01
+DECAY_FRACTION = 0.6
 
 
 class Collectives(Protocol):
@@ -251,14 +260,11 @@ def _initial_state(
         x = data.shards[k]
         lab = labels0[off[k]:off[k] + len(x)]
         for i in range(0, len(x), 1024):
-            xb = np.asarray(x[i:i + 1024], np.float64)
-            lb = lab[i:i + 1024]
-            for j in range(K):
-                sel = lb == j
-                acc[j] += xb[sel].sum(0)
-                cnt[j] += sel.sum()
-            acc[K] += xb.sum(0)
-            cnt[K] += len(xb)
+            xb = np.asarray(x[i:i + 1024], np.float64).reshape(-1, Q * Q)
+            onehot = np.eye(K + 1)[lab[i:i + 1024]]
+            onehot[:, K] = 1.0  # the last row sums every pattern
+            acc += (onehot.T @ xb).reshape(K + 1, Q, Q)
+            cnt += onehot.sum(0)
     acc = comm.allreduce_sum(acc)
     cnt = comm.allreduce_sum(cnt)
     init = np.stack([acc[j] / cnt[j] if cnt[j] > 0 else acc[K] / cnt[K] for j in range(K)])
@@ -329,18 +335,82 @@ def _loss(out: dict, xb: torch.Tensor, lab: torch.Tensor, masks: torch.Tensor,
     return loss + DEFORMATION_PENALTY * (excess**2).mean()
 
 
-def _optimiser(model: CCSTAE, cfg: TrainConfig, total: int
+class Schedule:
+    """Learning-rate factor and stopping: a cosine decay to LR_FLOOR from ``decay_start``
+    over ``decay_len`` steps, then stop.
+
+    With a fixed epoch count the decay spans the whole run (``decay_start`` 0).  Otherwise
+    the rate stays constant until the loss curve and the dictionary have converged (see
+    CONVERGENCE_WINDOW), and ``cap`` steps at most: the decay then starts so as to end at
+    ``cap``.  The decision uses only the loss curve (identical on every rank) and the
+    dictionary (identical under DDP), so every rank stops at the same step.
+    """
+
+    def __init__(self, cap: int, fixed: bool, min_steps: int) -> None:
+        self.cap, self.min_steps = cap, min_steps
+        self.decay_start: int | None = 0 if fixed else None
+        self.decay_len = cap
+        self.converged_at: int | None = None
+        self._dictionary: np.ndarray | None = None
+
+    def factor(self, step: int) -> float:
+        if self.decay_start is None:
+            return 1.0
+        f = min(max(step - self.decay_start, 0) / max(self.decay_len, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * f)) * (1 - LR_FLOOR) + LR_FLOOR
+
+    def done(self, step: int) -> bool:
+        return step >= self.cap or (self.decay_start is not None
+                                    and step >= self.decay_start + self.decay_len)
+
+    def update(self, step: int, losses: Sequence[float], dictionary: Callable[[], np.ndarray]
+               ) -> None:
+        """After optimiser step ``step``: start the decay once converged (or to end at cap)."""
+        if self.decay_start is not None:
+            return
+        w = CONVERGENCE_WINDOW
+        decay = max(w, int(DECAY_FRACTION * step))
+        if step + decay >= self.cap:  # no convergence in time: decay to end at the cap
+            self.decay_start, self.decay_len = step, self.cap - step
+            return
+        if step % w:
+            return
+        d = dictionary()
+        moved = (np.inf if self._dictionary is None else
+                 float(np.linalg.norm(d - self._dictionary) / max(np.linalg.norm(d), 1e-12)))
+        self._dictionary = d
+        if step < max(2 * w, self.min_steps) or len(losses) < 2 * w:
+            return
+        cur = float(np.mean(losses[-w:]))
+        prev = float(np.mean(losses[-2 * w:-w]))
+        if (prev - cur) < LOSS_TOL * abs(cur) and moved < DICTIONARY_TOL:
+            self.converged_at = step
+            self.decay_start, self.decay_len = step, decay
+
+    def state(self) -> dict:
+        """JSON-able state (the last window's dictionary travels as ``dictionary``)."""
+        return {"decay_start": self.decay_start, "decay_len": self.decay_len,
+                "converged_at": self.converged_at, "cap": self.cap}
+
+    def load(self, st: dict, dictionary: np.ndarray | None) -> None:
+        self.decay_start, self.decay_len = st["decay_start"], st["decay_len"]
+        self.converged_at, self.cap = st.get("converged_at"), st.get("cap", self.cap)
+        self._dictionary = dictionary
+
+    @property
+    def last_dictionary(self) -> np.ndarray | None:
+        return self._dictionary
+
+
+def _optimiser(model: CCSTAE, cfg: TrainConfig, schedule: Schedule
                ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam (the dictionary at DICTIONARY_LR_FACTOR x the rate) with a cosine decay to
-    LR_FLOOR of the rate over ``total`` steps."""
+    """Adam (the dictionary at DICTIONARY_LR_FACTOR x the rate), the rate set by
+    ``schedule``."""
     dict_params = list(model.decoder.parameters())
     other = [p for n, p in model.named_parameters() if not n.startswith("decoder")]
     opt = torch.optim.Adam([{"params": other, "lr": cfg.lr},
                             {"params": dict_params, "lr": cfg.lr * DICTIONARY_LR_FACTOR}])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))) * (1 - LR_FLOOR)
-        + LR_FLOOR)
-    return opt, sched
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule.factor)
 
 
 def _resume(resume: dict, opt: torch.optim.Optimizer, sched: Any
@@ -389,7 +459,8 @@ def fit(
         raise ValueError(f"rank {comm.rank} holds no training shard")
     steps = steps_per_epoch(N, train_cfg)
     epochs = train_cfg.epochs_for(steps)
-    total = steps * epochs
+    total = steps * epochs  # at most
+    schedule = Schedule(total, fixed=train_cfg.epochs is not None, min_steps=train_cfg.min_steps)
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     model = CCSTAE(model_cfg, data.detector, geom.center, geom.radius)
@@ -402,13 +473,15 @@ def fit(
         labels0, masks_np = resume["labels0"], resume["masks"]
     model.to(device)
     masks = torch.from_numpy(masks_np).to(device)
-    opt, sched = _optimiser(model, train_cfg, total)
+    opt, sched = _optimiser(model, train_cfg, schedule)
     if resume is None:
         loss_scale = _loss_scale(model, data, labels0, masks, train_cfg, comm, device)
         history: list[dict] = []
         step, epoch0, s0 = 0, 0, 0
     else:
         loss_scale, history, (step, epoch0, s0) = _resume(resume, opt, sched)
+        if resume.get("schedule"):
+            schedule.load(resume["schedule"], resume.get("schedule_dictionary"))
     lab_all = torch.from_numpy(np.asarray(labels0, np.int64))
 
     net: torch.nn.Module = model
@@ -424,12 +497,15 @@ def fit(
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "step": step, "epoch": epoch, "step_in_epoch": s, "loss_scale": loss_scale,
             "labels0": np.asarray(labels0), "masks": masks.cpu().numpy(),
-            "history": list(history),
+            "history": list(history), "schedule": schedule.state(),
+            "schedule_dictionary": schedule.last_dictionary,
         }
 
     callback = progress if main else None
     t0, done = time.perf_counter(), 0
     for epoch in range(epoch0, epochs):
+        if schedule.done(step):
+            break
         plan = epoch_plan(data.sizes, train_cfg, epoch, data.local())
         for s in range(s0 if epoch == epoch0 else 0, plan.steps):
             torch.manual_seed(_step_seed(train_cfg.seed, step, comm.rank))
@@ -460,10 +536,18 @@ def fit(
                 with torch.no_grad():
                     masks = torch.from_numpy(class_masks(
                         model.dictionary().detach().cpu().numpy(), geom.ring)).to(device)
+            schedule.update(step, [h["loss"] for h in history[-2 * CONVERGENCE_WINDOW:]],
+                            lambda: model.dictionary().detach().cpu().numpy())
+            end = schedule.done(step)
+            rec["steps"] = schedule.cap if schedule.decay_start is None else min(
+                schedule.cap, schedule.decay_start + schedule.decay_len)
+            rec["converged"] = schedule.converged_at == step
             due = checkpoint_every > 0 and step % checkpoint_every == 0
-            if main and checkpoint is not None and (due or step == total):
+            if main and checkpoint is not None and (due or end):
                 checkpoint(state(epoch + 1, 0) if last else state(epoch, s + 1))
             if callback is not None:
                 callback(rec)
+            if end:
+                break
     model.cpu().eval()
     return model, history

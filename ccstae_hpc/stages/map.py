@@ -22,12 +22,19 @@ import numpy as np
 import torch
 import zarr
 
+from ccstae_hpc.core import com
+from ccstae_hpc.core.com import ComLattice
 from ccstae_hpc.core.config import MapConfig, ModelConfig
 from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block
 from ccstae_hpc.core.model import CCSTAE
 from ccstae_hpc.core.patterns import fit_lattice
-from ccstae_hpc.core.phases import analyse_dictionary, calibrate, entry_relations
+from ccstae_hpc.core.phases import (
+    analyse_dictionary,
+    calibrate,
+    entry_relations,
+    single_phase_map,
+)
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_patterns
 from ccstae_hpc.stages.store import (
@@ -42,7 +49,7 @@ from ccstae_hpc.stages.store import (
 from ccstae_hpc.stages.train import load_model
 
 __all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "map_payload", "map_rows",
-           "cached_models"]
+           "cached_models", "com_reference", "com_payload", "com_rows"]
 
 # training-set patterns used to group the dictionary into phases and calibrate their frames
 CALIBRATION_SAMPLE = 1024
@@ -84,30 +91,38 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         check_stage(store, group, overwrite)
     prep = open_prep(store)
     geom = prep_geometry(prep)
-    model, mcfg, tcfg = load_model(store)
     ny, nx = prep["patterns"].shape[:2]
-    inputs = phase_inputs(prep, model, geom, map_cfg)
-    aff = _create_affine(store, (ny, nx), rows_per_block, len(inputs.info.patterns))
-    payload = map_payload(str(store.resolve()), model, geom, map_cfg, (ny, nx), rows_per_block,
-                          threads, inputs.to_dict())
+    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    if map_cfg.method == "com":
+        lattice = com_reference(prep)
+        phases, K = single_phase_map(), 2
+        task, payload = com_rows, com_payload(str(store.resolve()), lattice, (ny, nx),
+                                              rows_per_block)
+        attrs = {"method": "centre-of-mass lattice fit (ccstae_hpc.core.com)"}
+        base = _with_calibration(dict(prep.attrs["lattice"]), root, prep)
+    else:
+        model, mcfg, tcfg = load_model(store)
+        inputs = phase_inputs(prep, model, geom, map_cfg)
+        phases, K = inputs.phases, len(inputs.info.patterns)
+        task, payload = map_rows, map_payload(str(store.resolve()), model, geom, map_cfg,
+                                              (ny, nx), rows_per_block, threads,
+                                              inputs.to_dict())
+        attrs = {"model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
+                 "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
+                 "entry_relations": json.dumps(entry_relations(inputs.info, inputs.phases))}
+        base = _base_lattice(root, prep, geom, inputs)
+    aff = _create_affine(store, (ny, nx), rows_per_block, K)
     t0 = time.perf_counter()
-    n_workers = _run_blocks(payload, client, workers, progress)
+    n_workers = _run_blocks(task, payload, client, workers, progress)
     dt = time.perf_counter() - t0
     aff.attrs.update({"map_config": map_cfg.to_dict(), "elapsed_s": dt,
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
                       "complete": True})
     affine = {k: aff[k][...] for k in ("theta", "entry", "phase", "residual")}
-    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
-    ds = assemble_strain(affine, inputs.phases, map_cfg, reference_lattice=_base_lattice(
-        root, prep, geom, inputs), attrs={
-            "model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
-            "prep_config": json.dumps(prep.attrs["config"]),
-            "geometry": json.dumps(geom.to_dict()),
-            "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
-            "map_patterns_per_s": ny * nx / dt,
-            "entry_relations": json.dumps(entry_relations(inputs.info, inputs.phases)),
-        })
+    ds = assemble_strain(affine, phases, map_cfg, reference_lattice=base, attrs={
+        **attrs, "prep_config": json.dumps(prep.attrs["config"]),
+        "geometry": json.dumps(geom.to_dict()), "map_patterns_per_s": ny * nx / dt})
     write_group(with_pixel_coords(ds.assign_attrs(complete=True)), store, staging(GROUP))
     commit(store, AFFINE, GROUP)
     return store
@@ -134,8 +149,10 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
     return aff
 
 
-def _run_blocks(payload: dict, client: Any | None, workers: int | None, progress: bool) -> int:
-    """Map every block of ``payload``'s scan on ``client`` or local threads; the worker count."""
+def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | None,
+                progress: bool) -> int:
+    """``task(y0, payload)`` for every block of ``payload``'s scan on ``client`` or local
+    threads; the worker count."""
     ny, nx = payload["shape"]
     starts = list(range(0, ny, payload["rows"]))
     bar = None
@@ -149,7 +166,7 @@ def _run_blocks(payload: dict, client: Any | None, workers: int | None, progress
 
             n_workers = len(client.scheduler_info()["workers"])
             [shared] = client.scatter([payload], broadcast=True, hash=False)
-            futures = client.map(map_rows, starts, payload=shared, pure=False)
+            futures = client.map(task, starts, payload=shared, pure=False)
             try:
                 for fut in as_completed(futures):
                     n = fut.result()  # raises the first failed block's error
@@ -166,7 +183,7 @@ def _run_blocks(payload: dict, client: Any | None, workers: int | None, progress
         try:
             # torch releases the GIL inside its kernels: threads run blocks in parallel
             with ThreadPoolExecutor(n_workers) as ex:
-                for n in ex.map(lambda y0: map_rows(y0, payload), starts):
+                for n in ex.map(lambda y0: task(y0, payload), starts):
                     if bar is not None:
                         bar.update(n)
         finally:
@@ -200,6 +217,12 @@ def _base_lattice(root: zarr.Group, prep: zarr.Group, geom: Geometry, inputs: Ma
     if not base:
         return {"found": False}
     lat = fit_lattice(inputs.info.patterns[base[0]], geom.center, ring_inner_radius(geom.radius))
+    return _with_calibration(lat, root, prep)
+
+
+def _with_calibration(lat: dict, root: zarr.Group, prep: zarr.Group) -> dict:
+    """A lattice fit (detector pixels) with the detector calibration of the raw data, when
+    it carries one."""
     cal = dict(root["raw"].attrs.get("calibration", {}) or {}) if "raw" in root else {}
     ps = cal.get("detector_pixel_size_inv_A")
     if ps:
@@ -282,6 +305,49 @@ def map_rows(y0: int, payload: dict) -> int:
     out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs)
     del x
     # region writes aligned with the row chunks: blocks never share a chunk
+    for name, v in out.items():
+        zarr.open_array(path, path=f"{payload['group']}/{name}", mode="r+")[y0:y1] = v.reshape(
+            y1 - y0, nx, *v.shape[1:])
+    return (y1 - y0) * nx
+
+
+# ------------------------------------------------------------- the centre-of-mass baseline
+
+
+def com_reference(prep: zarr.Group) -> ComLattice:
+    """The CoM reference lattice from the mean of the re-centred patterns."""
+    return com.reference_lattice(np.asarray(prep["mean"][...]),
+                                 float(prep.attrs["disk_radius"]))
+
+
+def com_payload(store: str, lattice: ComLattice, shape: tuple[int, int], rows: int) -> dict:
+    """What a worker needs to fit blocks of ``store`` with the CoM baseline."""
+    return {"store": store, "shape": [int(shape[0]), int(shape[1])], "rows": int(rows),
+            "origin": lattice.origin.tolist(), "G": lattice.G.tolist(),
+            "hk": lattice.hk.tolist(), "radius": float(lattice.radius),
+            "group": staging(AFFINE)}
+
+
+def com_rows(y0: int, payload: dict) -> int:
+    """CoM lattice fits of scan rows ``y0 : y0 + rows`` into ``affine/`` (the same arrays
+    as :func:`map_rows`: entry 0 sample, entry 1 where no lattice was found or prep flagged
+    vacuum)."""
+    ny, nx = payload["shape"]
+    y1 = min(y0 + payload["rows"], ny)
+    path = payload["store"]
+    lat = ComLattice(np.asarray(payload["origin"]), np.asarray(payload["G"]),
+                     np.asarray(payload["hk"], np.int64), payload["radius"])
+    x = zarr.open_array(path, path="prep/patterns", mode="r")[y0:y1]
+    vac = zarr.open_array(path, path="prep/vacuum", mode="r")[y0:y1].reshape(-1)
+    fit = com.fit_patterns(x.reshape(-1, *x.shape[2:]), lat)
+    A = fit["Gp"] @ np.linalg.inv(lat.G)
+    found = np.isfinite(A).all(axis=(-2, -1)) & ~vac
+    n = len(A)
+    theta = np.zeros((n, 2, 3), np.float32)
+    theta[..., :2] = np.where(found[:, None, None], A, np.eye(2))
+    out = {"theta": theta, "entry": np.where(found, 0, 1).astype(np.int16),
+           "phase": found.astype(np.int16), "residual": np.full(n, np.nan, np.float32),
+           "composition": np.full((n, 2), np.nan, np.float32)}
     for name, v in out.items():
         zarr.open_array(path, path=f"{payload['group']}/{name}", mode="r+")[y0:y1] = v.reshape(
             y1 - y0, nx, *v.shape[1:])

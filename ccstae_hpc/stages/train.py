@@ -214,9 +214,12 @@ class CheckpointWriter:
         h = np.array([[r[k] for k in _HIST] for r in st["history"]], np.float64).reshape(-1, 4)
         c.create_array("history", data=h)
         pos = {k: int(st[k]) for k in ("step", "epoch", "step_in_epoch")}
+        if st.get("schedule_dictionary") is not None:
+            c.create_array("schedule_dictionary", data=np.asarray(st["schedule_dictionary"]))
         c.attrs.update({**pos, "loss_scale": float(st["loss_scale"]),
                         "optimizer": _jsonable(opt_meta),
-                        "scheduler": _jsonable(st["scheduler"])})
+                        "scheduler": _jsonable(st["scheduler"]),
+                        "schedule": _jsonable(st.get("schedule"))})
         # the pointer moves only once the slot is complete: a kill mid-write keeps the other
         g.attrs.update({"checkpoint": {"slot": name, **pos},
                         "loss": [r["loss"] for r in st["history"]]})
@@ -268,6 +271,9 @@ def read_checkpoint(store: str | Path) -> dict | None:
         "step": c.attrs["step"], "epoch": c.attrs["epoch"],
         "step_in_epoch": c.attrs["step_in_epoch"], "loss_scale": c.attrs["loss_scale"],
         "labels0": np.asarray(c["labels0"][...]), "masks": np.asarray(c["masks"][...]),
+        "schedule": c.attrs.get("schedule"),
+        "schedule_dictionary": (np.asarray(c["schedule_dictionary"][...])
+                                if "schedule_dictionary" in c else None),
         "history": [{"step": int(r[0]), "epoch": int(r[1]), "loss": float(r[2]),
                      "patterns_per_s": float(r[3])} for r in h],
         "meta": attrs,
@@ -359,6 +365,10 @@ def train_rank(
                 bar.close()
         if writer is not None:
             writer.final(model, history, {"world_size": env.world_size,
+                                          "steps_run": len(history),
+                                          "converged_at_step": next(
+                                              (h["step"] for h in history
+                                               if h.get("converged")), None),
                                           "device": device.type,
                                           "elapsed_s": time.perf_counter() - t0,
                                           "resumed_from_step": int(ck["step"]) if ck else 0})
