@@ -53,6 +53,7 @@ from ccstae_hpc.core.patterns import (
     recentred,
     ring_mask,
 )
+from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.stages.store import (
     check_stage,
     commit,
@@ -114,9 +115,16 @@ class PrepConfig(Config):
 
 def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
     """Float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
-    g = zarr.open_group(str(store), mode="r", zarr_format=3)[PREP]
-    bg = g["background"][...] if "background" in g else None
-    return normalised(g["patterns"][y0:y1], g["scale"][y0:y1], background=bg)
+    # arrays opened by path: opening the root would parse the metadata of every group
+    # (the model's weights among them) for each block
+    def arr(name: str) -> zarr.Array:
+        return zarr.open_array(str(store), path=f"{PREP}/{name}", mode="r", zarr_format=3)
+
+    try:
+        bg = arr("background")[...]
+    except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError):
+        bg = None
+    return normalised(arr("patterns")[y0:y1], arr("scale")[y0:y1], background=bg)
 
 
 # -- the stage --------------------------------------------------------------------------
@@ -193,6 +201,7 @@ def preprocess_store(
     t0 = time.perf_counter()
 
     def read(y0: int, y1: int) -> np.ndarray:
+        keep_work_memory()  # in Dask workers too (see ccstae_hpc.runtime.memory)
         return zarr.open_array(raw_path, path="raw", mode="r")[y0:y1]
 
     disk = _pass_disk(read, raw, cfg, client)

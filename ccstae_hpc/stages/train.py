@@ -44,6 +44,7 @@ from ccstae_hpc.runtime.ddp import (
     process_group,
     run_on_dask,
 )
+from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.stages.prep import open_prep, prep_geometry
 from ccstae_hpc.stages.store import check_stage, commit, discard_staging, open_root, staging
 
@@ -336,6 +337,7 @@ def train_rank(
     ``model/`` unless ``restart``, trains, and (rank 0) writes checkpoints and the final
     model.  Returns the loss curve on rank 0 and ``[]`` elsewhere.
     """
+    keep_work_memory()
     ckpt_cfg = checkpoint or CheckpointConfig()
     device = device_for(env.local_rank)
     with process_group(env, device):
