@@ -1,5 +1,5 @@
 """Accuracy on physics the model did not come from: abTEM multislice data, `ccstae run` next
-to a centre-of-mass lattice fit on the same patterns.
+to a centre-of-mass lattice fit and py4DSTEM 0.14.18 on the same patterns.
 
 Data (simulated with abTEM into ``tests/data`` on first use):
 ``tests/data/ws2_multislice_12x12`` (single-phase WS2 under a smooth strain and rotation
@@ -7,6 +7,8 @@ field) and ``tests/data/ws2_wse2_multislice_16x16`` (WS2/WSe2 lateral interface 
 truth from the atom positions (:mod:`ccstae_hpc.sim.multislice`), noise-free and with Poisson
 noise.  Every method is referenced on the same pixels as its truth (the result's reference
 region), errors are mean absolute errors over the pixels that are sample in truth and result.
+py4DSTEM runs in its own environment (``make bench-peers``; skipped with a message without
+it) and gets ccstae's reference pixels as its reference region.
 Prints one table and writes ``benchmarks/results/multislice.json``.
 
 Run: ``python benchmarks/bench_multislice.py [--quick]``.
@@ -15,6 +17,7 @@ Run: ``python benchmarks/bench_multislice.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
 import time
@@ -29,7 +32,9 @@ from ccstae_hpc.core.strain import reference_deformation, relative_strain
 from ccstae_hpc.sim.evaluate import COMPONENTS, strain_errors, wrap_angle
 from ccstae_hpc.sim.multislice import add_poisson, load_multislice, validation_set
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 RESULTS = Path(__file__).resolve().parent / "results"
 SETS = {"single": "ws2_multislice_12x12", "interface": "ws2_wse2_multislice_16x16"}
 DOSES = {"single": (None, 1e5), "interface": (None, 1e5)}
@@ -59,6 +64,32 @@ def com_errors(data: np.ndarray, truth: dict, ds: xr.Dataset) -> dict[str, float
     return out
 
 
+def _peer_module():  # noqa: ANN202 - a module loaded from a file path
+    spec = importlib.util.spec_from_file_location(
+        "check_py4dstem", ROOT / "benchmarks" / "peers" / "check_py4dstem.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def py4dstem_errors(npy: Path, truth: dict, ds: xr.Dataset, tmp: Path) -> dict | None:
+    """py4DSTEM's Bragg-disk strain pipeline on the same patterns, referenced on ccstae's
+    reference pixels; None without its environment."""
+    if not PEERS_PYTHON.exists():
+        return None
+    chk = _peer_module()
+    ref = np.asarray(ds["reference"].values, bool) & (np.asarray(truth["phase"]) > 0)
+    mask = tmp / f"{npy.stem}.reference.npy"
+    np.save(mask, ref)
+    out = tmp / f"{npy.stem}.py4dstem.npz"
+    try:
+        chk.run_peer(PEERS_PYTHON, npy, out, threads=2, reference_mask=mask)
+    except RuntimeError as e:  # reported, not hidden: the peer found no lattice here
+        return {"error": str(e).strip().splitlines()[-1]}
+    e = strain_errors(chk.peer_dataset(out, ref), truth)
+    return {f"mae_{k}": float(e[f"mae_{k}"]) for k in COMPONENTS}
+
+
 def run_case(name: str, dose: float | None, tmp: Path) -> dict:
     data, truth, _ = load_multislice(validation_set(DATA, SETS[name]))
     if dose is not None:
@@ -74,7 +105,8 @@ def run_case(name: str, dose: float | None, tmp: Path) -> dict:
     return {"set": name, "dose": dose, "scan": list(data.shape[:2]), "run_s": dt,
             "ccstae": {k: err[k] for k in err if k.startswith(("mae_", "acc_", "lattice_"))
                        or k == "n_phases"},
-            "com": com_errors(data, truth, ds)}
+            "com": com_errors(data, truth, ds),
+            "py4dstem": py4dstem_errors(npy, truth, ds, tmp)}
 
 
 def _fmt(v: float, k: str) -> str:
@@ -97,8 +129,13 @@ def main() -> None:
           + "  phases  phase acc")
     for r in rows:
         dose = "inf" if r["dose"] is None else f"{r['dose']:.0e}"
-        for m in ("ccstae", "com"):
+        for m in ("ccstae", "com", "py4dstem"):
             e = r[m]
+            if e is None:
+                continue
+            if "error" in e:
+                print(f"{r['set']:10} {dose:>8} {m:8} failed: {e['error']}")
+                continue
             extra = (f"  {int(e['n_phases']):6d}  {100 * e['acc_phase']:8.1f}%"
                      if m == "ccstae" else "")
             print(f"{r['set']:10} {dose:>8} {m:8} "
@@ -108,6 +145,8 @@ def main() -> None:
         ratio = np.mean([c[f"mae_{k}"] / max(b[f"mae_{k}"], 1e-12) for k in COMPONENTS])
         print(f"{r['set']} dose {r['dose']}: ccstae/com mean MAE ratio {ratio:.2f}, "
               f"ccstae run {r['run_s']:.0f} s")
+    if not PEERS_PYTHON.exists():
+        print(f"py4DSTEM skipped: no {PEERS_PYTHON} (`make bench-peers` creates it)")
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / ("multislice_quick.json" if args.quick else "multislice.json")).write_text(
         json.dumps(rows, indent=1))
