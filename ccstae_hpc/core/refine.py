@@ -82,6 +82,12 @@ def _sample(img: torch.Tensor, pts: torch.Tensor, mode: str) -> torch.Tensor:
                          align_corners=False)[0]
 
 
+def _points(u: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Where each pattern samples its entry: ``B u + s`` for pixels ``u`` ``(P, 2)`` ->
+    ``(n, P, 2)``."""
+    return torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+
+
 def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
     """One Gauss-Newton step of patterns of one class (``ch`` ``(1, 3, Q, Q)``: the entry and
     its gradients) on pixels ``u``; returns the updated ``B, s, g, b``.
@@ -92,7 +98,7 @@ def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
     intensity scale ``g`` multiplies the products afterwards, per pattern.
     """
     N, P = xi.shape
-    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    pts = _points(u, B, s)
     Ds, Gx, Gy = _sample(ch, pts, mode).unbind(0)
     w, r = _weights(xi, W, Ds, g, b, floor_frac)
     wr = w * r
@@ -137,7 +143,7 @@ def _weights(xi, W, Ds, g, b, floor_frac):
 
 def _residual(xi, W, u, B, s, g, b, ch, mode, floor_frac):
     """Weighted relative residual ``sum w r^2 / sum w x^2`` of the fit, per pattern."""
-    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    pts = _points(u, B, s)
     w, r = _weights(xi, W, _sample(ch[:, :1], pts, mode)[0], g, b, floor_frac)
     return (w * r * r).sum(1) / (w * xi * xi).sum(1).clamp(min=1e-12)
 
@@ -193,7 +199,7 @@ def _entry_residuals(xi, u, B, s, c, labels, templates, scale):
     N, P = xi.shape
     K = E_all.shape[0]
     n_lab = E_all.shape[-1]
-    pts = torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
+    pts = _points(u, B, s)
     lab = _sample(labels[c:c + 1, None].float(), pts, "nearest")[0].long()
     I = torch.zeros(N, n_lab + 1).scatter_add_(1, lab, xi)[:, 1:]
     area = area_all[c].expand(N, -1)
@@ -284,9 +290,9 @@ def relate_entries(dictionary: np.ndarray, masks: np.ndarray, ring: np.ndarray,
 class _ClassFit:
     """The registration of chunks of patterns of one class (the body of :func:`refine`)."""
 
-    def __init__(self, x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma,
-                 iters, coarse_iters, mode, damping, floor) -> None:
-        self.x, self.x_raw, self.ring_px, self.coarse_grid = x, x_raw, ring_px, coarse_grid
+    def __init__(self, x, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
+                 coarse_iters, mode, damping, floor) -> None:
+        self.x, self.ring_px, self.coarse_grid = x, ring_px, coarse_grid
         self.mask_stack, self.stacks, self.coarse_sigma = mask_stack, stacks, coarse_sigma
         self.iters, self.coarse_iters = iters, coarse_iters
         self.mode, self.damping, self.floor = mode, damping, floor
@@ -300,8 +306,7 @@ class _ClassFit:
         # pixel or two at most, which the mask's 2-px dilation absorbs, and fixed weights give
         # the fit one well-defined objective.  Pixels where no pattern of the chunk has weight
         # add nothing to the fit and are left out (about half of the ring)
-        W = _sample(self.mask_stack[k:k + 1],
-                    torch.einsum("pj,nij->npi", self.u_ring, B) + s[:, None, :], "bilinear")[0]
+        W = _sample(self.mask_stack[k:k + 1], _points(self.u_ring, B, s), "bilinear")[0]
         keep = (W > 0).any(0)
         sets = {}
         for name, kk in (("fine", keep), ("coarse", keep & self.coarse_grid)):
@@ -392,8 +397,9 @@ def refine(
     mask_stack = torch.from_numpy(np.asarray(masks, dtype=np.float32)).unsqueeze(1)
     resid = torch.zeros(N)
     entry = torch.full((N, len(masks)), float("nan")) if templates is not None else None
-    fit = _ClassFit(x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
+    fit = _ClassFit(x, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
                     coarse_iters, mode, damping, floor)
+    scale = scale[order] if scale is not None else None
     for k, a, z in groups:
         # chunks of a few dozen patterns: the work arrays stay in cache, and each chunk fits
         # only the pixels its own patterns reach
@@ -402,7 +408,7 @@ def refine(
             B[sl], s[sl], resid[sl], near = fit(k, sl, B[sl], s[sl], g[sl], b[sl])
             if entry is not None:
                 entry[sl] = _entry_residuals(x_raw[sl][:, near], u[near], B[sl], s[sl], k,
-                                             labels, templates, scale[order][sl])
+                                             labels, templates, scale[sl])
     A = torch.linalg.inv(B)
     t = -(A @ s.unsqueeze(-1))
     inv = torch.argsort(order)

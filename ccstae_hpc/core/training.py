@@ -359,9 +359,15 @@ class Schedule:
         f = min(max(step - self.decay_start, 0) / max(self.decay_len, 1), 1.0)
         return 0.5 * (1 + math.cos(math.pi * f)) * (1 - LR_FLOOR) + LR_FLOOR
 
+    @property
+    def end(self) -> int:
+        """The step training ends at, as far as decided: the cap until the decay starts."""
+        if self.decay_start is None:
+            return self.cap
+        return min(self.cap, self.decay_start + self.decay_len)
+
     def done(self, step: int) -> bool:
-        return step >= self.cap or (self.decay_start is not None
-                                    and step >= self.decay_start + self.decay_len)
+        return step >= self.end
 
     def update(self, step: int, losses: Sequence[float], dictionary: Callable[[], np.ndarray]
                ) -> None:
@@ -527,7 +533,7 @@ def fit(
             value = float(loss.detach())
             if comm.world > 1:
                 value = float(comm.allreduce_sum(np.array([value * n_loc]))[0] / n_glob)
-            rec = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs,
+            rec = {"step": step, "epoch": epoch, "epochs": epochs,
                    "loss": value, "patterns_per_s": done / (time.perf_counter() - t0)}
             history.append(rec)
             last = s + 1 == plan.steps
@@ -539,8 +545,7 @@ def fit(
             schedule.update(step, [h["loss"] for h in history[-2 * CONVERGENCE_WINDOW:]],
                             lambda: model.dictionary().detach().cpu().numpy())
             end = schedule.done(step)
-            rec["steps"] = schedule.cap if schedule.decay_start is None else min(
-                schedule.cap, schedule.decay_start + schedule.decay_len)
+            rec["steps"] = schedule.end
             rec["converged"] = schedule.converged_at == step
             due = checkpoint_every > 0 and step % checkpoint_every == 0
             if main and checkpoint is not None and (due or end):

@@ -38,12 +38,14 @@ from ccstae_hpc.core.phases import (
 )
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.runtime.memory import keep_work_memory
-from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_patterns
+from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_block
 from ccstae_hpc.stages.store import (
+    CODEC,
     GROUP,
     check_stage,
     commit,
     discard_staging,
+    open_root,
     staging,
     with_pixel_coords,
     write_group,
@@ -56,15 +58,6 @@ __all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "map_payload", "ma
 # training-set patterns used to group the dictionary into phases and calibrate their frames
 CALIBRATION_SAMPLE = 1024
 AFFINE = "affine"
-_CODEC = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
-
-
-
-
-
-
-
-
 
 
 def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any | None = None,
@@ -94,7 +87,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
     prep = open_prep(store)
     geom = prep_geometry(prep)
     ny, nx = prep["patterns"].shape[:2]
-    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    root = open_root(store)
     if map_cfg.method == "com":
         lattice = com_reference(prep)
         phases, K = single_phase_map(), 2
@@ -135,8 +128,7 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
     """The empty staging ``affine`` group, chunked by blocks of whole scan rows."""
     discard_staging(store, AFFINE)
     discard_staging(store, GROUP)
-    root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
-    aff = root.create_group(staging(AFFINE))
+    aff = open_root(store, "r+").create_group(staging(AFFINE))
     ny, nx = shape
     rows = (rows_per_block, nx)
     for name, shp, dtype, chunks, dims in (
@@ -146,7 +138,7 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
         ("residual", (ny, nx), "float32", rows, ("scan_y", "scan_x")),
         ("composition", (ny, nx, K), "float32", rows + (K,), ("scan_y", "scan_x", "entry")),
     ):
-        aff.create_array(name, shape=shp, dtype=dtype, chunks=chunks, compressors=_CODEC,
+        aff.create_array(name, shape=shp, dtype=dtype, chunks=chunks, compressors=CODEC,
                          dimension_names=dims, fill_value=0)
     return aff
 
@@ -234,10 +226,9 @@ def _with_calibration(lat: dict, root: zarr.Group, prep: zarr.Group) -> dict:
 
 # ---------------------------------------------------------------- the worker side
 
-# the model of the current map run, built once per worker process: token -> (model, geom, cfg)
-_MAP_CACHE: dict[str, tuple[Any, Any, Any]] = {}
-
-
+# the model of the current map run, built once per worker process:
+# token -> (model, geometry, map config, map inputs)
+_MAP_CACHE: dict[str, tuple[Any, Any, Any, Any]] = {}
 _MAP_LOCK = threading.Lock()
 
 
@@ -307,14 +298,20 @@ def map_rows(y0: int, payload: dict) -> int:
     ny, nx = payload["shape"]
     y1 = min(y0 + payload["rows"], ny)
     path = payload["store"]
-    x = read_patterns(path, y0, y1)
-    scale = zarr.open_array(path, path="prep/scale", mode="r")[y0:y1]
+    x, scale = read_block(path, y0, y1)
     out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs)
     del x
-    # region writes aligned with the row chunks: blocks never share a chunk
+    return _write_rows(payload, y0, y1, out)
+
+
+def _write_rows(payload: dict, y0: int, y1: int, out: dict[str, np.ndarray]) -> int:
+    """Scan rows ``y0:y1`` of every affine array (``(n, ...)`` per pattern) into the run's
+    staging group; the number of patterns.  Region writes aligned with the row chunks:
+    blocks never share a chunk."""
+    nx = payload["shape"][1]
     for name, v in out.items():
-        zarr.open_array(path, path=f"{payload['group']}/{name}", mode="r+")[y0:y1] = v.reshape(
-            y1 - y0, nx, *v.shape[1:])
+        zarr.open_array(payload["store"], path=f"{payload['group']}/{name}", mode="r+")[
+            y0:y1] = v.reshape(y1 - y0, nx, *v.shape[1:])
     return (y1 - y0) * nx
 
 
@@ -353,10 +350,7 @@ def com_rows(y0: int, payload: dict) -> int:
     n = len(A)
     theta = np.zeros((n, 2, 3), np.float32)
     theta[..., :2] = np.where(found[:, None, None], A, np.eye(2))
-    out = {"theta": theta, "entry": np.where(found, 0, 1).astype(np.int16),
-           "phase": found.astype(np.int16), "residual": np.full(n, np.nan, np.float32),
-           "composition": np.full((n, 2), np.nan, np.float32)}
-    for name, v in out.items():
-        zarr.open_array(path, path=f"{payload['group']}/{name}", mode="r+")[y0:y1] = v.reshape(
-            y1 - y0, nx, *v.shape[1:])
-    return (y1 - y0) * nx
+    return _write_rows(payload, y0, y1, {
+        "theta": theta, "entry": np.where(found, 0, 1).astype(np.int16),
+        "phase": found.astype(np.int16), "residual": np.full(n, np.nan, np.float32),
+        "composition": np.full((n, 2), np.nan, np.float32)})

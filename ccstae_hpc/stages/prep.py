@@ -55,6 +55,7 @@ from ccstae_hpc.core.patterns import (
 )
 from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.stages.store import (
+    CODEC,
     check_stage,
     commit,
     discard_staging,
@@ -64,16 +65,13 @@ from ccstae_hpc.stages.store import (
 )
 
 __all__ = ["PrepConfig", "PrepError", "open_prep", "prep_geometry", "preprocess_store",
-           "read_patterns"]
+           "read_block", "read_patterns"]
 
 PREP = "prep"
 # raw bytes per block of whole scan rows when PrepConfig.rows_per_block is 0
 ROWS_BLOCK_BYTES = 32e6
 # patterns of the pass-1 mean (evenly spaced rows): enough for hot pixels and the disk
 SAMPLE_PATTERNS = 4096
-# zstd level 1: as fast as writing uncompressed through zarr here, and 4x smaller than lz4
-# on sparse low-dose patterns
-_CODEC = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
 
 
 class PrepError(ValueError):
@@ -113,8 +111,9 @@ class PrepConfig(Config):
         check(self.max_train >= 1 and self.shard_size >= 1, "max_train/shard_size must be >= 1")
 
 
-def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
-    """Float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
+def read_block(store: str | Path, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 model input of scan rows ``y0:y1`` of a preprocessed store and its ``scale``
+    (the normalised value of one count per pattern)."""
     # arrays opened by path: opening the root would parse the metadata of every group
     # (the model's weights among them) for each block
     def arr(name: str) -> zarr.Array:
@@ -124,7 +123,13 @@ def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
         bg = arr("background")[...]
     except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError):
         bg = None
-    return normalised(arr("patterns")[y0:y1], arr("scale")[y0:y1], background=bg)
+    scale = arr("scale")[y0:y1]
+    return normalised(arr("patterns")[y0:y1], scale, background=bg), scale
+
+
+def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
+    """Float32 model input of scan rows ``y0:y1`` of a preprocessed store."""
+    return read_block(store, y0, y1)[0]
 
 
 # -- the stage --------------------------------------------------------------------------
@@ -312,7 +317,7 @@ def _pass_patterns(read: Callable, blocks: list[tuple[int, int]], rows: int, raw
         "patterns", shape=(ny, nx, size, size), dtype=pdt,
         chunks=(1, nx, size, size), shards=(rows, nx, size, size),
         dimension_names=("scan_y", "scan_x", "k_y", "k_x"),
-        compressors=_CODEC,
+        compressors=CODEC,
     )
     rng = np.random.default_rng(cfg.seed)
     n_train = min(cfg.max_train, ny * nx)
@@ -365,7 +370,7 @@ def _write_shards(g: zarr.Group, parts: list[np.ndarray], picks: np.ndarray, slo
     starts = np.cumsum([0] + [len(p) for p in parts])
     S = min(shard_size, n_train)
     t = g.create_array("train", shape=(n_train, size, size), dtype=tdt, chunks=(S, size, size),
-                       compressors=_CODEC).with_config({"write_empty_chunks": True})
+                       compressors=CODEC).with_config({"write_empty_chunks": True})
     buf = np.empty((S, size, size), tdt)
     for j0 in range(0, n_train, S):
         js = src[j0:j0 + S]
