@@ -64,9 +64,30 @@ from scipy.ndimage import gaussian_filter  # noqa: E402
 
 # py4DSTEM's defaults for the correlation (the values its tutorials use)
 SIGMA_CC = 2.0
+# multicorr: on the abTEM multislice sets it places a first-order disk up to ~0.5 px from the
+# disk's centroid ("poly" agrees to 0.01 px, so noise-free it does 5x better), but at 1e5
+# e-/pattern "poly" doubles the MAE: py4DSTEM's default is kept
 SUBPIXEL = "multicorr"
 UPSAMPLE = 16
+# py4DSTEM's default minimum peak intensity relative to the pattern's strongest (the central
+# beam), used only as an upper bound: the threshold is derived from the data in
+# ``derive_parameters``.  In abTEM multislice patterns of a monolayer ~99 % of the electrons
+# stay in the central disk and a first-order disk's correlation peak is ~7e-4 of the central
+# one, so the default alone rejects every Bragg disk; in the project's simulator (2-3.5e-2)
+# the derived value exceeds it and the default applies (and there the absolute threshold,
+# ~2e-2 of the central peak, is the one that binds)
 MIN_RELATIVE_INTENSITY = 0.005
+# the relative threshold as a fraction of the weakest first-order correlation peak of the
+# aligned mean (relative to its central peak).  A single pattern's first-order peaks scatter
+# about the mean's: in the multislice sets the weakest of a sample pattern is down to 0.6 times
+# the mean's weakest at 1e5 e-/pattern, 0.35 times where the probe straddles two phases or the
+# sample's edge.  A quarter keeps them all; the noise is the absolute threshold's business
+# (``DETECTION_SIGMA``), and 0.1-0.5 change the multislice MAE by ~10 %
+RELATIVE_FRACTION = 0.25
+# first-order peaks: the strong maxima within 1.5 g_min of the central beam, the shortest
+# lattice vectors whatever the strain or the cell's shape (the basis comes from them); the next
+# shell of a hexagonal lattice lies at sqrt(3) g_min
+FIRST_ORDER_SHELL = 1.5
 # false-alarm level for a correlation maximum, in robust standard deviations of the
 # correlation background: ~1e-4 spurious peaks per 128 x 128 pattern for Gaussian noise
 DETECTION_SIGMA = 5.0
@@ -129,6 +150,10 @@ def derive_parameters(dc: Any) -> tuple[dict[str, Any], np.ndarray]:
     * shortest reciprocal-lattice vector ``g_min``: the nearest correlation maximum to the
       central beam in the aligned mean, among maxima of at least 10 % of the strongest
       non-central one (weaker ones are the diffuse halo's ripples or high orders);
+    * relative detection threshold (of the disks, and of the Bragg vector map's maxima):
+      ``RELATIVE_FRACTION`` of the weakest first-order peak (within ``FIRST_ORDER_SHELL g_min``)
+      relative to the central peak, at most py4DSTEM's default ``MIN_RELATIVE_INTENSITY``: a
+      thin specimen's disks can be 1e-3 of the central beam, a thick one's tens of %;
     * minimum peak spacing ``g_min / 2`` (two peaks closer than half the shortest lattice
       vector cannot both be disks, whatever the strain or rotation); edge boundary: one radius
       (a disk closer to the edge is clipped and its centre biased);
@@ -163,6 +188,11 @@ def derive_parameters(dc: Any) -> tuple[dict[str, Any], np.ndarray]:
     g_min = float(d[strong].min())
     params.update(g_min=g_min, min_peak_spacing=0.5 * g_min,
                   edge_boundary=int(np.ceil(radius)), max_peak_spacing=0.35 * g_min)
+    first = strong[d[strong] <= FIRST_ORDER_SHELL * g_min]
+    first_rel = float(peaks["intensity"][first].min() / peaks["intensity"][centre])
+    params.update(first_order_relative_intensity=first_rel,
+                  min_relative_intensity=min(MIN_RELATIVE_INTENSITY,
+                                             RELATIVE_FRACTION * first_rel))
 
     # correlation background of single patterns (unclipped, smoothed like the detection)
     ny, nx = dc.Rshape
@@ -188,7 +218,7 @@ def detect(dc: Any, kernel: np.ndarray, p: dict[str, Any], threads: int) -> Any:
     without a Dask/ipyparallel cluster and an HDF5 copy of the data); the peaks are identical."""
     kw = dict(corrPower=1, sigma_cc=SIGMA_CC, subpixel=SUBPIXEL, upsample_factor=UPSAMPLE,
               minAbsoluteIntensity=p["min_absolute_intensity"],
-              minRelativeIntensity=MIN_RELATIVE_INTENSITY,
+              minRelativeIntensity=p["min_relative_intensity"],
               minPeakSpacing=p["min_peak_spacing"], edgeBoundary=p["edge_boundary"],
               maxNumPeaks=p["max_num_peaks"])
     if threads <= 1:
@@ -254,7 +284,7 @@ def _bvm_maxima_kw(p: dict[str, Any]) -> dict[str, Any]:
     # scale, a pile compares with the central one as a disk's correlation peak compares with
     # the central beam's, so the detection's relative threshold applies to the map as well
     return dict(subpixel="poly", upsample_factor=UPSAMPLE, sigma=0.5 * p["radius"],
-                minRelativeIntensity=MIN_RELATIVE_INTENSITY, minSpacing=p["min_peak_spacing"],
+                minRelativeIntensity=p["min_relative_intensity"], minSpacing=p["min_peak_spacing"],
                 edgeBoundary=1, maxNumPeaks=p["max_num_peaks"])
 
 
