@@ -57,13 +57,14 @@ def variants(store: Path) -> tuple[dict[str, dict[str, np.ndarray]], MapInputs]:
         kw = ({} if inputs.templates is None else
               {"labels": inputs.labels, "templates": inputs.templates, "scale": scale})
         res = refine(x, root, start, info.patterns, info.masks, geom.ring, iters, **kw)
-        th = res[0]
         entry = root.numpy()
-        phase = (decide_phase(entry, res[2].numpy(), ph.phase_of_entry, ph.root_of_entry,
-                              ph.chi2_scale)
+        phase = (decide_phase(entry, res.composition.numpy(), ph.phase_of_entry,
+                              ph.root_of_entry, ph.chi2_scale)
                  if kw else ph.phase_of_entry[entry])
-        out[name] = {"theta": th.numpy().reshape(ny, nx, 2, 3), "entry": entry.reshape(ny, nx),
-                     "phase": phase.reshape(ny, nx), "residual": res[1].numpy().reshape(ny, nx)}
+        out[name] = {"theta": res.theta.numpy().reshape(ny, nx, 2, 3),
+                     "entry": entry.reshape(ny, nx), "phase": phase.reshape(ny, nx),
+                     "residual": res.residual.numpy().reshape(ny, nx),
+                     "cov": res.cov.numpy().reshape(ny, nx, 4, 4)}
     return out, inputs
 
 

@@ -143,8 +143,7 @@ def map_config(args: argparse.Namespace) -> MapConfig:
     """The MapConfig of the mapping options shared by ``run`` and ``map``."""
     kw: dict = {"reference": None if args.reference is None else tuple(args.reference),
                 "reference_mode": args.reference_mode}
-    if args.pool_sigma is not None:
-        kw["pool_sigma"] = args.pool_sigma
+    kw["pool_sigma"] = _pool_sigma(args.pool_sigma)
     if getattr(args, "method", None):
         kw["method"] = args.method
     return MapConfig(**kw)
@@ -162,10 +161,26 @@ def _add_map_options(p: argparse.ArgumentParser) -> None:
              "phase's lattice mismatch shows as strain; per_phase: each phase against its "
              "own median lattice (inside --reference when the box holds some of it)")
     p.add_argument(
-        "--pool-sigma", type=float, metavar="PX",
+        "--pool-sigma", default="auto", metavar="PX|auto",
         help="Gaussian pooling of the fits over neighbouring probe positions of the same "
-             f"phase, in scan pixels (default {MapConfig.pool_sigma}: off). Lowers noise at "
-             "the cost of resolution and flattens fields that vary within a few positions")
+             "phase, in scan pixels. auto (default): per phase, the width of least estimated "
+             "error from each fit's own uncertainty against the field's variation (none on "
+             "noise-free data); 0 turns pooling off (single-pattern fits, e.g. for defect "
+             "cores); a number fixes the width")
+
+
+def _pool_sigma(text: str) -> float | None:
+    """``--pool-sigma``: ``auto`` (None) or a width >= 0 in scan pixels; ValueError else."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"--pool-sigma {text!r} is no width: give 'auto' or a number of "
+                         "scan pixels >= 0") from None
+    if not v >= 0:
+        raise ValueError(f"--pool-sigma {text} < 0: give 'auto' or a width >= 0 (0 = off)")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,6 +125,8 @@ def test_existing_non_store_is_never_replaced(
         (["--reference", "2", "2", "0", "2"], ["non-empty"]),
         (["--epochs", "0"], ["epochs"]),
         (["--num-base", "0"], ["num_base"]),
+        (["--pool-sigma", "-1"], ["auto", ">= 0"]),
+        (["--pool-sigma", "wide"], ["auto", "scan pixels"]),
     ],
 )
 def test_bad_options(

@@ -27,7 +27,8 @@ def test_refine_recovers_known_strain_rotation_and_shift():
     origins = np.array([[65.1, 62.7], [61.9, 66.0], [63.4, 64.2]])
     x = torch.from_numpy(normalise(render_patterns(cfg, Fs, origins, np.ones(3, int))))
     start = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).repeat(3, 1, 1)  # identity: no hint
-    theta, resid = refine(x, torch.zeros(3, dtype=torch.long), start, D[None], mask[None], ring)
+    theta, resid = refine(x, torch.zeros(3, dtype=torch.long), start, D[None], mask[None],
+                          ring)[:2]
     M = affine_to_deformation(theta[:, :, :2].numpy().astype(np.float64))
     est = relative_strain(M, M[2])
     tru = relative_strain(Fs, Fs[2])
@@ -91,10 +92,9 @@ def test_composition_misfit_tells_phases_apart_not_strain():
     from ccstae_hpc.core.refine import disk_templates
 
     templates = disk_templates(D, info.labels, info.relations)
-    _, _, chi2 = refine(torch.from_numpy(x), torch.ones(2, dtype=torch.long), start, D,
-                        info.masks, ring, labels=torch.from_numpy(info.labels),
-                        templates=templates, scale=scale)
-    chi2 = chi2.numpy()
+    chi2 = refine(torch.from_numpy(x), torch.ones(2, dtype=torch.long), start, D,
+                  info.masks, ring, labels=torch.from_numpy(info.labels),
+                  templates=templates, scale=scale).composition.numpy()
     assert np.isnan(chi2[:, 0]).all()  # vacuum is not scored
     assert (chi2[:, 3] - chi2[:, 1] > 30).all(), chi2  # other composition: far worse
     assert (np.abs(chi2[:, 2] - chi2[:, 1]) < 1).all(), chi2  # same phase, other strain

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from ccstae_hpc.core.strain import (
+    POOL_SIGMAS,
     affine_to_deformation,
+    choose_pool_sigma,
+    deformation_covariance,
     polar_decompose,
+    pool_covariance,
     pool_deformation,
     reference_deformation,
     relative_strain,
     robust_inliers,
     rotation_matrix,
+    strain_std,
 )
 
 
@@ -95,3 +100,69 @@ def test_inliers_flag_diverged_fits():
     Fs[7] = _F(0.3, 0.0, 0.0, 0.0)
     ok = robust_inliers(Fs, np.eye(2), 8.0)
     assert not ok[7] and ok.sum() >= 97
+
+
+def _field(ny: int = 40, nx: int = 40) -> np.ndarray:
+    """A smooth deformation field: 0.5 % strain and 0.3 deg rotation waves over ~20 px."""
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    M = np.tile(np.eye(2), (ny, nx, 1, 1))
+    M[..., 0, 0] += 0.005 * np.sin(2 * np.pi * xx / 20)
+    M[..., 1, 1] += 0.005 * np.cos(2 * np.pi * yy / 25)
+    rot = np.deg2rad(0.3) * np.sin(2 * np.pi * (xx + yy) / 30)
+    M[..., 0, 1] -= rot
+    M[..., 1, 0] += rot
+    return M
+
+
+def test_pool_width_is_chosen_from_the_noise():
+    """No pooling for precise fits, some for noisy ones, and the chosen width beats both
+    no pooling and the widest kernel on the truth."""
+    rng = np.random.default_rng(0)
+    M = _field()
+    w = np.ones(M.shape[:2], bool)
+    C = np.tile(np.eye(4), (*M.shape[:2], 1, 1))
+    sigma, _ = choose_pool_sigma(M + 1e-6 * rng.standard_normal(M.shape), 1e-12 * C, w)
+    assert sigma == 0.0
+    sd = 0.002
+    noisy = M + sd * rng.standard_normal(M.shape)
+    sigma, risk = choose_pool_sigma(noisy, sd**2 * C, w)
+    assert sigma > 0 and set(risk) == set(POOL_SIGMAS)
+    mse = {s: np.mean((pool_deformation(noisy, w, s) - M) ** 2) for s in POOL_SIGMAS}
+    assert mse[sigma] < mse[0.0] and mse[sigma] < mse[max(POOL_SIGMAS)], (sigma, mse)
+    # unknown variances: nothing pooled
+    assert choose_pool_sigma(noisy, np.full_like(C, np.nan), w)[0] == 0.0
+
+
+def test_pooled_covariance_matches_monte_carlo():
+    rng = np.random.default_rng(1)
+    M = _field(12, 12)
+    w = np.ones((12, 12), bool)
+    w[:, 6:] = False  # an edge of the phase: fewer neighbours, larger variance
+    C = np.tile(np.diag([1.0, 2.0, 3.0, 4.0]) * 1e-6, (12, 12, 1, 1))
+    pred = pool_covariance(C, w, 1.0)
+    draws = np.stack([pool_deformation(M + np.sqrt(np.diagonal(C, axis1=-2, axis2=-1))
+                                       .reshape(12, 12, 2, 2) * rng.standard_normal(M.shape),
+                                       w, 1.0) for _ in range(3000)])
+    var = draws.reshape(3000, 12, 12, 4).var(0)
+    got = np.diagonal(pred, axis1=-2, axis2=-1)
+    assert np.allclose(var[w], got[w], rtol=0.1), (var[w][:3], got[w][:3])
+    assert np.isnan(pred[:, 9:]).all()  # out of the kernel's reach (3 sigma) of the phase
+
+
+def test_strain_std_propagates_the_fit_covariance():
+    """Standard errors of the strain from the covariance of B (the refinement's parameters)
+    through M = B^T F and the polar decomposition, against a Monte Carlo."""
+    rng = np.random.default_rng(2)
+    F = rotation_matrix(20.0) @ np.diag([1.02, 0.99])
+    B = np.array([[1.01, 0.004], [-0.003, 0.995]])
+    L = rng.standard_normal((4, 4)) * 1e-3
+    cov_B = L @ L.T
+    C = deformation_covariance(cov_B[None], F[None])[0]
+    draws = B.ravel() + rng.multivariate_normal(np.zeros(4), cov_B, size=20000)
+    Ms = np.swapaxes(draws.reshape(-1, 2, 2), -1, -2) @ F
+    assert np.allclose(np.cov(Ms.reshape(-1, 4).T), C, rtol=0.05, atol=1e-9)
+    M_ref = F
+    mc = relative_strain(Ms, M_ref)
+    se = strain_std((B.T @ F)[None], C[None], M_ref)
+    for k in ("exx", "eyy", "exy", "theta"):
+        assert se[k][0] == pytest.approx(np.std(mc[k]), rel=0.05), k

@@ -161,11 +161,11 @@ class MapConfig(Config):
     reference_mode: str = "global"
     symmetry: int = 6  # rotational symmetry of the pattern: theta is unwrapped modulo 360/symmetry
     # Gaussian pooling of the fitted deformation over neighbouring probe positions of the
-    # same phase (scan px; 0 = none, the default).  Trades spatial resolution (FWHM 2.35
-    # sigma) for precision, and flattens any field that varies on the kernel's scale (a
-    # rotation field with a ~10-position period came out at 0.83x its amplitude at sigma 1):
-    # use it only for fields smooth over several positions at low dose
-    pool_sigma: float = 0.0
+    # same phase (scan px).  None (the default) chooses the width per phase from the data:
+    # the one of least estimated mean squared error (Stein's unbiased risk, from each fit's
+    # own uncertainty against the field's variation; 0 for noise-free data and for fields
+    # that change between neighbouring positions).  A number fixes it, 0 turns pooling off
+    pool_sigma: float | None = None
     # fits further than this many robust sigmas from their phase are dropped as diverged
     outlier_mad: float = 8.0
     # "ccstae": the trained model and per-pattern refinement; "com": the centre-of-mass
@@ -182,5 +182,6 @@ class MapConfig(Config):
         check(self.symmetry >= 1, "symmetry must be >= 1")
         check(self.reference_mode in ("global", "per_phase"),
                "reference_mode must be 'global' (one reference lattice) or 'per_phase'")
-        check(self.pool_sigma >= 0, "pool_sigma must be >= 0 (0 disables pooling)")
+        check(self.pool_sigma is None or self.pool_sigma >= 0,
+              "pool_sigma must be None (automatic) or >= 0 (0 disables pooling)")
         check(self.outlier_mad > 0, "outlier_mad must be positive")

@@ -20,10 +20,14 @@ from ccstae_hpc.core.phases import DictionaryInfo, PhaseMap, decide_phase
 from ccstae_hpc.core.refine import compose_affine, disk_templates, encode, refine
 from ccstae_hpc.core.strain import (
     affine_to_deformation,
+    choose_pool_sigma,
+    deformation_covariance,
+    pool_covariance,
     pool_deformation,
     reference_deformation,
     relative_strain,
     robust_inliers,
+    strain_std,
     stretch_determinant,
 )
 
@@ -90,7 +94,9 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
     Returns
     -------
     dict of ``theta (n, 2, 3)`` (onto ``entry``), ``entry (n,)``, ``phase (n,)`` (0 vacuum),
-    ``residual (n,)``, ``composition (n, K)`` (chi-square per entry, NaN where not scored).
+    ``residual (n,)``, ``cov (n, 4, 4)`` (covariance of the fit's linear part, see
+    :class:`ccstae_hpc.core.refine.Registration`), ``composition (n, K)`` (chi-square per
+    entry, NaN where not scored).
     """
     ph = inputs.phases
     info = inputs.info
@@ -99,6 +105,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
     n = len(x)
     out = {"theta": np.empty((n, 2, 3), np.float32), "entry": np.empty(n, np.int16),
            "phase": np.empty(n, np.int16), "residual": np.empty(n, np.float32),
+           "cov": np.empty((n, 4, 4), np.float32),
            "composition": np.full((n, inputs.K), np.nan, np.float32)}
     root_of = torch.from_numpy(ph.root_of_entry)
     for i in range(0, n, map_cfg.batch_size):
@@ -111,13 +118,13 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         kw = {}
         if inputs.templates is not None:
             kw = {"labels": inputs.labels, "templates": inputs.templates, "scale": st[sl]}
-        res = refine(xt[sl], root, theta, info.patterns, info.masks, ring,
+        fit = refine(xt[sl], root, theta, info.patterns, info.masks, ring,
                      map_cfg.refine_iters, **kw)
-        th, resid = res[0], res[1]
         entry = root.numpy()
-        out["theta"][sl], out["entry"][sl], out["residual"][sl] = th.numpy(), entry, resid.numpy()
-        if len(res) == 3:
-            chi2 = res[2].numpy()
+        out["theta"][sl], out["entry"][sl] = fit.theta.numpy(), entry
+        out["residual"][sl], out["cov"][sl] = fit.residual.numpy(), fit.cov.numpy()
+        if fit.composition is not None:
+            chi2 = fit.composition.numpy()
             out["composition"][sl] = chi2
             out["phase"][sl] = decide_phase(entry, chi2, ph.phase_of_entry, ph.root_of_entry,
                                             ph.chi2_scale)
@@ -180,9 +187,12 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
     """The ``strain`` Dataset from the whole ``affine`` group (arrays on ``(ny, nx, ...)``).
 
     Every pattern's deformation goes into the common lattice frame; diverged fits (more than
-    ``MapConfig.outlier_mad`` robust sigmas from their phase) are dropped; optional pooling
-    over neighbours of the same phase; then one reference (``reference_mode='global'``, the
-    default) or one per phase, and the polar decomposition.
+    ``MapConfig.outlier_mad`` robust sigmas from their phase) are dropped; pooling over
+    neighbours of the same phase (its width chosen per phase from the data by default,
+    :func:`ccstae_hpc.core.strain.choose_pool_sigma`); then one reference
+    (``reference_mode='global'``, the default) or one per phase, the polar decomposition,
+    and each pattern's standard errors from its fit's covariance (``affine['cov']``; NaN
+    where it is not known).
     """
     theta, entry, resid = affine["theta"], affine["entry"], affine["residual"]
     phase, mapping = _relabel(np.asarray(affine["phase"]))
@@ -196,14 +206,21 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
         sel = sample & (phase == p)
         ok[sel] = robust_inliers(M[sel], reference_deformation(M, sel, sym),
                                  map_cfg.outlier_mad, sym)
-    if map_cfg.pool_sigma > 0:
-        Mc = np.full_like(M, np.nan)
-        for p in np.unique(phase[sample]):
-            sel = sample & (phase == p)
-            Mc[sel] = pool_deformation(M, ok & sel, map_cfg.pool_sigma)[sel]
-    else:
-        Mc = np.where(ok[..., None, None], M, np.nan)
+    cov_B = affine.get("cov")
+    C = (np.full((ny, nx, 4, 4), np.nan) if cov_B is None else
+         deformation_covariance(cov_B, np.nan_to_num(phases.frames[entry], nan=1.0)))
+    Mc = np.full_like(M, np.nan)
+    Cc = np.full_like(C, np.nan)
+    pooling = {}
+    for p in np.unique(phase[sample]):
+        sel = sample & (phase == p)
+        sigma, risk = ((map_cfg.pool_sigma, {}) if map_cfg.pool_sigma is not None
+                       else choose_pool_sigma(M, C, ok & sel))
+        Mc[sel] = pool_deformation(M, ok & sel, sigma)[sel]
+        Cc[sel] = pool_covariance(C, ok & sel, sigma)[sel]
+        pooling[int(p)] = {"sigma_px": float(sigma), "risk": risk}
     out = {k: np.full((ny, nx), np.nan) for k in ("exx", "eyy", "exy", "theta")}
+    std = {k: np.full((ny, nx), np.nan) for k in out}
     reference = np.zeros((ny, nx), bool)
     refs: dict[int, np.ndarray] = {}
     if map_cfg.reference_mode == "global":
@@ -226,8 +243,10 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
     for p, M_ref in refs.items():
         sel = good & (phase == p)
         st = relative_strain(Mc[sel], M_ref, sym)
+        se = strain_std(Mc[sel], Cc[sel], M_ref, sym)
         for k in out:
             out[k][sel] = st[k]
+            std[k][sel] = se[k]
     det = stretch_determinant(out)
     dims = ("scan_y", "scan_x")
     f32 = np.float32
@@ -243,6 +262,10 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
                     {"units": "1", "long_name": "tensor shear strain"}),
             "theta": (dims, out["theta"].astype(f32), {"units": "deg",
                                                        "long_name": "lattice rotation"}),
+            **{f"{k}_std": (dims, std[k].astype(f32), {
+                "units": "deg" if k == "theta" else "1",
+                "long_name": f"standard error of {k} (from the fit's curvature; after pooling)"})
+               for k in std},
             "lattice_change": (dims, (np.sqrt(det) - 1).astype(f32), {
                 "units": "1", "long_name": "mean lattice parameter relative to the reference, "
                                            "sqrt(det U) - 1"}),
@@ -267,6 +290,9 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
             "conventions": CONVENTIONS,
             "reference": ref_desc,
             "reference_mode": map_cfg.reference_mode,
+            "pooling": json.dumps({
+                "mode": "automatic (least Stein risk per phase)" if map_cfg.pool_sigma is None
+                else "fixed", "phases": {str(p): v for p, v in pooling.items()}}),
             "reference_deformation": json.dumps(np.asarray(first_ref).tolist()),
             "reference_lattice": json.dumps(_reference_lattice(first_ref, reference_lattice)),
             "phases": json.dumps(phase_stats),

@@ -205,9 +205,9 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     rel = torch.from_numpy(info.relations.copy())
     labels = torch.from_numpy(info.labels)
     templates = disk_templates(info.patterns, info.labels, info.relations)
-    theta, _, chi2 = refine(xt, cls, theta0, info.patterns, info.masks, ring, iters,
-                            labels=labels, templates=templates, scale=st)
-    chi2 = chi2.numpy()
+    fit = refine(xt, cls, theta0, info.patterns, info.masks, ring, iters,
+                 labels=labels, templates=templates, scale=st)
+    theta, chi2 = fit.theta, fit.composition.numpy()
     c_np = cls.numpy()
     misfit = np.full((K, K), np.nan)
     misfit_se = np.full((K, K), np.nan)
@@ -227,8 +227,8 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
             if j == c:
                 continue
             start = compose_affine(theta[idx], rel[c, j].expand(len(idx), -1, -1))
-            th_j, _ = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
-                             info.masks, ring, iters, coarse_iters=0)
+            th_j = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
+                          info.masks, ring, iters, coarse_iters=0).theta
             calibrated[c, j, :, :2] = _median_linear(theta[idx, :, :2], th_j[:, :, :2])
     # how noisy the data really are: the chi-square of each pattern against its own entry
     # per degree of freedom (disks - scale - offset) is ~1 for Poisson counts, far less for

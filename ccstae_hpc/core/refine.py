@@ -10,6 +10,8 @@ estimate of the affine.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,8 @@ from scipy import ndimage
 
 from ccstae_hpc.core.model import CCSTAE, affine_matrix
 
-__all__ = ["encode", "refine", "relate_entries", "compose_affine", "disk_templates",
-           "pixel_grid"]
+__all__ = ["encode", "refine", "Registration", "relate_entries", "compose_affine",
+           "disk_templates", "pixel_grid", "LINEAR_PARAMS"]
 
 # Rotations tried when one dictionary entry is fitted onto another: the learned entries may
 # sit in any orientation, and Gauss-Newton captures only a few degrees; a step of
@@ -37,6 +39,38 @@ COMPOSITION_WEIGHT_FLOOR = 1e-3
 COMPOSITION_REACH_PX = 4
 # patterns registered together: small enough that the work arrays stay in the CPU's cache
 REFINE_CHUNK = 32
+# the linear part of the sampling matrix B in the Gauss-Newton parameter vector
+# (B00, B01, s_x, B10, B11, s_y, g, b): the rows and columns of the covariance returned
+LINEAR_PARAMS = (0, 1, 3, 4)
+# fitted parameters per pattern (6 affine, scale, offset): degrees of freedom of the residual
+N_PARAMS = 8
+# The curvature estimate phi H^-1 takes the fitted pixels as independent, but the fit sees the
+# data smoothed by ``refine(smooth=0.5)``: the residual's dispersion understates the counts'
+# noise (the kernel's squared weights sum to 0.41) and neighbouring pixels are correlated.
+# The scatter of unpooled `ccstae run` fits about the truth (sim.evaluate.truth_relative),
+# divided by the raw estimate, was 1.55-1.87 (standard deviations) on the project's
+# simulator at 1e4 and 1e3 e-/pattern and on abTEM multislice data at 1e5 e-/pattern:
+# variances are scaled by 1.7^2 (README, "Uncertainty and pooling")
+COVARIANCE_CALIBRATION = 1.7 ** 2
+
+
+class Registration(NamedTuple):
+    """What :func:`refine` returns, one row per pattern.
+
+    theta : (N, 2, 3) refined affines ``[A | t]``.
+    residual : (N,) weighted relative residual ``sum w r^2 / sum w x^2``.
+    cov : (N, 4, 4) covariance of the linear part of ``B = A^-1`` (``B00, B01, B10, B11``):
+        the inverse Gauss-Newton curvature of the Poisson-weighted loss at the fit, times the
+        pattern's own residual dispersion, so it is small for noise-free data and follows the
+        dose otherwise (the fit's statistical uncertainty; uncalibrated).
+    composition : (N, K) composition chi-squares (NaN for entries not related), or None
+        when no composition scoring was asked for.
+    """
+
+    theta: torch.Tensor
+    residual: torch.Tensor
+    cov: torch.Tensor
+    composition: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -88,9 +122,9 @@ def _points(u: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
 
 
-def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
-    """One Gauss-Newton step of patterns of one class (``ch`` ``(1, 3, Q, Q)``: the entry and
-    its gradients) on pixels ``u``; returns the updated ``B, s, g, b``.
+def _normal_equations(xi, W, u, B, s, g, b, ch, mode, floor_frac):
+    """Gauss-Newton normal equations ``(H, grad)`` ``(N, 8, 8), (N, 8, 1)`` of patterns of
+    one class (``ch`` ``(1, 3, Q, Q)``: the entry and its gradients) on pixels ``u``.
 
     The Jacobian is ``[g Gx phi, g Gy phi, D, 1]`` with ``phi = (u_x, u_y, 1)`` per pixel, so
     the normal equations reduce to ``(N, P) x (P, 9)`` and ``(N, P) x (P, 3)`` products and
@@ -120,8 +154,15 @@ def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
     H = torch.triu(H) + torch.triu(H, 1).transpose(1, 2)
     grad = torch.cat([((wr * Gx) @ phi) * g1, ((wr * Gy) @ phi) * g1,
                       (wr * Ds).sum(1, keepdim=True), wr.sum(1, keepdim=True)], 1)
+    return H, grad
+
+
+def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
+    """One damped Gauss-Newton step (see :func:`_normal_equations`); returns the updated
+    ``B, s, g, b`` and the undamped curvature ``H`` at the step's start."""
+    H0, grad = _normal_equations(xi, W, u, B, s, g, b, ch, mode, floor_frac)
     eye = torch.eye(8)
-    H = H + damping * torch.diagonal(H, dim1=1, dim2=2).unsqueeze(-1) * eye + 1e-9 * eye
+    H = H0 + damping * torch.diagonal(H0, dim1=1, dim2=2).unsqueeze(-1) * eye + 1e-9 * eye
     d = torch.linalg.solve(H, grad)
     # a trust region: no single step may move the pattern by more than a few pixels; at very
     # low dose an ill-conditioned first step would otherwise throw the fit out of the basin
@@ -130,7 +171,18 @@ def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
     # parameter order: (B00, B01, s_x), (B10, B11, s_y), g, b
     B = B + torch.stack([d[:, 0:2], d[:, 3:5]], 1)
     s = s + torch.stack([d[:, 2], d[:, 5]], 1)
-    return B, s, g + d[:, 6], b + d[:, 7]
+    return B, s, g + d[:, 6], b + d[:, 7], H0
+
+
+def _covariance(H: torch.Tensor, chi2: torch.Tensor, n_pix: torch.Tensor) -> torch.Tensor:
+    """Covariance ``(N, 4, 4)`` of the linear parameters: ``phi H^-1`` with the dispersion
+    ``phi = chi2 / (n_pix - N_PARAMS)`` of the pattern's own weighted residual."""
+    phi = COVARIANCE_CALIBRATION * chi2 / (n_pix - N_PARAMS).clamp(min=1.0)
+    eye = torch.eye(H.shape[-1])
+    # a relative ridge keeps singular curvatures (empty or flat patterns) finite and huge
+    Hr = H.double() + 1e-9 * torch.diagonal(H, dim1=1, dim2=2).sum(-1)[:, None, None] * eye
+    C = torch.linalg.inv(Hr)[:, LINEAR_PARAMS][:, :, LINEAR_PARAMS]
+    return (C * phi.double()[:, None, None]).float()
 
 
 def _weights(xi, W, Ds, g, b, floor_frac):
@@ -142,10 +194,12 @@ def _weights(xi, W, Ds, g, b, floor_frac):
 
 
 def _residual(xi, W, u, B, s, g, b, ch, mode, floor_frac):
-    """Weighted relative residual ``sum w r^2 / sum w x^2`` of the fit, per pattern."""
+    """Weighted residual ``sum w r^2`` and relative residual ``sum w r^2 / sum w x^2`` of
+    the fit, per pattern."""
     pts = _points(u, B, s)
     w, r = _weights(xi, W, _sample(ch[:, :1], pts, mode)[0], g, b, floor_frac)
-    return (w * r * r).sum(1) / (w * xi * xi).sum(1).clamp(min=1e-12)
+    chi2 = (w * r * r).sum(1)
+    return chi2, chi2 / (w * xi * xi).sum(1).clamp(min=1e-12)
 
 
 def disk_templates(dictionary: np.ndarray, labels: np.ndarray, relations: np.ndarray
@@ -275,14 +329,14 @@ def relate_entries(dictionary: np.ndarray, masks: np.ndarray, ring: np.ndarray,
                 continue
             xs = x.expand(len(angles), -1, -1).contiguous()
             th, r = refine(xs, torch.full((len(angles),), j), starts, dictionary, masks, ring,
-                           iters)
+                           iters)[:2]
             best = int(torch.nan_to_num(r, nan=np.inf).argmin())
             th, r = th[best:best + 1], r[best:best + 1]
             # refine samples the disk-mask weights once, at its start: from a search start
             # they sit a few px off the outer disks, so fit again from the converged affine
             for _ in range(RELATION_REFITS):
                 th, r = refine(x[None], torch.tensor([j]), th, dictionary, masks, ring, iters,
-                               coarse_iters=0)
+                               coarse_iters=0)[:2]
             rel[c, j], res[c, j] = th[0], r[0]
     return rel.numpy(), res.numpy()
 
@@ -300,8 +354,8 @@ class _ClassFit:
         self.u_ring = pixel_grid(self.Q)[ring_px]
 
     def __call__(self, k, sl, B, s, g, b):
-        """Refine patterns ``sl`` of class ``k``: ``B, s``, the residual and the pixels that
-        hold their whole disks (for composition scoring)."""
+        """Refine patterns ``sl`` of class ``k``: ``B, s``, the residual, the covariance of
+        ``B`` and the pixels that hold their whole disks (for composition scoring)."""
         # the disk-mask weights are sampled once at the start: the fit moves a pattern by a
         # pixel or two at most, which the mask's 2-px dilation absorbs, and fixed weights give
         # the fit one well-defined objective.  Pixels where no pattern of the chunk has weight
@@ -312,14 +366,22 @@ class _ClassFit:
         for name, kk in (("fine", keep), ("coarse", keep & self.coarse_grid)):
             sets[name] = (self.u_ring[kk], self.x[sl][:, self.ring_px[kk]].contiguous(),
                           W[:, kk].contiguous())
+        H = None
         for it in range(self.iters):
             coarse = it < self.coarse_iters
             uu, xi, Wk = sets["coarse" if coarse else "fine"]
             ch = self.stacks[self.coarse_sigma if coarse else 0.0][k:k + 1]
-            B, s, g, b = _gn_step(xi, Wk, uu, B, s, g, b, ch, self.mode, self.damping, self.floor)
+            B, s, g, b, H = _gn_step(xi, Wk, uu, B, s, g, b, ch, self.mode, self.damping,
+                                     self.floor)
+            H = None if coarse else H
         uu, xi, Wk = sets["fine"]
-        resid = _residual(xi, Wk, uu, B, s, g, b, self.stacks[0.0][k:k + 1], self.mode,
-                          self.floor)
+        fine = self.stacks[0.0][k:k + 1]
+        if H is None:  # no fine step was taken: the curvature at the start
+            H, _ = _normal_equations(xi, Wk, uu, B, s, g, b, fine, self.mode, self.floor)
+        # the curvature of the last step is that of its start, one converged step away from
+        # the end: the same to well within its own uncertainty, at no extra sampling cost
+        chi2, resid = _residual(xi, Wk, uu, B, s, g, b, fine, self.mode, self.floor)
+        cov = _covariance(H, chi2, (Wk > 0).sum(1))
         # whole disks (see disk_templates), ring or not: every pixel within
         # COMPOSITION_REACH_PX of a fitted one holds all of the class's labelled disks
         Q = self.Q
@@ -327,7 +389,7 @@ class _ClassFit:
         near[self.ring_px[keep].numpy()] = True
         near = torch.from_numpy(ndimage.binary_dilation(
             near.reshape(Q, Q), iterations=COMPOSITION_REACH_PX).ravel())
-        return B, s, resid, near
+        return B, s, resid, cov, near
 
 
 @torch.no_grad()
@@ -348,7 +410,7 @@ def refine(
     labels: torch.Tensor | None = None,
     templates: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Registration:
     """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
 
     Parameters
@@ -372,8 +434,7 @@ def refine(
 
     Returns
     -------
-    theta : (N, 2, 3) refined affines; residual : (N,) weighted relative residual;
-    with ``templates`` also composition chi-squares : (N, K), NaN for entries not related.
+    :class:`Registration` (``composition`` only with ``templates``).
     """
     N, Q, _ = x.shape
     order = torch.argsort(classes, stable=True)
@@ -396,6 +457,7 @@ def refine(
     coarse_grid = ((idx[:, None] % 2 == 0) & (idx[None, :] % 2 == 0)).ravel()[ring_px]
     mask_stack = torch.from_numpy(np.asarray(masks, dtype=np.float32)).unsqueeze(1)
     resid = torch.zeros(N)
+    cov = torch.zeros(N, 4, 4)
     entry = torch.full((N, len(masks)), float("nan")) if templates is not None else None
     fit = _ClassFit(x, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
                     coarse_iters, mode, damping, floor)
@@ -405,7 +467,7 @@ def refine(
         # only the pixels its own patterns reach
         for c0 in range(a, z, REFINE_CHUNK):
             sl = slice(c0, min(c0 + REFINE_CHUNK, z))
-            B[sl], s[sl], resid[sl], near = fit(k, sl, B[sl], s[sl], g[sl], b[sl])
+            B[sl], s[sl], resid[sl], cov[sl], near = fit(k, sl, B[sl], s[sl], g[sl], b[sl])
             if entry is not None:
                 entry[sl] = _entry_residuals(x_raw[sl][:, near], u[near], B[sl], s[sl], k,
                                              labels, templates, scale[sl])
@@ -413,6 +475,5 @@ def refine(
     t = -(A @ s.unsqueeze(-1))
     inv = torch.argsort(order)
     theta_out = torch.cat([A, t], -1)
-    if entry is None:
-        return theta_out[inv], resid[inv]
-    return theta_out[inv], resid[inv], entry[inv]
+    return Registration(theta_out[inv], resid[inv], cov[inv],
+                        None if entry is None else entry[inv])

@@ -28,8 +28,20 @@ __all__ = [
     "relative_strain",
     "robust_inliers",
     "pool_deformation",
+    "pool_covariance",
+    "choose_pool_sigma",
+    "deformation_covariance",
+    "strain_std",
+    "POOL_SIGMAS",
     "stretch_determinant",
 ]
+
+# pooling widths (scan px) the automatic choice tries; 0 keeps single-pattern fits
+POOL_SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+# Gaussian kernels reach this many sigmas
+POOL_TRUNCATE = 3.0
+# finite-difference step of the strain Jacobian (deformations are ~1, strains >~ 1e-5)
+_JAC_STEP = 1e-6
 
 
 def rotation_matrix(theta_deg: np.ndarray | float) -> np.ndarray:
@@ -129,26 +141,119 @@ def robust_inliers(M: np.ndarray, M_ref: np.ndarray, nsigma: float, symmetry: in
     return ok
 
 
+def _kernel(sigma: float) -> np.ndarray:
+    """The normalised 1-D Gaussian of :func:`pool_deformation` (``POOL_TRUNCATE`` sigmas)."""
+    r = int(POOL_TRUNCATE * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _smooth(a: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Separable correlation of ``a`` ``(ny, nx, ...)`` with ``k`` along both scan axes, zero
+    outside the scan."""
+    from scipy import ndimage  # local: only pooling needs scipy here
+
+    out = ndimage.correlate1d(a, k, axis=0, mode="constant")
+    return ndimage.correlate1d(out, k, axis=1, mode="constant")
+
+
 def pool_deformation(M: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian-weighted average of deformations ``(ny, nx, 2, 2)`` over neighbours.
 
     Normalised convolution: pixels with ``weight == 0`` (other phases, vacuum, outliers)
     contribute nothing, so phases never mix.  Returns NaN where no weight is in reach.
     """
-    from scipy import ndimage  # local: only pooling needs scipy here
-
+    if sigma <= 0:
+        return np.where(weight[..., None, None] > 0, M, np.nan)
+    k = _kernel(sigma)
     w = weight.astype(np.float64)
-    Mw = np.where(w[..., None, None] > 0, M, 0.0) * w[..., None, None]
-    kw = dict(sigma=sigma, mode="constant", truncate=3.0)
-    den = ndimage.gaussian_filter(w, **kw)
-    num = np.empty_like(Mw)
-    for i in range(2):
-        for j in range(2):
-            num[..., i, j] = ndimage.gaussian_filter(Mw[..., i, j], **kw)
+    den = _smooth(w, k)
+    num = _smooth(np.where(w[..., None, None] > 0, M, 0.0) * w[..., None, None], k)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = num / den[..., None, None]
     out[den <= 1e-12] = np.nan
     return out
+
+
+def pool_covariance(C: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Covariance ``(ny, nx, 4, 4)`` of :func:`pool_deformation`'s result from the
+    per-pattern covariances ``C`` of independent fits: ``sum_j S_ij^2 C_j``."""
+    if sigma <= 0:
+        return np.where(weight[..., None, None] > 0, C, np.nan)
+    k = _kernel(sigma)
+    w = weight.astype(np.float64)
+    den = _smooth(w, k)
+    num = _smooth(np.where(w[..., None, None] > 0, C, 0.0) * (w * w)[..., None, None], k * k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / (den * den)[..., None, None]
+    out[den <= 1e-12] = np.nan
+    return out
+
+
+def choose_pool_sigma(M: np.ndarray, C: np.ndarray, weight: np.ndarray,
+                      sigmas: tuple[float, ...] = POOL_SIGMAS) -> tuple[float, dict]:
+    """The pooling width with the least estimated mean squared error, from the data.
+
+    Stein's unbiased risk estimate of a linear smoother ``S`` with known per-pattern noise
+    variances ``v``: ``SURE = sum (y - S y)^2 + 2 sum v_i S_ii - sum v_i``, summed over the
+    four components of the deformations ``M`` ``(ny, nx, 2, 2)`` of the pixels with
+    ``weight > 0``, ``v`` the diagonal of their covariances ``C`` ``(ny, nx, 4, 4)``.  Where
+    the fits are precise against the field's own variation (noise-free data, fields that
+    change from one probe position to the next) the residual term wins and nothing is
+    pooled; where noise dominates a smooth field the width grows until its bias costs more
+    than the noise it removes.
+
+    Returns the width (0 when the variances are unknown) and the risk of every width tried.
+    """
+    sel = weight > 0
+    y = M[sel].reshape(-1, 4)
+    v = np.diagonal(C[sel], axis1=-2, axis2=-1)
+    if not sel.any() or not np.isfinite(v).all() or not np.isfinite(y).all():
+        return 0.0, {}
+    w = sel.astype(np.float64)
+    risk = {}
+    for sigma in sigmas:
+        if sigma <= 0:
+            risk[float(sigma)] = float(v.sum())
+            continue
+        k = _kernel(sigma)
+        fit = pool_deformation(M, w, sigma)[sel].reshape(-1, 4)
+        s_ii = k[len(k) // 2] ** 2 / _smooth(w, k)[sel]
+        risk[float(sigma)] = float(((y - fit) ** 2).sum() + 2 * (v * s_ii[:, None]).sum()
+                                   - v.sum())
+    return min(risk, key=risk.get), risk
+
+
+def deformation_covariance(cov_B: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """Covariance ``(..., 4, 4)`` of ``vec(M F)`` with ``M = B^T`` (row-major ``vec``) from
+    the covariance of ``vec(B)`` (``B00, B01, B10, B11``) and the frames ``F``
+    ``(..., 2, 2)``: ``(M F)_ab = sum_c B_ca F_cb`` is linear in ``B``."""
+    eye = np.eye(2)
+    # L[a, b, c, d] = d(M F)_ab / dB_cd = delta_da F_cb
+    L = np.einsum("da,...cb->...abcd", eye, np.asarray(F, np.float64))
+    L = L.reshape(*L.shape[:-4], 4, 4)
+    return L @ np.asarray(cov_B, np.float64) @ np.swapaxes(L, -1, -2)
+
+
+def strain_std(M: np.ndarray, C: np.ndarray, M_ref: np.ndarray, symmetry: int = 6
+               ) -> dict[str, np.ndarray]:
+    """Standard errors of :func:`relative_strain` for deformations ``M`` ``(n, 2, 2)`` with
+    covariances ``C`` ``(n, 4, 4)`` of ``vec(M)``, to first order (the reference is the
+    median of many fits and taken as exact)."""
+    M = np.asarray(M, np.float64)
+    keys = ("exx", "eyy", "exy", "theta")
+    J = np.empty((len(M), len(keys), 4))
+    for q in range(4):
+        d = np.zeros(4)
+        d[q] = _JAC_STEP
+        d = d.reshape(2, 2)
+        up = relative_strain(M + d, M_ref, symmetry)
+        down = relative_strain(M - d, M_ref, symmetry)
+        for i, k in enumerate(keys):
+            J[:, i, q] = (up[k] - down[k]) / (2 * _JAC_STEP)
+    var = np.einsum("nip,npq,niq->ni", J, np.asarray(C, np.float64), J)
+    return {k: np.sqrt(np.clip(var[:, i], 0, None)) for i, k in enumerate(keys)}
 
 
 def stretch_determinant(st: dict[str, np.ndarray]) -> np.ndarray:

@@ -114,7 +114,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
                       "complete": True})
-    affine = {k: aff[k][...] for k in ("theta", "entry", "phase", "residual")}
+    affine = {k: aff[k][...] for k in ("theta", "entry", "phase", "residual", "cov")}
     ds = assemble_strain(affine, phases, map_cfg, reference_lattice=base, attrs={
         **attrs, "prep_config": json.dumps(prep.attrs["config"]),
         "geometry": json.dumps(geom.to_dict()), "map_patterns_per_s": ny * nx / dt})
@@ -136,6 +136,8 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
         ("entry", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
         ("phase", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
         ("residual", (ny, nx), "float32", rows, ("scan_y", "scan_x")),
+        # covariance of each fit's linear part (B00, B01, B10, B11), NaN where unknown
+        ("cov", (ny, nx, 4, 4), "float32", rows + (4, 4), ("scan_y", "scan_x", "p", "q")),
         ("composition", (ny, nx, K), "float32", rows + (K,), ("scan_y", "scan_x", "entry")),
     ):
         aff.create_array(name, shape=shp, dtype=dtype, chunks=chunks, compressors=CODEC,
@@ -353,4 +355,5 @@ def com_rows(y0: int, payload: dict) -> int:
     return _write_rows(payload, y0, y1, {
         "theta": theta, "entry": np.where(found, 0, 1).astype(np.int16),
         "phase": found.astype(np.int16), "residual": np.full(n, np.nan, np.float32),
+        "cov": np.full((n, 4, 4), np.nan, np.float32),
         "composition": np.full((n, 2), np.nan, np.float32)})
