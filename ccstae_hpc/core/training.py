@@ -43,6 +43,8 @@ from ccstae_hpc.core.patterns import disk_mask, kmeans
 
 __all__ = [
     "Collectives",
+    "training_loss",
+    "make_optimiser",
     "initial_classes",
     "class_masks",
     "TrainData",
@@ -316,7 +318,7 @@ def _batch(data: TrainData, pieces: Sequence[tuple[int, np.ndarray]]
     return x, idx, n_loc
 
 
-def _loss(out: dict, xb: torch.Tensor, lab: torch.Tensor, masks: torch.Tensor,
+def training_loss(out: dict, xb: torch.Tensor, lab: torch.Tensor, masks: torch.Tensor,
           loss_scale: float, class_anchor: float) -> torch.Tensor:
     """The training objective of one batch: the normalised cycle loss, the class anchor and
     the penalty on scale and shear."""
@@ -408,7 +410,7 @@ class Schedule:
         return self._dictionary
 
 
-def _optimiser(model: CCSTAE, cfg: TrainConfig, schedule: Schedule
+def make_optimiser(model: CCSTAE, cfg: TrainConfig, schedule: Schedule
                ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """Adam (the dictionary at DICTIONARY_LR_FACTOR x the rate), the rate set by
     ``schedule``."""
@@ -479,7 +481,7 @@ def fit(
         labels0, masks_np = resume["labels0"], resume["masks"]
     model.to(device)
     masks = torch.from_numpy(masks_np).to(device)
-    opt, sched = _optimiser(model, train_cfg, schedule)
+    opt, sched = make_optimiser(model, train_cfg, schedule)
     if resume is None:
         loss_scale = _loss_scale(model, data, labels0, masks, train_cfg, comm, device)
         history: list[dict] = []
@@ -519,7 +521,7 @@ def fit(
             x, idx, n_loc = _batch(data, plan.pieces(s))
             xb = torch.from_numpy(x).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = _loss(net(xb), xb, lab_all[idx].to(device), masks, loss_scale,
+                loss = training_loss(net(xb), xb, lab_all[idx].to(device), masks, loss_scale,
                              train_cfg.class_anchor)
             # DDP averages gradients over ranks: weighting each rank's batch mean by its
             # share of the global batch makes that the gradient of the global mean
