@@ -1,8 +1,11 @@
 """Ingest throughput against a plain ``np.save`` of the same array to the same disk.
 
-Creates a compressible uint16 ``.npy`` of 128x128 patterns (Poisson counts of a pattern with
-Bragg disks; default 4 GB, ``--gb`` to scale), then times, each starting after a ``sync`` and
-each including a final ``sync`` so that the data really reached the disk:
+Creates a uint16 ``.npy`` of 128x128 patterns (default 4 GB, ``--gb`` to scale): Poisson
+counts of a pattern with Bragg disks as a detector records them
+(``realistic_data.detector_counts``: 1e5 e-/pattern with a diffuse halo and a floor, so the
+store compresses them ~4x like real data, not ~40x like a sparse low-dose simulation).  Then
+times, each starting after a ``sync`` and each including a final ``sync`` so that the data
+really reached the disk:
 
 * ``np.save(out.npy, np.load(in.npy, mmap_mode="r"))``: the disk's copy speed;
 * ``ingest(in.npy, store.zarr)``: read + compress + write shards.
@@ -28,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from realistic_data import detector_counts
 
 K = 128  # detector pixels
 SCAN_X = 128
 
 
 def expected_pattern(k: int = K) -> np.ndarray:
-    """Mean counts of a pattern: central disk, a hexagonal ring of Bragg disks, diffuse tail."""
+    """Relative intensities of a pattern: central disk, two hexagonal rings of Bragg disks, a
+    diffuse tail (scaled to counts by :func:`realistic_data.detector_counts`)."""
     yy, xx = np.mgrid[:k, :k] - (k - 1) / 2
     r = np.hypot(yy, xx)
     lam = 0.5 * np.exp(-r / (k / 4))
@@ -54,12 +59,13 @@ def make_dataset(
     """Write a ~``gb`` GB uint16 .npy of shape (ny, nx, k, k), a slab at a time.
 
     Poisson sampling runs at ~35 MB/s per core, too slow for 8 GB; rows are therefore drawn
-    from a bank of 4096 independent Poisson patterns in random order, each row shifted by a
-    random offset, so no two neighbouring patterns repeat (compression stays honest).
+    from a bank of 4096 independent count patterns (:func:`realistic_data.detector_counts`
+    of :func:`expected_pattern`) in random order, each row shifted by a random offset, so no
+    two neighbouring patterns repeat (compression stays honest).
     """
     rng = np.random.default_rng(seed)
     lam = expected_pattern(k)
-    bank = rng.poisson(np.broadcast_to(lam, (4096, k, k))).astype(np.uint16)
+    bank = detector_counts(np.broadcast_to(lam, (4096, k, k)), rng)
     ny = max(2, round(gb * 1e9 / (nx * k * k * 2)))
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(ny, nx, k, k))
     step = max(1, (256 * 2**20) // (nx * k * k * 2))

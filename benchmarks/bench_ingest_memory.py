@@ -1,11 +1,12 @@
 """Peak memory of the pipeline stages at two input sizes: memory must not grow with the file.
 
-For each size (``--small`` and ``--large`` GB, default 1 and 8) a compressible uint16 ``.npy``
-of 128x128 patterns is made (as in ``bench_ingest.py``); then every stage of :data:`STAGES`
-runs in a fresh subprocess, in order, on the same work directory, and reports its own peak
-RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water mark, so no sampling can
-miss a spike).  Printed per stage: both peaks, their ratio large/small (target <= 1.2) and
-whether both stay under 3 GB.
+For each size (``--small`` and ``--large`` GB, default 1 and 8) a uint16 ``.npy`` of 128x128
+patterns is made as in ``bench_ingest.py`` (counts as a detector records them, which the store
+compresses ~4x like real data: ``realistic_data.detector_counts``; the achieved ratio is
+printed); then every stage of :data:`STAGES` runs in a fresh subprocess, in order, on the
+same work directory, and reports its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, the
+kernel's high-water mark, so no sampling can miss a spike).  Printed per stage: both peaks,
+their ratio large/small (target <= 1.2) and whether both stay under 3 GB.
 
 A later stage is appended by writing a function
 ``stage(work: Path) -> None`` that reads what the earlier stages left in ``work`` (the input
@@ -107,6 +108,7 @@ def measure(gb: float, parent: Path) -> dict[str, dict[str, float]]:
     """Make a ``gb`` GB input, run every stage on it, remove it; returns reports per stage."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ingest import make_dataset
+    from realistic_data import compression_ratio
 
     work = Path(tempfile.mkdtemp(prefix="bench_mem_", dir=parent))
     try:
@@ -122,6 +124,10 @@ def measure(gb: float, parent: Path) -> dict[str, dict[str, float]]:
             reports[stage] = r
             print(f"[{gb:g} GB] {stage}: peak RSS {r['peak_rss_mb']:.0f} MB, "
                   f"{r['seconds']:.1f} s ({size / 1e6 / r['seconds']:.0f} MB/s)")
+            if stage == "ingest":
+                r["compression_ratio"] = compression_ratio(work / "store.zarr")
+                print(f"[{gb:g} GB] compression ratio of the stored raw array: "
+                      f"{r['compression_ratio']:.2f}")
         return reports
     finally:
         shutil.rmtree(work, ignore_errors=True)
