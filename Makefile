@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # A CPU build of torch lies on this machine's disk; a bare `torch` requirement would pull a
 # multi-GB CUDA build, so the exact version is installed first and the project's range accepts it.
 TORCH ?= torch==2.13.0
+# py4DSTEM's benchmark-only environment (see bench-peers below)
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.py4dstem-0.14.18
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench bench-all clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,13 +27,21 @@ test: venv
 	$(BIN)/ruff check ccstae_hpc flows tests benchmarks
 	$(BIN)/python -m pytest -q -x -rs --timeout=1200
 
-bench: venv
+# The report's benchmarks (~25 min on 2 cores), then benchmarks/REPORT.md with its plots;
+# bench-all also runs the others (ingest of 4 GB, 1 GB vs 8 GB memory, ...), each by hand
+REPORT_BENCHES := bench_peers bench_training bench_dose bench_multislice bench_memory \
+	bench_gpu_projection bench_ablation
+
+bench: venv $(PEERS_STAMP)
+	for b in $(REPORT_BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	$(BIN)/python benchmarks/report.py
+
+bench-all: venv $(PEERS_STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/report.py
 
 # Peer benchmark: py4DSTEM 0.14.18 needs numpy<2, so it gets its own environment, created once
-# (the stamp is written only after the install succeeded)
-PEERS := .venv-peers
-PEERS_STAMP := $(PEERS)/.py4dstem-0.14.18
+# (the stamp is written only after the install succeeded; PEERS_STAMP is defined at the top)
 
 .PHONY: bench-peers
 

@@ -3,6 +3,7 @@ measured at full size by hand; see README)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,35 @@ ROOT = Path(__file__).resolve().parent.parent
     ["benchmarks/bench_phase_cost.py", "--scan", "16", "--repeat", "2"],
     ["benchmarks/bench_peers.py", "--scan", "16"],
     ["benchmarks/bench_training.py", "--scan", "16"],
-], ids=["multislice", "ablation", "phase_cost", "peers", "training"])
+    ["benchmarks/bench_memory.py", "--scans", "12", "16", "--epochs", "1"],
+    ["benchmarks/bench_gpu_projection.py", "--quick"],
+    ["benchmarks/bench_dose.py", "--quick"],
+], ids=["multislice", "ablation", "phase_cost", "peers", "training", "memory",
+        "gpu_projection", "dose"])
 def test_benchmark_runs(argv: list[str], tmp_path: Path) -> None:
     if "phase_cost" not in argv[0]:
         argv = [*argv, "--results", str(tmp_path)]  # the committed full-size results stay
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "exx" in r.stdout or "throughput ratio" in r.stdout, r.stdout[-2000:]
+    assert any(w in r.stdout for w in ("exx", "throughput ratio", "peak RSS")), r.stdout[-2000:]
+
+
+def test_report_from_results(tmp_path: Path) -> None:
+    """The report writes every section: measured ones from the results (with their plots),
+    the others as 'not measured yet' with the command that measures them."""
+    results = tmp_path / "results"
+    results.mkdir()
+    multislice = [{"set": "single", "dose": None, "scan": [12, 12], "run_s": 1.0,
+                   "ccstae": {f"mae_{k}": 1e-4 for k in ("exx", "eyy", "exy", "theta")},
+                   "com": {"error": "no lattice"}}]
+    (results / "multislice.json").write_text(json.dumps(multislice))
+    out = tmp_path / "REPORT.md"
+    r = subprocess.run([sys.executable, "benchmarks/report.py", "--results", str(results),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "| single | noise-free | ccstae | 0.010 % |" in text
+    assert "failed: no lattice" in text and (results / "multislice.png").exists()
+    assert "Not measured yet: run `python benchmarks/bench_peers.py`" in text

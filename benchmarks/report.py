@@ -1,0 +1,248 @@
+"""The benchmark report: ``benchmarks/REPORT.md`` and its PNG plots from
+``benchmarks/results/*.json``.
+
+Reads what the benchmarks wrote (each section names the command that measures it and the
+time its results were written; a benchmark that has not run is listed as such), draws the
+plots with matplotlib into the results directory and writes the report beside this file.
+``make bench`` runs the benchmarks and then this script; it can also be run alone on the
+results at hand.
+
+Run: ``python benchmarks/report.py [--results DIR] [--out REPORT.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+COMPONENTS = ("exx", "eyy", "exy", "theta")
+TARGET_MAP_VS_PY4DSTEM = 2.5
+TARGET_RUN_VS_PY4DSTEM = 0.5
+TARGET_RUN_S = 60.0
+TARGET_TRAIN_S = 30.0
+DPI = 120
+
+
+def _load(results: Path, name: str) -> tuple[Any, str] | tuple[None, None]:
+    """A result file and when it was written, or ``(None, None)``."""
+    p = results / name
+    if not p.exists():
+        return None, None
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(p.stat().st_mtime))
+    return json.loads(p.read_text()), stamp
+
+
+def _pct(v: float | None, k: str) -> str:
+    """A strain in % or an angle in deg, as the tables print them."""
+    if v is None or not np.isfinite(v):
+        return "-"
+    return f"{v:.3f} deg" if k == "theta" else f"{100 * v:.3f} %"
+
+
+def _missing(cmd: str) -> str:
+    return f"_Not measured yet: run `{cmd}`._\n"
+
+
+def section_peers(results: Path) -> str:
+    """Throughput and accuracy against py4DSTEM and the centre of mass (bench_peers)."""
+    d, stamp = _load(results, "peers.json")
+    out = ["## Speed against the peers, same patterns, same run\n",
+           "`python benchmarks/bench_peers.py`"]
+    if d is None:
+        return "\n".join(out) + "\n\n" + _missing("python benchmarks/bench_peers.py")
+    out[-1] += (f" ({d['scan'][0]}x{d['scan'][1]} scan, {d['dose']:g} e-/pattern, "
+                f"{d['workers']} workers on {d['cpus']} cores; written {stamp}).\n")
+    rows = [("`ccstae run` (end to end)", d.get("ccstae_run")),
+            ("`ccstae map` (trained store)", d.get("ccstae_map")),
+            ("`ccstae map --method com`", d.get("com_map")),
+            ("py4DSTEM 0.14.18 (whole script)", d.get("py4dstem"))]
+    out.append("| tool | wall s | patterns/s | " + " | ".join(COMPONENTS) + " |")
+    out.append("|---|---|---|" + "---|" * len(COMPONENTS))
+    names, rates = [], []
+    for name, r in rows:
+        if not r or "wall_s" not in r:
+            continue
+        e = r.get("errors", {})
+        out.append(f"| {name} | {r['wall_s']:.1f} | {r['patterns_per_s']:.0f} | "
+                   + " | ".join(_pct(e.get(f"mae_{k}"), k) for k in COMPONENTS) + " |")
+        names.append(name.replace("`", ""))
+        rates.append(r.get("stage_patterns_per_s", r["patterns_per_s"]))
+    rt = d.get("ratios", {})
+    out.append("")
+    if rt:
+        m, e2e = rt.get("map_vs_py4dstem"), rt.get("run_vs_py4dstem_end_to_end")
+        run_s = d.get("ccstae_run", {}).get("wall_s", float("nan"))
+        out.append(f"- mapping / py4DSTEM: **{m:.2f}x** (target >= {TARGET_MAP_VS_PY4DSTEM}x)")
+        out.append(f"- `ccstae run` / py4DSTEM end to end: **{e2e:.2f}x** (target >= "
+                   f"{TARGET_RUN_VS_PY4DSTEM}x) in {run_s:.0f} s (target <= {TARGET_RUN_S:.0f} s)")
+    if names:
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        ax.barh(names[::-1], rates[::-1], color="tab:blue")
+        ax.set_xlabel("patterns/s (mapping stage where measured)")
+        fig.tight_layout()
+        fig.savefig(results / "throughput.png", dpi=DPI)
+        plt.close(fig)
+        out.append("\n![throughput](results/throughput.png)")
+    return "\n".join(out) + "\n"
+
+
+def section_training(results: Path) -> str:
+    """Training to convergence against a fixed epoch count (bench_training)."""
+    d, stamp = _load(results, "training.json")
+    head = "## Training to convergence\n\n`python benchmarks/bench_training.py`"
+    if d is None:
+        return head + "\n\n" + _missing("python benchmarks/bench_training.py")
+    lines = [head + f" (written {stamp}).\n", "```", json.dumps(d, indent=1)[:3000], "```",
+             f"\nTarget: <= {TARGET_TRAIN_S:.0f} s for the default settings."]
+    return "\n".join(lines) + "\n"
+
+
+def section_dose(results: Path) -> str:
+    """Accuracy against dose and background, with the Cramer-Rao floor (bench_dose)."""
+    d, stamp = _load(results, "dose.json")
+    head = ("## Accuracy against dose, next to the peers and the Cramer-Rao floor\n\n"
+            "`python benchmarks/bench_dose.py`")
+    if d is None:
+        return head + "\n\n" + _missing("python benchmarks/bench_dose.py")
+    out = [head + f" (written {stamp}). MAE against the truth; in brackets the ratio to "
+                  "the one-pattern Cramer-Rao floor of the same data.\n"]
+    keys = sorted({k for r in d for k in r if isinstance(r.get(k), (int, float, str))})
+    out.append("Columns present: " + ", ".join(f"`{k}`" for k in keys) + "\n")
+    for png in ("dose.png", "background.png"):
+        if (results / png).exists():
+            out.append(f"![{png[:-4]}](results/{png})\n")
+    for p in sorted(results.glob("dose_*.png")):
+        out.append(f"![{p.stem}](results/{p.name})\n")
+    return "\n".join(out) + "\n"
+
+
+def section_multislice(results: Path) -> str:
+    """Accuracy on abTEM multislice data (bench_multislice), with a bar chart."""
+    d, stamp = _load(results, "multislice.json")
+    head = ("## On physics the model did not come from (abTEM multislice)\n\n"
+            "`python benchmarks/bench_multislice.py`")
+    if d is None:
+        return head + "\n\n" + _missing("python benchmarks/bench_multislice.py")
+    methods = ("ccstae", "ccstae_unpooled", "com", "py4dstem")
+    out = [head + f" (written {stamp}).\n",
+           "| set | dose | method | " + " | ".join(COMPONENTS) + " |",
+           "|---|---|---|" + "---|" * len(COMPONENTS)]
+    cases, vals = [], {m: [] for m in methods}
+    for r in d:
+        dose = "noise-free" if r["dose"] is None else f"{r['dose']:.0e}"
+        cases.append(f"{r['set']}\n{dose}")
+        for m in methods:
+            e = r.get(m)
+            if not e or "error" in e:
+                vals[m].append(np.nan)
+                if e:
+                    out.append(f"| {r['set']} | {dose} | {m} | failed: {e['error']} |||")
+                continue
+            vals[m].append(100 * e["mae_exx"])
+            out.append(f"| {r['set']} | {dose} | {m} | "
+                       + " | ".join(_pct(e.get(f"mae_{k}"), k) for k in COMPONENTS) + " |")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = np.arange(len(cases))
+    for i, m in enumerate(methods):
+        ax.bar(x + (i - 1.5) * 0.2, vals[m], 0.2, label=m)
+    ax.set_xticks(x, cases, fontsize=8)
+    ax.set_ylabel("MAE exx (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results / "multislice.png", dpi=DPI)
+    plt.close(fig)
+    out.append("\n![multislice](results/multislice.png)")
+    return "\n".join(out) + "\n"
+
+
+def section_memory(results: Path) -> str:
+    """Peak RSS per stage at two sizes (bench_memory), with a bar chart."""
+    d, stamp = _load(results, "memory.json")
+    head = "## Memory per stage\n\n`python benchmarks/bench_memory.py`"
+    if d is None:
+        return head + "\n\n" + _missing("python benchmarks/bench_memory.py")
+    rows = [r for r in d if "stage" in r and "peak_rss_mib" in r]
+    out = [head + f" (written {stamp}).\n", "| stage | scan | raw MiB | peak RSS MiB | wall s |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        scan = r.get("scan")
+        scan = f"{scan[0]}x{scan[1]}" if isinstance(scan, list) else str(scan)
+        out.append(f"| {r['stage']} | {scan} | {r.get('raw_mib', float('nan')):.0f} | "
+                   f"{r['peak_rss_mib']:.0f} | {r.get('wall_s', float('nan')):.1f} |")
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    scans = list(dict.fromkeys(str(r.get("scan")) for r in rows))
+    if stages:
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        x = np.arange(len(stages))
+        for i, s in enumerate(scans):
+            v = [next((r["peak_rss_mib"] for r in rows
+                       if r["stage"] == st and str(r.get("scan")) == s), np.nan)
+                 for st in stages]
+            ax.bar(x + (i - (len(scans) - 1) / 2) * 0.35, v, 0.35, label=f"scan {s}")
+        ax.set_xticks(x, stages)
+        ax.set_ylabel("peak RSS (MiB)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(results / "memory.png", dpi=DPI)
+        plt.close(fig)
+        out.append("\n![memory](results/memory.png)")
+    return "\n".join(out) + "\n"
+
+
+def section_gpu(results: Path) -> str:
+    """The GPU projection's own markdown (bench_gpu_projection)."""
+    p = results / "gpu_projection.md"
+    if not p.exists():
+        return "## GPU projection\n\n" + _missing("python benchmarks/bench_gpu_projection.py")
+    return p.read_text().replace("## GPU projection", "## GPU projection", 1) + "\n"
+
+
+def section_ablation(results: Path) -> str:
+    """Which part does the work (bench_ablation)."""
+    d, stamp = _load(results, "ablation.json")
+    head = "## Which part does the work\n\n`python benchmarks/bench_ablation.py`"
+    if d is None:
+        return head + "\n\n" + _missing("python benchmarks/bench_ablation.py")
+    out = [head + f" (written {stamp}).\n", "| dose | variant | " + " | ".join(COMPONENTS)
+           + " |", "|---|---|" + "---|" * len(COMPONENTS)]
+    for r in d:
+        dose = "noise-free" if r["dose"] is None else f"{r['dose']:g}"
+        out.append(f"| {dose} | {r['variant']} | "
+                   + " | ".join(_pct(r.get(f"mae_{k}"), k) for k in COMPONENTS) + " |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = (section_peers, section_training, section_dose, section_multislice,
+            section_memory, section_gpu, section_ablation)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="benchmark results")
+    ap.add_argument("--out", type=Path, default=HERE / "REPORT.md", help="the report")
+    args = ap.parse_args()
+    args.results.mkdir(parents=True, exist_ok=True)
+    parts = ["# ccstae-hpc benchmark report\n",
+             "Generated by `python benchmarks/report.py` from `benchmarks/results/` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); every figure was "
+             "measured on the 2-core development machine by the command named in its "
+             "section. `make bench` re-measures everything and writes this file.\n"]
+    parts += [s(args.results) for s in SECTIONS]
+    args.out.write_text("\n".join(parts))
+    print(f"report written: {args.out} ({len(SECTIONS)} sections)")
+
+
+if __name__ == "__main__":
+    main()
