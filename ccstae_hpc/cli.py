@@ -547,7 +547,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_map(args: argparse.Namespace) -> int:
     from ccstae_hpc.core.mapping import ReferenceRegionError
-    from ccstae_hpc.runtime.ddp import dask_client
+    from ccstae_hpc.runtime.ddp import dask_client_soon
     from ccstae_hpc.stages.map import map_store
     from ccstae_hpc.stages.prep import PrepError
 
@@ -559,7 +559,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
     if args.rows_per_block < 1:
         raise CliError("--rows-per-block must be >= 1", "Fix the option and run again.")
     try:
-        with dask_client(args.workers, args.scheduler) as client:
+        # the workers start while the map stage analyses the dictionary and calibrates
+        with dask_client_soon(args.workers, args.scheduler) as client:
             map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
                       progress=not args.quiet, overwrite=args.overwrite)
     except (PrepError, FileNotFoundError, ReferenceRegionError, StageExistsError) as e:

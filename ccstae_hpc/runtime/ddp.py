@@ -23,7 +23,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "process_group",
     "run_on_dask",
     "dask_client",
+    "dask_client_soon",
 ]
 
 # how long a rank waits for its peers (rendezvous and each collective) before failing
@@ -317,3 +320,37 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextmanager
+def dask_client_soon(workers: int = 0, scheduler: str | None = None
+                     ) -> Iterator[Future | None]:
+    """:func:`dask_client` started in a background thread: yields a ``Future`` of the client
+    (None when neither ``workers`` nor ``scheduler`` is given), so that the caller prepares
+    its work while the worker processes start (a local cluster takes 1-3 s).
+
+    The client is entered and left in that thread (its context variables must be reset in
+    the context that set them) and closed, with its cluster, when the block ends.
+    """
+    if not scheduler and workers <= 0:
+        yield None
+        return
+    ready: Future = Future()
+    stop = threading.Event()
+
+    def life() -> None:
+        try:
+            with dask_client(workers, scheduler) as client:
+                ready.set_result(client)
+                stop.wait()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
+            if not ready.done():
+                ready.set_exception(e)
+
+    thread = threading.Thread(target=life, name="dask-client", daemon=True)
+    thread.start()
+    try:
+        yield ready
+    finally:
+        stop.set()
+        thread.join()
