@@ -117,9 +117,23 @@ def section_dose(results: Path) -> str:
     if d is None:
         return head + "\n\n" + _missing("python benchmarks/bench_dose.py")
     out = [head + f" (written {stamp}). MAE against the truth; in brackets the ratio to "
-                  "the one-pattern Cramer-Rao floor of the same data.\n"]
-    keys = sorted({k for r in d for k in r if isinstance(r.get(k), (int, float, str))})
-    out.append("Columns present: " + ", ".join(f"`{k}`" for k in keys) + "\n")
+                  "the one-pattern Cramer-Rao floor of the same data.\n",
+           "| data | dose | background | method | " + " | ".join(COMPONENTS) + " |",
+           "|---|---|---|---|" + "---|" * len(COMPONENTS)]
+    for r in d:
+        dose = "noise-free" if r.get("dose") is None else f"{r['dose']:g}"
+        head_cells = (f"| {r.get('data')} | {dose} | {r.get('background_weight', 0):g} | "
+                      f"{r.get('method')} | ")
+        if r.get("error"):
+            out.append(head_cells + f"failed: {str(r['error'])[:80]} |||")
+            continue
+        cells = []
+        for k in COMPONENTS:
+            ratio = r.get(f"ratio_{k}")
+            cells.append(_pct(r.get(f"mae_{k}"), k)
+                         + (f" ({ratio:.2f})" if isinstance(ratio, (int, float)) else ""))
+        out.append(head_cells + " | ".join(cells) + " |")
+    out.append("")
     for png in ("dose.png", "background.png"):
         if (results / png).exists():
             out.append(f"![{png[:-4]}](results/{png})\n")

@@ -1,0 +1,526 @@
+"""Accuracy against dose, through the path users take: `ccstae run`, its single-pattern fits,
+the centre-of-mass baseline and py4DSTEM, next to the Cramer-Rao floor of one pattern.
+
+Data:
+
+* the project's simulator (:mod:`ccstae_hpc.sim.simulate`, seed 3): the WS2/WSe2
+  heterostructure (core, shell, vacuum) and a single phase (``heterostructure=False``, WS2
+  only), noise-free and at 1e4, 3e3, 1e3, 300 and 100 e-/pattern; and the heterostructure at
+  1e3 e- with the original paper's diffuse background, weights 0, 0.25, 0.5 and 0.7; 32x32
+  scan, 128 px detector;
+* the abTEM multislice sets of ``tests/data`` (:mod:`ccstae_hpc.sim.multislice`, as in
+  ``bench_multislice.py``): single phase 12x12 noise-free and at 1e6, 1e5, 1e4, 1e3, 100
+  e-/pattern; WS2/WSe2 interface 16x16 noise-free and at 1e6, 1e5, 1e4.  98.6 % of their
+  electrons are in the central disk, so 1e3 and 100 e- leave a few counts per Bragg disk:
+  a method that fails there is reported as failed.
+
+Methods, all on the same ``.npy`` and the same store, in this order: ``ccstae`` (`ccstae run
+--engine direct`, default options: pooling chosen from the data, the widths recorded);
+``ccstae_unpooled`` (`ccstae map STORE --pool-sigma 0 --overwrite`: the single-pattern fits
+of the same model); ``com`` (`ccstae map STORE --method com --overwrite`: the library's
+centre-of-mass lattice-fit baseline, same strain contract); ``py4dstem`` (py4DSTEM 0.14.18
+in its own environment, ``make bench-peers``, via ``bench_multislice.py``; skipped with one
+message without it), referenced on ccstae's reference pixels.  Every result is scored with
+:func:`ccstae_hpc.sim.evaluate.strain_errors`: mean absolute errors over the pixels that are
+sample in truth and result and have a value (fits a method drops as diverged have none: the
+``eval`` column gives the pixels scored out of those that are sample in both), the truth
+re-referenced on the result's reference pixels.
+
+Floor: the Cramer-Rao bound of one pattern at the dose, as an MAE
+(:mod:`ccstae_hpc.sim.crb`): for the project's simulator ``cramer_rao(cfg, dose, phase=1)``
+(an unstrained WS2 pattern with the case's background); for abTEM ``pattern_floor`` of the
+noise-free pattern at the scan centre, about the central disk measured on it, on the pixels
+beyond the Bragg annulus' inner radius.  Noise-free cases have no floor.  The floor bounds
+unbiased single-pattern fits (``ccstae_unpooled``, ``com``, ``py4dstem``); pooling averages
+neighbouring patterns, so ``ccstae`` may go below it (ratio < 1), and so may a fit that the
+data barely move from its start (a few counts per Bragg disk): it is biased toward the
+reference, and the field's own spread then bounds its error.
+
+Prints one table (MAE: strain in %, theta in deg; each MAE over the floor; phases found and
+phase accuracy for ccstae; wall time) and writes ``dose.json`` (one row per case and method),
+``dose.png`` (MAE against dose, one row of panels per data set) and ``background.png`` (MAE
+against the background weight) into ``benchmarks/results`` (or ``--results``).  ``--quick``:
+the heterostructure 16x16 noise-free and at 1e3 e-, the abTEM single phase at 1e5 e-, no
+background sweep (``dose_quick.*``).
+
+Run: ``python benchmarks/bench_dose.py [--quick] [--scan 32] [--results DIR]``.  On a quiet
+2-core machine a case takes ~29 s at 32x32 (`ccstae run` 19 s, the unpooled map 3 s, com
+0.5 s, py4DSTEM 6 s) and ~16 s for an abTEM set, ~10 min for the 25 cases (``--scan 24``:
+~19 s a case, ~7.5 min; each `ccstae run` trains for at least 150 steps whatever the scan);
+other jobs on the cores can make a `ccstae run` several times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from bench_multislice import DATA, PEERS_PYTHON, SETS, py4dstem_errors
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from ccstae_hpc import cli
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.geometry import estimate_geometry, ring_inner_radius
+from ccstae_hpc.sim.crb import cramer_rao, pattern_floor
+from ccstae_hpc.sim.evaluate import COMPONENTS, strain_errors
+from ccstae_hpc.sim.multislice import add_poisson, load_multislice, validation_set
+from ccstae_hpc.sim.simulate import save_simulation, truth_rows
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 3  # the project's simulator, as in README's figures
+SCAN = 32  # own-simulator scan side
+QUICK_SCAN = 16
+POISSON_SEED = 1  # Poisson noise of the abTEM sets, as bench_multislice.py
+# data sets: own simulator (heterostructure flag) and abTEM (bench_multislice.SETS key)
+SIM_SETS = {"sim_heterostructure": True, "sim_single_phase": False}
+ABTEM_SETS = {"abtem_single": "single", "abtem_interface": "interface"}
+SIM_DOSES: tuple[float | None, ...] = (None, 1e4, 3e3, 1e3, 300.0, 100.0)
+ABTEM_DOSES: dict[str, tuple[float | None, ...]] = {
+    "abtem_single": (None, 1e6, 1e5, 1e4, 1e3, 100.0),
+    "abtem_interface": (None, 1e6, 1e5, 1e4),
+}
+BACKGROUND_SET = "sim_heterostructure"
+BACKGROUNDS = (0.0, 0.25, 0.5, 0.7)  # the original paper's diffuse-background weights
+BACKGROUND_DOSE = 1e3
+METHODS = ("ccstae", "ccstae_unpooled", "com", "py4dstem")
+FLOOR_PHASE = 1  # the own simulator's floor: an unstrained WS2 pattern
+SCALE = {"exx": 100.0, "eyy": 100.0, "exy": 100.0, "theta": 1.0}  # to %, deg
+UNIT = {"exx": "%", "eyy": "%", "exy": "%", "theta": "deg"}
+NOISE_FREE_X = 10.0  # the noise-free point sits this factor beyond the largest dose
+MAX_ERROR_CHARS = 160
+COLOURS = {"ccstae": "#1b9e77", "ccstae_unpooled": "#7570b3", "com": "#d95f02",
+           "py4dstem": "#e7298a"}
+MARKERS = {"ccstae": "o", "ccstae_unpooled": "s", "com": "^", "py4dstem": "D"}
+FLOOR_STYLE = {"color": "k", "ls": "--", "lw": 1.2, "marker": "_", "ms": 12,
+               "label": "Cramer-Rao floor (1 pattern)"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One data set at one dose (and background weight for the own simulator)."""
+
+    data: str  # a key of SIM_SETS or ABTEM_SETS
+    dose: float | None  # e-/pattern, None: noise-free
+    background: float = 0.0
+
+    @property
+    def slug(self) -> str:
+        """File-name stem of this case."""
+        dose = "inf" if self.dose is None else f"{self.dose:.0e}"
+        return f"{self.data}_{dose}_bg{self.background:g}"
+
+
+def dose_label(dose: float | None) -> str:
+    """``noise-free`` or the dose as ``1e+03``."""
+    return "noise-free" if dose is None else f"{dose:.0e}"
+
+
+def cases_for(quick: bool) -> list[Case]:
+    """The cases of a default or ``--quick`` run, each once (the background sweep's weight 0
+    is the heterostructure's dose-sweep case at the same dose)."""
+    if quick:
+        return [Case("sim_heterostructure", None), Case("sim_heterostructure", 1e3),
+                Case("abtem_single", 1e5)]
+    out = [Case(s, d) for s in SIM_SETS for d in SIM_DOSES]
+    out += [Case(BACKGROUND_SET, BACKGROUND_DOSE, w) for w in BACKGROUNDS
+            if Case(BACKGROUND_SET, BACKGROUND_DOSE, w) not in out]
+    out += [Case(s, d) for s in ABTEM_SETS for d in ABTEM_DOSES[s]]
+    return out
+
+
+def nan_floor() -> dict[str, float]:
+    """No floor (noise-free data)."""
+    return {k: math.nan for k in COMPONENTS}
+
+
+def sim_floor(cfg: SimConfig, dose: float | None) -> dict[str, float]:
+    """Cramer-Rao MAE floor of one own-simulator pattern (:func:`cramer_rao`, phase 1)."""
+    if dose is None:
+        return nan_floor()
+    f = cramer_rao(cfg, dose, phase=FLOOR_PHASE)
+    return {"exx": f["mae_exx"], "eyy": f["mae_eyy"], "exy": f["mae_exy"],
+            "theta": f["mae_theta_deg"]}
+
+
+def abtem_floor(data: np.ndarray, truth: dict, dose: float | None) -> dict[str, Any]:
+    """Cramer-Rao MAE floor of the noise-free abTEM pattern at the scan centre.
+
+    Parameters
+    ----------
+    data : noise-free patterns ``(ny, nx, Q, Q)``.
+    truth : the set's truth (``phase`` is recorded for the pattern used).
+    dose : electrons per pattern; None gives NaN.
+
+    Returns
+    -------
+    ``exx, eyy, exy, theta`` floors (fractions, deg) and the pattern's scan position,
+    truth phase, central-disk centre and radius (px) measured on it as the preprocessing
+    does (:func:`estimate_geometry`); the Bragg pixels are those beyond
+    :func:`ring_inner_radius` of that radius.
+    """
+    ny, nx = data.shape[:2]
+    pattern = np.asarray(data[ny // 2, nx // 2], np.float64)
+    geom = estimate_geometry(pattern)
+    out: dict[str, Any] = {"pattern_yx": [ny // 2, nx // 2],
+                           "pattern_phase": int(truth["phase"][ny // 2, nx // 2]),
+                           "center": [float(c) for c in geom.center],
+                           "disk_radius": float(geom.radius)}
+    if dose is None:
+        return {**nan_floor(), **out}
+    Q = pattern.shape[0]
+    yy, xx = np.mgrid[:Q, :Q]
+    bragg = np.hypot(yy - geom.center[0], xx - geom.center[1]) > ring_inner_radius(geom.radius)
+    f = pattern_floor(pattern, geom.center, dose, bragg)
+    return {"exx": f["mae_exx"], "eyy": f["mae_eyy"], "exy": f["mae_exy"],
+            "theta": f["mae_theta_deg"], **out}
+
+
+def make_case(case: Case, scan: int, tmp: Path) -> tuple[Path, dict, dict[str, Any]]:
+    """Write the case's patterns as ``.npy``; return its path, the truth and the floor."""
+    if case.data in SIM_SETS:
+        cfg = SimConfig(scan=(scan, scan), dose=case.dose, seed=SEED,
+                        background_weight=case.background,
+                        heterostructure=SIM_SETS[case.data])
+        npy, _ = save_simulation(tmp / f"{case.slug}.npy", cfg)
+        return npy, truth_rows(cfg), sim_floor(cfg, case.dose)
+    data, truth, _ = load_multislice(validation_set(DATA, SETS[ABTEM_SETS[case.data]]))
+    floor = abtem_floor(data, truth, case.dose)
+    if case.dose is not None:
+        data = add_poisson(data, case.dose, seed=POISSON_SEED)
+    npy = tmp / f"{case.slug}.npy"
+    np.save(npy, data)
+    return npy, truth, floor
+
+
+def short(msg: str) -> str:
+    """The last non-empty line of a failure message, shortened."""
+    lines = [s.strip() for s in msg.strip().splitlines() if s.strip()]
+    return (lines[-1] if lines else "failed")[:MAX_ERROR_CHARS]
+
+
+def run_cli(argv: Sequence[str]) -> str | None:
+    """Run one ``ccstae`` command in this process, its output captured.
+
+    Returns None on success, else why it failed (an exception or a non-zero exit code is
+    this method's failure at this dose, never the benchmark's).
+    """
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = cli.main(list(argv))
+    except Exception as e:  # reported in the table
+        return short(f"{type(e).__name__}: {e}")
+    return None if code == 0 else f"exit {code}: {short(log.getvalue())}"
+
+
+def score(ds: xr.Dataset, truth: dict) -> dict[str, Any]:
+    """MAE per component, phases found, phase and sample accuracy (``error`` when no pixel
+    is sample in both the result and the truth)."""
+    e = strain_errors(ds, truth)
+    out = {f"mae_{k}": float(e[f"mae_{k}"]) for k in COMPONENTS}
+    out.update(n_phases=int(e["n_phases"]), acc_phase=float(e["acc_phase"]),
+               acc_sample=float(e["acc_sample"]), n_eval=int(e["n_eval"]),
+               n_both_sample=int(e["n_both_sample"]))
+    if out["n_eval"] == 0:
+        out["error"] = "no pixel is sample in both result and truth"
+    return out
+
+
+def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
+    """The store's ``strain`` group and its scores."""
+    ds = xr.open_zarr(store, group="strain").load()
+    return ds, score(ds, truth)
+
+
+def run_methods(npy: Path, truth: dict, tmp: Path) -> dict[str, dict[str, Any]]:
+    """Every method on one case, in the order ccstae, unpooled, com, py4DSTEM.
+
+    Returns
+    -------
+    method -> ``mae_<k>`` ..., ``time_s``, and ``error`` on failure; ``pool_sigma_px`` for
+    ccstae; py4DSTEM's entry is None without its environment.
+    """
+    store = tmp / f"{npy.stem}.zarr"
+    out: dict[str, dict[str, Any]] = {}
+    ds = None
+    t = time.perf_counter()
+    err = run_cli(["run", str(npy), "--out", str(store), "--engine", "direct", "--quiet"])
+    res: dict[str, Any] = {"time_s": time.perf_counter() - t}
+    if err is None:
+        try:
+            ds, sc = read_strain(store, truth)
+            res.update(sc)
+            res["pool_sigma_px"] = {p: v["sigma_px"] for p, v in
+                                    json.loads(ds.attrs["pooling"])["phases"].items()}
+        except Exception as e:  # reported in the table
+            res["error"] = short(f"{type(e).__name__}: {e}")
+    else:
+        res["error"] = err
+    out["ccstae"] = res
+    for method, extra in (("ccstae_unpooled", ["--pool-sigma", "0"]),
+                          ("com", ["--method", "com"])):
+        t = time.perf_counter()
+        err = run_cli(["map", str(store), *extra, "--overwrite", "--quiet"])
+        res = {"time_s": time.perf_counter() - t}
+        if err is None:
+            try:
+                res.update(read_strain(store, truth)[1])
+            except Exception as e:  # reported in the table
+                res["error"] = short(f"{type(e).__name__}: {e}")
+        else:
+            res["error"] = err
+        out[method] = res
+    if ds is None:  # ccstae failed: py4DSTEM is referenced on the truth's largest phase
+        phase = np.asarray(truth["phase"])
+        largest = np.bincount(phase[phase > 0].ravel()).argmax()
+        ds = xr.Dataset({"reference": (("scan_y", "scan_x"), phase == largest)})
+    t = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            peer = py4dstem_errors(npy, truth, ds, tmp)
+    except Exception as e:  # reported in the table
+        peer = {"error": short(f"{type(e).__name__}: {e}")}
+    if peer is not None:
+        peer = {**peer, "time_s": time.perf_counter() - t}
+        if "error" not in peer and not all(np.isfinite(peer[f"mae_{k}"]) for k in COMPONENTS):
+            peer["error"] = "no pixel evaluated"
+    out["py4dstem"] = peer
+    return out
+
+
+def case_rows(case: Case, scan: list[int], floor: dict[str, Any],
+              results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """One JSON row per method of a case (MAE, ratio to the floor, the floor itself)."""
+    rows = []
+    for m in METHODS:
+        r = results.get(m)
+        if r is None:
+            continue
+        row: dict[str, Any] = {"data": case.data, "dose": case.dose,
+                               "background_weight": case.background, "scan": scan,
+                               "method": m, "error": r.get("error")}
+        for k in COMPONENTS:
+            v = r.get(f"mae_{k}", math.nan) if row["error"] is None else math.nan
+            row[f"mae_{k}"] = v
+            row[f"crb_{k}"] = floor[k]
+            row[f"ratio_{k}"] = v / floor[k] if np.isfinite(floor[k]) else math.nan
+        for k in ("n_phases", "acc_phase", "acc_sample", "n_eval", "n_both_sample",
+                  "pool_sigma_px"):
+            if k in r and row["error"] is None:
+                row[k] = r[k]
+        row["time_s"] = r.get("time_s", math.nan)
+        if "pattern_yx" in floor:  # abTEM: which pattern and disk the floor came from
+            row["crb_pattern"] = {k: floor[k] for k in
+                                  ("pattern_yx", "pattern_phase", "center", "disk_radius")}
+        rows.append(row)
+    return rows
+
+
+def fmt(v: float, k: str) -> str:
+    """A cell: strain in %, theta in deg, NaN as ``-``."""
+    if not np.isfinite(v):
+        return "-"
+    return f"{v:.3f}" if k == "theta" else f"{SCALE[k] * v:.3f}"
+
+
+def fmt_ratio(v: float) -> str:
+    """A ratio-to-floor cell."""
+    return "-" if not np.isfinite(v) else f"{v:.2f}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """One table: a floor line per case, then each method."""
+    print("MAE against the truth re-referenced on each result's reference pixels "
+          "(strain in %, theta in deg); /CRB = MAE over the Cramer-Rao floor of one pattern")
+    head = (f"{'data':19} {'dose':>10} {'bg':>4} {'method':15} "
+            + " ".join(f"{k:>7}" for k in COMPONENTS) + " "
+            + " ".join(f"{k[:5] + '/CRB':>10}" for k in COMPONENTS)
+            + f" {'phases (acc.)':>14} {'eval':>9} {'time':>6}")
+    print(head)
+    print("-" * len(head))
+    last = None
+    for r in rows:
+        key = (r["data"], r["dose"], r["background_weight"])
+        lead = f"{r['data']:19} {dose_label(r['dose']):>10} {r['background_weight']:>4g} "
+        if key != last:
+            last = key
+            floor = " ".join(f"{fmt(r[f'crb_{k}'], k):>7}" for k in COMPONENTS)
+            print(lead + f"{'CRB floor':15} " + floor)
+        if r["error"] is not None:
+            print(lead + f"{r['method']:15} failed: {r['error']}  ({r['time_s']:.0f} s)")
+            continue
+        phases = ""
+        if r["method"].startswith("ccstae") and "n_phases" in r:
+            phases = f"{r['n_phases']} ({100 * r['acc_phase']:.1f} %)"
+        px = f"{r['n_eval']}/{r['n_both_sample']}" if "n_eval" in r else ""
+        line = (lead + f"{r['method']:15} "
+                + " ".join(f"{fmt(r[f'mae_{k}'], k):>7}" for k in COMPONENTS) + " "
+                + " ".join(f"{fmt_ratio(r[f'ratio_{k}']):>10}" for k in COMPONENTS)
+                + f" {phases:>14} {px:>9} {r['time_s']:5.0f}s")
+        if r["method"] == "ccstae" and "pool_sigma_px" in r:
+            line += "  pooling " + "/".join(f"{v:g}" for v in r["pool_sigma_px"].values()) + " px"
+        print(line)
+
+
+def dose_panel(ax: Axes, rows: list[dict[str, Any]], k: str) -> None:
+    """MAE of component ``k`` against dose for one data set: a line per method, the floor
+    dashed, noise-free as a separate point at the right, failures as crosses at the top."""
+    doses = sorted({r["dose"] for r in rows if r["dose"] is not None})
+    x_free = NOISE_FREE_X * max(doses) if doses else 1.0
+    for m in METHODS:
+        mr = [r for r in rows if r["method"] == m]
+        if not mr:
+            continue
+        noisy = sorted((r for r in mr if r["dose"] is not None), key=lambda r: r["dose"])
+        x = np.array([r["dose"] for r in noisy], float)
+        y = np.array([SCALE[k] * r[f"mae_{k}"] for r in noisy], float)
+        ax.plot(x, y, "-", marker=MARKERS[m], color=COLOURS[m], label=m, ms=4)
+        for r in mr:
+            v = SCALE[k] * r[f"mae_{k}"]
+            xv = x_free if r["dose"] is None else r["dose"]
+            if r["dose"] is None and np.isfinite(v):
+                ax.plot([xv], [v], MARKERS[m], color=COLOURS[m], ms=7, mfc="none")
+            if not np.isfinite(v):  # failed: a cross at the top edge
+                ax.plot([xv], [0.97], "x", color=COLOURS[m], ms=7,
+                        transform=ax.get_xaxis_transform(), clip_on=False)
+    floor = sorted({(r["dose"], r[f"crb_{k}"]) for r in rows if r["dose"] is not None})
+    if floor:
+        ax.plot([d for d, _ in floor], [SCALE[k] * v for _, v in floor], **FLOOR_STYLE)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = [*doses, x_free]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{d:.0e}" for d in doses] + ["noise-\nfree"], fontsize=7)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(min(ticks) / 2, x_free * 2)
+    ax.axvline(np.sqrt(x_free * max(doses)) if doses else x_free, color="0.8", lw=0.8)
+    ax.set_xlabel("dose (e-/pattern)")
+    ax.set_ylabel(f"MAE {k} ({UNIT[k]})")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def dose_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """``path``: one row of panels (exx, eyy, exy, theta) per data set."""
+    sets = [s for s in (*SIM_SETS, *ABTEM_SETS)
+            if any(r["data"] == s and r["background_weight"] == 0 for r in rows)]
+    if not sets:
+        return None
+    fig = Figure(figsize=(16, 3.4 * len(sets) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(len(sets), len(COMPONENTS)))
+    for i, s in enumerate(sets):
+        sr = [r for r in rows if r["data"] == s and r["background_weight"] == 0]
+        for j, k in enumerate(COMPONENTS):
+            dose_panel(axes[i, j], sr, k)
+            axes[i, j].set_title(f"{s} ({sr[0]['scan'][0]}x{sr[0]['scan'][1]}): {k}",
+                                 fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("MAE against dose (open markers at the right: noise-free; crosses at the "
+                 "top: failed)")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def background_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """``path``: MAE against the diffuse-background weight at :data:`BACKGROUND_DOSE`."""
+    br = [r for r in rows if r["data"] == BACKGROUND_SET and r["dose"] == BACKGROUND_DOSE]
+    if len({r["background_weight"] for r in br}) < 2:
+        return None
+    fig = Figure(figsize=(16, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(COMPONENTS))
+    for ax, k in zip(axes, COMPONENTS, strict=True):
+        for m in METHODS:
+            mr = sorted((r for r in br if r["method"] == m),
+                        key=lambda r: r["background_weight"])
+            if mr:
+                ax.plot([r["background_weight"] for r in mr],
+                        [SCALE[k] * r[f"mae_{k}"] for r in mr], "-", marker=MARKERS[m],
+                        color=COLOURS[m], label=m, ms=4)
+        fl = sorted({(r["background_weight"], r[f"crb_{k}"]) for r in br})
+        ax.plot([w for w, _ in fl], [SCALE[k] * v for _, v in fl], **FLOOR_STYLE)
+        ax.set_yscale("log")
+        ax.set_xlabel("diffuse background weight")
+        ax.set_ylabel(f"MAE {k} ({UNIT[k]})")
+        ax.set_title(f"{BACKGROUND_SET}, {BACKGROUND_DOSE:.0e} e-: {k}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def jsonable(v: Any) -> Any:
+    """NaN as null, recursively (strict JSON)."""
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    if isinstance(v, float | np.floating):
+        return float(v) if np.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="heterostructure 16x16 noise-free and 1e3, abTEM single at 1e5")
+    ap.add_argument("--scan", type=int, default=None,
+                    help=f"own-simulator scan side ({SCAN}; {QUICK_SCAN} with --quick)")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the JSON and the PNGs go")
+    args = ap.parse_args()
+    scan = args.scan or (QUICK_SCAN if args.quick else SCAN)
+    cases = cases_for(args.quick)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, case in enumerate(cases, 1):
+            t = time.perf_counter()
+            npy, truth, floor = make_case(case, scan, Path(tmp))
+            shape = list(np.load(npy, mmap_mode="r").shape[:2])
+            res = run_methods(npy, truth, Path(tmp))
+            rows += case_rows(case, shape, floor, res)
+            failed = [m for m, r in res.items() if r is not None and "error" in r]
+            print(f"[{i}/{len(cases)}] {case.data} {dose_label(case.dose)} "
+                  f"bg {case.background:g}: {time.perf_counter() - t:.0f} s"
+                  + (f", failed: {', '.join(failed)}" if failed else ""), flush=True)
+            for f in Path(tmp).glob(f"{case.slug}*"):  # keep the scratch space small
+                if f.is_dir():
+                    shutil.rmtree(f)
+                else:
+                    f.unlink()
+    total = time.perf_counter() - t0
+    print()
+    print_table(rows)
+    if not PEERS_PYTHON.exists():
+        print(f"py4DSTEM skipped: no {PEERS_PYTHON} (`make bench-peers` creates it)")
+    print(f"total run time {total:.0f} s ({len(cases)} cases)")
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = "dose_quick" if args.quick else "dose"
+    (args.results / f"{stem}.json").write_text(json.dumps(jsonable(rows), indent=1))
+    written = [dose_figure(rows, args.results / f"{stem}.png")]
+    if not args.quick:
+        written.append(background_figure(rows, args.results / "background.png"))
+    print("wrote", ", ".join(str(p) for p in [args.results / f"{stem}.json", *written] if p))
+
+
+if __name__ == "__main__":
+    main()
