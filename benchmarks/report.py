@@ -51,6 +51,14 @@ def _pct(v: float | None, k: str) -> str:
     return f"{v:.3f} deg" if k == "theta" else f"{100 * v:.3f} %"
 
 
+def _figure(fig: plt.Figure, results: Path, name: str) -> str:
+    """Save ``fig`` as ``results/name.png`` and return the report's link to it."""
+    fig.tight_layout()
+    fig.savefig(results / f"{name}.png", dpi=DPI)
+    plt.close(fig)
+    return f"\n![{name}](results/{name}.png)"
+
+
 def _missing(cmd: str) -> str:
     return f"_Not measured yet: run `{cmd}`._\n"
 
@@ -91,10 +99,7 @@ def section_peers(results: Path) -> str:
         fig, ax = plt.subplots(figsize=(6, 2.8))
         ax.barh(names[::-1], rates[::-1], color="tab:blue")
         ax.set_xlabel("patterns/s (mapping stage where measured)")
-        fig.tight_layout()
-        fig.savefig(results / "throughput.png", dpi=DPI)
-        plt.close(fig)
-        out.append("\n![throughput](results/throughput.png)")
+        out.append(_figure(fig, results, "throughput"))
     return "\n".join(out) + "\n"
 
 
@@ -174,10 +179,7 @@ def section_multislice(results: Path) -> str:
     ax.set_xticks(x, cases, fontsize=8)
     ax.set_ylabel("MAE exx (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results / "multislice.png", dpi=DPI)
-    plt.close(fig)
-    out.append("\n![multislice](results/multislice.png)")
+    out.append(_figure(fig, results, "multislice"))
     return "\n".join(out) + "\n"
 
 
@@ -208,10 +210,7 @@ def section_memory(results: Path) -> str:
         ax.set_xticks(x, stages)
         ax.set_ylabel("peak RSS (MiB)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(results / "memory.png", dpi=DPI)
-        plt.close(fig)
-        out.append("\n![memory](results/memory.png)")
+        out.append(_figure(fig, results, "memory"))
     return "\n".join(out) + "\n"
 
 
