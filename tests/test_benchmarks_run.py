@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
     ["benchmarks/bench_training.py", "--scan", "16"],
     ["benchmarks/bench_memory.py", "--scans", "12", "16", "--epochs", "1"],
     ["benchmarks/bench_gpu_projection.py", "--quick"],
+    ["benchmarks/bench_dose.py", "--quick"],
 ], ids=["multislice", "ablation", "phase_cost", "peers", "training", "memory",
-        "gpu_projection"])
+        "gpu_projection", "dose"])
 def test_benchmark_runs(argv: list[str], tmp_path: Path) -> None:
     if "phase_cost" not in argv[0]:
         argv = [*argv, "--results", str(tmp_path)]  # the committed full-size results stay
