@@ -7,17 +7,22 @@ Subcommands::
     ccstae ingest ...            (see ``ccstae ingest --help``)
 
 Bad input gets one line ``error: <problem>. <what to do>`` on stderr and exit code 2, and
-nothing is written: every check that can fail runs before any computation.
+nothing is written: every check that can fail runs before any computation.  Any other
+failure is an internal error: one line and exit code 1.  No traceback is printed unless
+``--verbose`` is given (anywhere on the command line).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +30,22 @@ import xarray as xr
 
 from ccstae_hpc.core.config import MapConfig, ModelConfig, SimConfig, TrainConfig
 from ccstae_hpc.stages import store
+from ccstae_hpc.stages.ingest import OneLineParser, check_store_location
+from ccstae_hpc.stages.prep import MIN_DETECTOR, MIN_PATTERNS
+from ccstae_hpc.stages.readers import IngestError, read_npy_header
 from ccstae_hpc.stages.store import StageExistsError
 
-__all__ = ["CliError", "check_finite", "load_npy", "main", "run_npy", "validate_array"]
+__all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "CliError", "check_content",
+           "check_finite", "load_npy", "main", "run_npy", "validate_array"]
 
-EXIT_USAGE = 2
-MIN_DETECTOR = 32  # px per detector axis; the same floor as SimConfig.detector
-MIN_PATTERNS = 16  # probe positions: fewer cannot teach a dictionary
+EXIT_USAGE = 2  # bad input, options or stores: the user can fix it
+EXIT_INTERNAL = 1  # anything else: a bug or the environment (disk, network)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+VERBOSE_FLAG = "--verbose"
 # bytes of input checked for NaN/inf per step: bounded memory whatever the file size
 _CHECK_BLOCK_BYTES = 64 * 2**20
+# loggers of the embedded flow run that `run --quiet` limits to warnings and errors
+_FLOW_LOGGERS = ("prefect", "distributed")
 
 
 class CliError(Exception):
@@ -48,6 +60,13 @@ class CliError(Exception):
         # one line whatever the wrapped exception's text holds
         return " ".join(f"error: {self.problem}. {self.todo}".split())
 
+    @classmethod
+    def of(cls, e: BaseException, todo: str = "Check the input data.") -> CliError:
+        """A CliError from a stage's user error, whose text is ``<problem>. <what to do>``
+        already or gets ``todo`` appended."""
+        text = " ".join(str(e).split())
+        return cls(text) if ". " in text else cls(text, todo)
+
 
 # ---------------------------------------------------------------------------------------------
 # input checks (cheap, before any computation)
@@ -59,21 +78,25 @@ def load_npy(path: Path) -> np.ndarray:
         raise CliError(f"input file {path} does not exist", "Check the path.")
     if path.is_dir():
         raise CliError(f"input {path} is a directory", "Pass a .npy file.")
-    todo = "Pass a NumPy .npy file written by numpy.save."
+    if not path.is_file():
+        raise CliError(f"input {path} is not a regular file", "Pass a .npy file.")
     try:
-        with open(path, "rb") as fh:
-            # checking the magic first gives one clear message for any non-npy file
-            np.lib.format.read_magic(fh)
-        data = np.load(path, mmap_mode="r", allow_pickle=False)
+        # the header checked against the file size: a corrupt header is refused here, not
+        # mapped onto the wrong shape
+        h = read_npy_header(path)
+        if 0 in h.shape:  # numpy cannot map an empty array; validate_array says what is wrong
+            return np.zeros(h.shape, h.dtype)
+        return np.memmap(path, dtype=h.dtype, mode="r", offset=h.offset, shape=h.shape,
+                         order="F" if h.fortran else "C")
+    except IngestError as e:
+        raise CliError.of(e, "Pass a NumPy .npy file written by numpy.save.") from e
     except PermissionError as e:
         raise CliError(
             f"cannot read {path}: permission denied", "Check the file's permissions."
         ) from e
-    except (ValueError, OSError, EOFError) as e:
-        raise CliError(f"{path} is not a readable .npy file ({e})", todo) from e
-    if not isinstance(data, np.ndarray):  # defensive: np.load of an archive returns NpzFile
-        raise CliError(f"{path} is not a single .npy array", todo)
-    return data
+    except (ValueError, OSError) as e:
+        raise CliError(f"{path} is not a readable .npy file ({e})",
+                       "Pass a NumPy .npy file written by numpy.save.") from e
 
 
 def check_finite(data: np.ndarray, block_bytes: int = _CHECK_BLOCK_BYTES) -> None:
@@ -125,6 +148,25 @@ def validate_array(data: np.ndarray, reference: Sequence[int] | None = None) -> 
                 "Give Y0 Y1 X0 X1 with 0 <= Y0 < Y1 <= ny and 0 <= X0 < X1 <= nx.",
             )
     check_finite(data)
+
+
+def check_content(data: np.ndarray) -> None:
+    """Refuse data without usable diffraction, on the sample preprocessing will use: all zero,
+    negative counts, saturated or constant, no central disk with room for Bragg disks.
+
+    The same checks as ``ccstae preprocess`` (:func:`ccstae_hpc.stages.prep.check_sample`,
+    :func:`~ccstae_hpc.stages.prep.find_disk`), run before the pipeline starts.
+    """
+    from ccstae_hpc.stages.prep import PrepConfig, PrepError, check_sample, find_disk, sample_stats
+
+    ny, nx = data.shape[:2]
+    redo = "run again on the corrected file"
+    try:
+        stats = sample_stats(lambda y0, y1: np.asarray(data[y0:y1]), ny, nx)
+        check_sample(stats, data.dtype, redo)
+        find_disk(stats, data.dtype, PrepConfig().hot_nsigma)
+    except PrepError as e:
+        raise CliError.of(e) from e
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, MapConfig]:
@@ -197,11 +239,13 @@ def run_npy(
     map_cfg: MapConfig | None = None,
     progress: bool | Callable[[dict], None] = True,
     engine: str = "prefect",
+    verbose: bool = False,
 ) -> xr.Dataset:
     """What ``ccstae run`` does: check, load, validate, run the pipeline, write the store.
 
     Every check that can fail runs before any computation.  ``progress`` is passed to
-    the training stage (``True`` shows progress, a callable receives the training records).
+    the training stage (``True`` shows progress, a callable receives the training records;
+    False also quietens the flow's logs).  ``verbose`` keeps the flow's tracebacks.
 
     Raises
     ------
@@ -210,6 +254,37 @@ def run_npy(
     """
     inp, out = Path(inp), Path(out)
     map_cfg = map_cfg or MapConfig()
+    _check_output(inp, out, overwrite)
+    data = load_npy(inp)
+    validate_array(data, map_cfg.reference)
+    check_content(data)
+    ny, nx, qy, qx = data.shape
+    del data
+
+    print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector) -> {out}")
+    try:
+        if engine == "prefect":
+            _run_flow(inp, out, overwrite, model_cfg, train_cfg, map_cfg,
+                      quiet=progress is False, verbose=verbose)
+        else:
+            # imported here: torch loads in seconds, and the checks above must stay instant
+            from ccstae_hpc.stages.run import run_store
+
+            run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
+                      train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
+                      log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
+    except FileExistsError as e:  # the output appeared while we computed
+        raise CliError.of(e, "Choose another --out or pass --overwrite.") from e
+    except ValueError as e:
+        if not isinstance(e, _user_errors()):
+            raise  # not a refusal of the data: an internal error (exit code 1)
+        # ingest / preprocessing / training refused the data
+        raise CliError.of(e) from e
+    return store.open_strain(out).load()
+
+
+def _check_output(inp: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output ``run`` must not or cannot write, before reading the input."""
     # `run` builds the whole store (raw, prep, model, affine, strain) beside the output and
     # renames it into place, so --overwrite replaces all of it, and only at the very end
     if os.path.lexists(out):
@@ -219,33 +294,29 @@ def run_npy(
         if not overwrite:
             raise CliError(f"output store {out} exists",
                            "Pass --overwrite to replace it or choose another --out.")
-    data = load_npy(inp)
-    validate_array(data, map_cfg.reference)
-    ny, nx, qy, qx = data.shape
-    del data
-
-    print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector) -> {out}")
+        if out.resolve() in inp.resolve().parents:
+            raise CliError(f"the input {inp} is inside the output store {out}, which --overwrite "
+                           "would delete", "Move the input out of the store or choose another "
+                           "--out.")
     try:
-        if engine == "prefect":
-            _run_flow(inp, out, overwrite, model_cfg, train_cfg, map_cfg)
-        else:
-            # imported here: torch loads in seconds, and the checks above must stay instant
-            from ccstae_hpc.stages.run import run_store
-
-            run_store(inp, out, overwrite=overwrite, model_cfg=model_cfg,
-                      train_cfg=train_cfg, map_cfg=map_cfg, progress=progress,
-                      log=(lambda s: print(f"  {s}")) if progress else (lambda s: None))
-    except FileExistsError as e:  # the output appeared while we computed
-        raise CliError(str(e)) from e
-    except ValueError as e:  # ingest / preprocessing refused the data
-        raise CliError(str(e), "Check the input data.") from e
-    return store.open_strain(out).load()
+        # the new store is built beside `out` and renamed into place: its directory must be
+        # writable (an output inside the input file, a read-only directory fail here)
+        check_store_location(out.parent if os.path.lexists(out) else out)
+    except IngestError as e:
+        raise CliError.of(e) from e
 
 
 def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | None,
-              train_cfg: TrainConfig | None, map_cfg: MapConfig | None) -> None:
+              train_cfg: TrainConfig | None, map_cfg: MapConfig | None, *,
+              quiet: bool = False, verbose: bool = False) -> None:
     """The Prefect ``pipeline`` flow, embedded (no separate server), into a sibling store
-    that replaces ``out`` only once complete."""
+    that replaces ``out`` only once complete.
+
+    Unless ``verbose``, the flow's log records lose their tracebacks (the error is reported
+    once, as one line, by :func:`main`); ``quiet`` keeps only warnings and errors.  A
+    temporary Prefect server this run started is stopped before returning, so that its
+    shutdown messages come before the result or the error line, not after it.
+    """
     # no network here and no server to wait for: Prefect's defaults assume both
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -257,7 +328,8 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
                          map=map_cfg or MapConfig())
     tmp = store.sibling(out, "tmp")
     try:
-        run_pipeline_embedded(inp, tmp, config=cfg)
+        with _flow_logging(quiet, verbose), _embedded_server():
+            run_pipeline_embedded(inp, tmp, config=cfg)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -266,6 +338,85 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     for src, dst in zip(figure_paths(tmp), figure_paths(out), strict=True):
         if src.exists():
             os.replace(src, dst)
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback (and any line after the first) of log records: without
+    ``--verbose`` an error is reported once, as the command's last line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            record.msg = (record.getMessage().splitlines() or [""])[0]
+            record.args = None
+        return True
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return list({id(h): h for lg in loggers for h in lg.handlers}.values())
+
+
+@contextlib.contextmanager
+def _flow_logging(quiet: bool, verbose: bool) -> Iterator[None]:
+    """Prefect/Dask logging for one embedded flow run; restored afterwards (tests run many
+    commands in one process)."""
+    filt = _NoTraceback()
+    handlers = [] if verbose else _all_handlers()
+    for h in handlers:
+        h.addFilter(filt)
+    levels: dict[str, int] = {}
+    if quiet:
+        for name, lg in list(logging.root.manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger) and name.split(".")[0] in _FLOW_LOGGERS:
+                levels[name] = lg.level
+                lg.setLevel(max(lg.level, logging.WARNING))
+        for name in _FLOW_LOGGERS:
+            lg = logging.getLogger(name)
+            levels.setdefault(name, lg.level)
+            lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(filt)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _embedded_server() -> Iterator[None]:
+    """Stop the temporary Prefect server the flow run starts (none when PREFECT_API_URL
+    names a server, or when one was already running, e.g. a test harness's)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance the ephemeral client will start
+    was_running = server.running
+    try:
+        yield
+    finally:
+        if not was_running and server.running:
+            _drain_prefect_workers()
+            server.stop()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the queued logs and events while the server still listens (else they fail at
+    exit, printing connection errors after the last line)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=5)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -282,6 +433,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         map_cfg=map_cfg,
         progress=not args.quiet,
         engine=args.engine,
+        verbose=getattr(args, "verbose", False),
     )
     dt = time.perf_counter() - t0
     print(summarize(ds))
@@ -331,13 +483,13 @@ def _exit_code(e: SystemExit) -> int:
     return e.code if isinstance(e.code, int) else 1
 
 
-def _cmd_ingest(argv: Sequence[str]) -> int:
+def _cmd_ingest(argv: Sequence[str], verbose: bool = False) -> int:
     try:
         from ccstae_hpc.stages.ingest import ingest_main
     except ImportError as e:
         raise CliError(f"ingest is not available ({e})", "Reinstall ccstae-hpc.") from e
     try:
-        return int(ingest_main(list(argv)))
+        return int(ingest_main(list(argv), verbose=verbose))
     except SystemExit as e:  # its own argparse: usage errors and --help
         return _exit_code(e)
 
@@ -356,11 +508,14 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="ccstae",
         description="CC-ST-AE strain mapping for 4D-STEM.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # taken out of the arguments by main() wherever it stands; declared here for --help
+    p.add_argument(VERBOSE_FLAG, action="store_true",
+                   help="print the traceback of an error (may stand anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("simulate", help="write a synthetic WS2/WSe2 dataset with ground truth")
@@ -470,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _local_client(n: int):  # noqa: ANN202 - distributed is imported lazily
+    _check_workers(n)
     if n <= 0:
         return None
     from distributed import Client, LocalCluster
@@ -478,11 +634,71 @@ def _local_client(n: int):  # noqa: ANN202 - distributed is imported lazily
                                dashboard_address=None))
 
 
+def _check_workers(n: int) -> None:
+    if n < 0:
+        raise CliError(f"--workers {n} is negative", "Give 0 (threads in this process) or more.")
+
+
 def _store_arg(path: str) -> Path:
     p = Path(path)
+    if not p.exists():
+        raise CliError(f"store {p} does not exist",
+                       f"Check the path, or create it with `ccstae ingest INPUT {p}`.")
     if not store.is_store(p):
-        raise CliError(f"{p} is not a Zarr store", "Run `ccstae ingest INPUT STORE.zarr` first.")
+        raise CliError(f"{p} is not a Zarr store",
+                       f"Check the path, or create it with `ccstae ingest INPUT {p}`.")
+    try:
+        store.open_root(p)
+    except Exception as e:  # noqa: BLE001 - any failure to parse the root is a damaged store
+        raise CliError(f"{p} is not a readable Zarr store ({type(e).__name__}: {e})",
+                       "Check the path, or ingest the data again into a new store.") from e
     return p
+
+
+# the command that writes each group a stage reads, and what the store is once it has it
+_MAKES = {"raw": ("ccstae ingest INPUT {p}", "ingested"),
+          "prep": ("ccstae preprocess {p}", "preprocessed"),
+          "model": ("ccstae train {p}", "trained")}
+
+
+def _require(p: Path, group: str) -> None:
+    """Refuse to run a stage before the one whose group it reads, naming the command to run
+    first (stages run out of order)."""
+    cmd, done = _MAKES[group]
+    state = store.group_state(p, group)
+    if state == "absent":
+        raise CliError(f"{p} has no {group} group: it is not {done} yet",
+                       f"Run `{cmd.format(p=p)}` first.")
+    if state == "incomplete":
+        raise CliError(f"{p}/{group} is incomplete (its stage was interrupted or failed)",
+                       f"Rerun `{cmd.format(p=p)}`.")
+
+
+def _check_scan(p: Path) -> None:
+    """The floors of ``run`` and ``preprocess`` (probe positions, detector) for the later
+    stages too: a store preprocessed before they existed is refused the same way."""
+    from ccstae_hpc.stages.prep import PrepError, check_raw_shape
+
+    root = store.open_root(p)
+    if "raw" in root:
+        try:
+            check_raw_shape(root["raw"].shape)
+        except PrepError as e:
+            raise CliError.of(e) from e
+
+
+def _check_not_done(p: Path, *groups: str, overwrite: bool) -> None:
+    """Refuse to replace a complete result without --overwrite, and a store this process
+    cannot write; before any work."""
+    for g in groups:
+        try:
+            store.check_stage(p, g, overwrite)
+        except StageExistsError as e:
+            raise CliError.of(e) from e
+    try:
+        check_store_location(p)
+    except IngestError as e:
+        raise CliError.of(e) from e
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -494,11 +710,15 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
                             {"output_size": args.output_size}))
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
+    _check_workers(args.workers)
+    _require(p, "raw")
+    _check_scan(p)
+    _check_not_done(p, overwrite=True)  # preprocess_store decides about an existing prep
     client = _local_client(args.workers)
     try:
         preprocess_store(p, cfg, client=client, overwrite=args.overwrite, log=print)
     except (PrepError, StageExistsError) as e:
-        raise CliError(str(e)) from e
+        raise CliError.of(e) from e
     finally:
         if client is not None:
             client.close()
@@ -531,6 +751,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    else {"every": args.checkpoint_every}))
     except ValueError as e:
         raise CliError(str(e), "Fix the option and run again.") from e
+    _check_workers(args.workers)
+    _require(p, "prep")
+    _check_scan(p)
+    _check_not_done(p, "model", overwrite=args.overwrite)
     main_rank = launcher != "env" or env_from_environ().rank == 0
     try:
         with dask_client(args.workers, args.scheduler) as client:
@@ -538,8 +762,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                launcher=launcher, restart=args.restart, checkpoint=ckpt,
                                overwrite=args.overwrite)
     except (PrepError, TrainError, StageExistsError) as e:
-        raise CliError(str(e)) from e
+        raise CliError.of(e) from e
     if main_rank:
+        if hist and not np.isfinite(hist[-1]["loss"]):
+            # not refused before: a store preprocessed by an older version may hold bad data
+            raise CliError(f"training diverged (final loss {hist[-1]['loss']}); the model in "
+                           f"{p}/model is unusable", "Check the data (NaN/inf, saturation), "
+                           "then train again with --overwrite (or a smaller learning rate).")
         last = f"final loss {hist[-1]['loss']:.4g}, " if hist else ""
         print(f"trained: {p}/model ({last}{len(hist)} steps)")
     return 0
@@ -558,13 +787,19 @@ def _cmd_map(args: argparse.Namespace) -> int:
         raise CliError(str(e), "Fix the option and run again.") from e
     if args.rows_per_block < 1:
         raise CliError("--rows-per-block must be >= 1", "Fix the option and run again.")
+    _check_workers(args.workers)
+    _require(p, "prep")
+    if mcfg.method != "com":
+        _require(p, "model")
+    _check_scan(p)
+    _check_not_done(p, "affine", "strain", overwrite=args.overwrite)
     try:
         # the workers start while the map stage analyses the dictionary and calibrates
         with dask_client_soon(args.workers, args.scheduler) as client:
             map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
                       progress=not args.quiet, overwrite=args.overwrite)
     except (PrepError, FileNotFoundError, ReferenceRegionError, StageExistsError) as e:
-        raise CliError(str(e)) from e
+        raise CliError.of(e) from e
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")
     return 0
@@ -581,20 +816,71 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The stages' user-error classes, from the modules this run has imported (importing one
+    here could load torch just to report an error)."""
+    names = {"ccstae_hpc.stages.prep": "PrepError", "ccstae_hpc.stages.train": "TrainError",
+             "ccstae_hpc.core.mapping": "ReferenceRegionError"}
+    found: list[type[BaseException]] = [IngestError, StageExistsError]
+    for mod, name in names.items():
+        cls = getattr(sys.modules.get(mod), name, None)
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
+
+
+def _internal_line(e: BaseException) -> str:
+    """One line for an unexpected error, saying how to see more."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return CliError(f"{e.strerror}{where}",
+                        "Check the file system (free space, permissions) and run again; "
+                        f"{VERBOSE_FLAG} shows the traceback.").line()
+    text = (str(e).strip().splitlines() or [""])[0]
+    return CliError(f"internal error ({type(e).__name__}: {text})",
+                    f"Run again with {VERBOSE_FLAG} for the traceback and report it.").line()
+
+
+def _pop_verbose(args: list[str]) -> tuple[bool, list[str]]:
+    """Take ``--verbose`` out of the arguments wherever it stands (before a ``--``)."""
+    end = args.index("--") if "--" in args else len(args)
+    head = [a for a in args[:end] if a != VERBOSE_FLAG]
+    return len(head) != end, head + args[end:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ccstae`` console script; returns the exit code."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``ccstae`` console script; returns the exit code.
+
+    Exit codes: 0 success, 2 bad input/options/stores (:data:`EXIT_USAGE`), 1 any other
+    error (:data:`EXIT_INTERNAL`), 130 interrupted.  Errors are one line on stderr; the
+    traceback only with ``--verbose``.
+    """
+    verbose, args_list = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
         if args_list and args_list[0] == "ingest":
-            return _cmd_ingest(args_list[1:])
+            return _cmd_ingest(args_list[1:], verbose)
         try:
             args = build_parser().parse_args(args_list)
         except SystemExit as e:  # argparse exits on usage errors and --help
             return _exit_code(e)
+        args.verbose = verbose
         return int(args.func(args))
     except CliError as e:
+        if verbose:
+            traceback.print_exception(e)
         print(e.line(), file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback (see --verbose)
+        if verbose:
+            traceback.print_exception(e)
+        if isinstance(e, _user_errors()):
+            print(CliError.of(e).line(), file=sys.stderr)
+            return EXIT_USAGE
+        print(_internal_line(e), file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -22,9 +22,13 @@ Why it looks like this:
   with the same input (path, size, mtime, shape, dtype) writes only the missing shards; the
   group gets ``complete: True`` only when all shards are written.  A full disk (ENOSPC)
   stops the run with a message saying so; freeing space and rerunning resumes it.
-* Safe: all input checks run before the store is touched; a complete, foreign or different
-  store is replaced only with ``overwrite=True``; a path that is not a Zarr store is never
-  deleted.
+* Safe: all input checks run before the store is touched (the header against the file
+  size, every axis non-empty, the first and last rows readable and finite, the calibration
+  plausible, the store's directory writable); a complete, foreign or different store is
+  replaced only with ``overwrite=True``, by a new store built beside it and renamed into
+  place once complete, so damage or NaN found halfway through the input leaves the old
+  store as it was; a path that is not a Zarr store is never deleted.  NaN/inf anywhere in
+  the input is refused (the stages need finite intensities).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import zarr
@@ -53,16 +57,23 @@ from ccstae_hpc.core.config import Config, check
 from ccstae_hpc.stages.readers import (
     CALIBRATION_KEYS,
     FORMATS,
+    NONFINITE_ADVICE,
     IngestError,
     Source,
+    calibration_problem,
+    first_nonfinite,
+    nonfinite_problem,
     open_source,
 )
+from ccstae_hpc.stages.store import sibling, swap_into_place
 
 __all__ = [
     "ARRAY",
     "DIMENSION_NAMES",
     "IngestConfig",
     "IngestError",
+    "OneLineParser",
+    "check_store_location",
     "ingest",
     "ingest_main",
     "plan_layout",
@@ -195,10 +206,26 @@ def _check_calibration_option(calibration: dict[str, Any] | None) -> dict[str, f
             x = float(v)
         except (TypeError, ValueError):
             raise IngestError(f"calibration {k}={v!r} is not a number. Pass a number") from None
-        if not (math.isfinite(x) and x > 0):
-            raise IngestError(f"calibration {k}={v!r} must be a positive number. Fix the value")
+        problem = calibration_problem(k, x)
+        if problem is not None:
+            raise IngestError(f"{problem}. Check the units and fix the value")
         out[k] = x
     return out
+
+
+def _plausible(from_file: dict[str, float | None]) -> tuple[dict[str, float | None],
+                                                             dict[str, float]]:
+    """The file's calibration without implausible values, and those values (recorded in the
+    store's reader metadata): a damaged or mis-scaled metadata field is unknown, not used."""
+    kept: dict[str, float | None] = {}
+    rejected: dict[str, float] = {}
+    for k in CALIBRATION_KEYS:
+        v = from_file.get(k)
+        if v is not None and calibration_problem(k, float(v)) is not None:
+            rejected[k] = float(v)
+            v = None
+        kept[k] = v
+    return kept, rejected
 
 
 def merge_calibration(
@@ -381,6 +408,9 @@ def _write_shard(arr: zarr.Array, src: Source, index: int, y0: int, y1: int) -> 
             f"could not read scan rows {y0}..{y1 - 1} of {src.path} ({type(e).__name__}: {e}); "
             "the file is corrupt or truncated there"
         ) from e
+    bad = first_nonfinite(slab)
+    if bad is not None:
+        raise _NonFiniteError(nonfinite_problem(src.path, y0 + bad[0], bad[1]))
     arr[y0:y1] = slab
     return slab.nbytes
 
@@ -402,6 +432,14 @@ def _slab_buffer(src: Source, rows: int) -> np.ndarray:
 
 class _ReadError(IngestError):
     """The input could not be read in the middle of an ingest."""
+
+    advice = "Re-copy or re-export the file"
+
+
+class _NonFiniteError(_ReadError):
+    """The input holds NaN or infinity past the rows the probe read."""
+
+    advice = NONFINITE_ADVICE
 
 
 def _shard_file(store: Path, arr: zarr.Array, index: int) -> Path:
@@ -515,48 +553,94 @@ def ingest(
     store = Path(store_path).expanduser()
     src = open_source(input_path, format=format, dataset=dataset, scan_shape=scan_shape)
     with src:
-        src.probe()
-        calib, unknown, calib_source = merge_calibration(src.metadata["calibration"], option)
-        layout = plan_layout(src.shape, src.dtype.itemsize, config)
-        ident = _identity(src)
         if store.resolve() == src.path.resolve() or store.resolve() in src.path.resolve().parents:
             raise IngestError(
                 f"the store {store} would contain or replace the input file. Choose another "
                 "store path"
             )
+        src.probe()
+        from_file, rejected = _plausible(src.metadata["calibration"])
+        if rejected:
+            src.metadata["calibration_rejected"] = rejected
+        calib, unknown, calib_source = merge_calibration(from_file, option)
+        layout = plan_layout(src.shape, src.dtype.itemsize, config)
+        ident = _identity(src)
         try:
-            group, done, created = _open_or_create(
+            group, done, created, target = _open_or_create(
                 store, src, layout, config, ident, overwrite, calib, unknown, calib_source
             )
         except OSError as e:
             raise _store_error(store, e, None) from e
+        replacing = target != store
         try:
-            _run(group, store, src, layout, done, progress)
+            _run(group, target, src, layout, done, progress, shown=store,
+                 resumable=not replacing)
         except _ReadError as e:
             if not created:
                 raise IngestError(
-                    f"{e}. Re-copy or re-export the file and ingest it again with --overwrite "
-                    f"(the unfinished store {store} is kept)"
+                    f"{e}. {e.advice}; then ingest it again with --overwrite (the unfinished "
+                    f"store {store} is kept)"
                 ) from e
             # the input is damaged in the middle (the probe read its first and last rows): as
             # for any bad input, leave no store behind.  It could not be resumed anyway: a
             # repaired file has another mtime and so another identity
-            shutil.rmtree(store, ignore_errors=True)
-            raise IngestError(
-                f"{e}. Re-copy or re-export the file and ingest it again (the partial store "
-                f"{store} was removed)"
-            ) from e
+            shutil.rmtree(target, ignore_errors=True)
+            kept = (f"{store} is unchanged" if replacing
+                    else f"the partial store {store} was removed")
+            raise IngestError(f"{e}. {e.advice}; then ingest it again ({kept})") from e
+        except BaseException:
+            if replacing:  # the replacement is not resumable: the old store stays as it was
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+    if replacing:
+        try:
+            swap_into_place(target, store)
+        except OSError as e:
+            shutil.rmtree(target, ignore_errors=True)
+            raise _store_error(store, e, None) from e
+        group = zarr.open_group(store, mode="r+", zarr_format=3)
     return group
 
 
-def _store_error(store: Path, e: BaseException, progress: str | None) -> IngestError:
+def check_store_location(path: str | os.PathLike[str]) -> None:
+    """Refuse a store path that cannot be written, before any work.
+
+    ``path`` itself when it exists, else its nearest existing parent, must be a writable
+    directory: a parent that is a file (an output "inside" the input file), a read-only
+    directory or file system would otherwise fail only once the data are being written.
+
+    Raises
+    ------
+    IngestError
+        The location is not a writable directory.
+    """
+    p = Path(path).expanduser().absolute()
+    where = p if p.exists() else p.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise IngestError(
+            f"cannot create {p}: {where} is a file, not a directory. Choose a path in a "
+            "directory"
+        )
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise IngestError(
+            f"cannot write in {where} (permission denied or a read-only file system). Choose a "
+            "writable location for the store"
+        )
+
+
+def _store_error(store: Path, e: BaseException, progress: str | None,
+                 resumable: bool = True) -> IngestError:
     """An IngestError for an OS failure while writing ``store``; says whether it resumes."""
     where = f" after {progress}" if progress else ""
     resume = (
         "rerun the same command: the ingest resumes at the first missing shard"
-        if progress is not None
+        if progress is not None and resumable
         else "rerun the same command"
     )
+    if not resumable:
+        where += f" (the replacement was discarded; {store} is unchanged)"
     if _is_enospc(e):
         return IngestError(
             f"no space left on the device of {store}{where}. Free space (or move the store "
@@ -564,6 +648,8 @@ def _store_error(store: Path, e: BaseException, progress: str | None) -> IngestE
         )
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     name = getattr(e, "filename", None) or store
+    if Path(str(name)).name.startswith("."):
+        name = store  # a hidden sibling being built: the user knows the store's name
     return IngestError(
         f"cannot write the store {store}{where} ({type(e).__name__}: {reason}: {name}). Check "
         f"that the location is writable (or choose another store path) and {resume}"
@@ -580,8 +666,13 @@ def _open_or_create(
     calib: dict[str, float | None],
     unknown: list[str],
     calib_source: dict[str, str],
-) -> tuple[zarr.Group, set[int], bool]:
-    """Open the unfinished store to resume, or create a new one: ``(group, done, created)``."""
+) -> tuple[zarr.Group, set[int], bool, Path]:
+    """Open the unfinished store to resume, or create a new one.
+
+    Returns ``(group, done, created, target)``: ``target`` is where the shards go, ``store``
+    itself or, when an existing store is replaced, a hidden sibling that replaces it only
+    once complete (a bad input found halfway through leaves the old store as it was).
+    """
     state, g = _store_state(store)
     if state == "not_zarr":
         raise IngestError(
@@ -611,22 +702,27 @@ def _open_or_create(
             )
         # checked before anything is written: a refused resume leaves the store as it was
         cal = _resume_calibration(store, g.attrs, calib, calib_source)
+        check_store_location(store)
         g = zarr.open_group(store, mode="r+", zarr_format=3)
         prov = dict(g.attrs.get("provenance", {}))
         prov["resumed_at"] = [*prov.get("resumed_at", []), _now()]
         if cal != {k: g.attrs.get(k) for k in cal}:
             g[ARRAY].attrs.update(cal)
         g.attrs.update(_jsonable({"provenance": prov, **cal}))
-        return g, _from_ranges(g.attrs.get("ingest_done_shards")), False
+        return g, _from_ranges(g.attrs.get("ingest_done_shards")), False, store
     if state == "foreign_zarr" and not overwrite:
         raise IngestError(
             f"{store} is a Zarr store that was not written by ccstae ingest. Pass --overwrite "
             "to replace it, or choose another store path"
         )
+    target = store
     if state in ("ours", "foreign_zarr"):
-        shutil.rmtree(store)
-    elif store.exists():
-        store.rmdir()  # an empty directory: recreated by zarr
+        check_store_location(store.parent)
+        target = sibling(store, "new")
+    else:
+        check_store_location(store)
+        if store.exists():
+            store.rmdir()  # an empty directory: recreated by zarr
     prov = {
         "source_path": ident["path"],
         "source_size_bytes": ident["size_bytes"],
@@ -651,13 +747,18 @@ def _open_or_create(
         "calibration_source": calib_source,
     }
     # an OSError here (full disk, no permission) becomes an IngestError in ingest()
-    return _create_store(store, src, layout, config, attrs), set(), True
+    return _create_store(target, src, layout, config, attrs), set(), True, target
 
 
 def _run(
-    group: zarr.Group, store: Path, src: Source, layout: Layout, done: set[int], progress: bool
+    group: zarr.Group, store: Path, src: Source, layout: Layout, done: set[int], progress: bool,
+    shown: Path | None = None, resumable: bool = True,
 ) -> None:
-    """Write every shard not in ``done``, recording each one as soon as it is on disk."""
+    """Write every shard not in ``done``, recording each one as soon as it is on disk.
+
+    ``store`` is the directory written; ``shown`` the store's name in messages (the final
+    store when ``store`` is a hidden sibling that will replace it, then not ``resumable``).
+    """
     # runtime config, not stored: skip zarr's per-chunk "all fill value?" test (a NaN-aware
     # array_equal costing ~15% of the CPU time); real detector rows are never all zero, and
     # an all-zero row written anyway reads back the same
@@ -733,7 +834,7 @@ def _run(
     if isinstance(failure, IngestError):
         raise IngestError(f"{failure} ({state} are written)") from failure
     if isinstance(failure, OSError) or _is_enospc(failure):
-        raise _store_error(store, failure, state) from failure
+        raise _store_error(shown or store, failure, state, resumable) from failure
     raise failure
 
 
@@ -741,8 +842,17 @@ def _run(
 # command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one ``error:`` line (not usage + error), exit
+    code 2; used by every ``ccstae`` command."""
+
+    def error(self, message: str) -> NoReturn:
+        print(" ".join(f"error: {message}. See `{self.prog} --help`.".split()), file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="ccstae ingest",
         description="Stream a 4D-STEM file into a Zarr v3 store (array 'raw'). Resumes an "
         "interrupted run when given the same input and store.",
@@ -767,16 +877,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="zstd compression level (default %(default)s)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+    # handled by `ccstae` itself (taken out before this parser sees it); listed for --help
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return p
 
 
-def ingest_main(argv: list[str]) -> int:
+def ingest_main(argv: list[str], verbose: bool = False) -> int:
     """Entry point of ``ccstae ingest``; returns 0 on success, 2 on bad input.
 
     Parameters
     ----------
     argv
         Arguments after ``ingest``.
+    verbose
+        Print the traceback of a refused input before its one-line error.
     """
     parser = _parser()
     try:
@@ -792,7 +906,7 @@ def ingest_main(argv: list[str]) -> int:
     try:
         config = IngestConfig(shard_mb=args.shard_mb, clevel=args.clevel)
     except ValueError as e:
-        print(f"error: {e}. Fix the option", file=sys.stderr)
+        print(" ".join(f"error: {e}. Fix the option".split()), file=sys.stderr)
         return 2
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     t0 = time.perf_counter()
@@ -809,7 +923,11 @@ def ingest_main(argv: list[str]) -> int:
             scan_shape=tuple(args.scan_shape) if args.scan_shape else None,
         )
     except IngestError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if verbose:
+            import traceback
+
+            traceback.print_exception(e)
+        print(" ".join(f"error: {e}".split()), file=sys.stderr)  # one line, whatever e holds
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

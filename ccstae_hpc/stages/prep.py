@@ -54,6 +54,7 @@ from ccstae_hpc.core.patterns import (
     ring_mask,
 )
 from ccstae_hpc.runtime.memory import keep_work_memory
+from ccstae_hpc.stages.readers import first_nonfinite
 from ccstae_hpc.stages.store import (
     CODEC,
     check_stage,
@@ -64,14 +65,30 @@ from ccstae_hpc.stages.store import (
     staging,
 )
 
-__all__ = ["PrepConfig", "PrepError", "open_prep", "prep_geometry", "preprocess_store",
-           "read_block", "read_patterns"]
+__all__ = ["MIN_DETECTOR", "MIN_PATTERNS", "REINGEST", "PrepConfig", "PrepError", "SampleStats",
+           "check_raw_shape", "check_sample", "find_disk", "open_prep", "prep_geometry",
+           "preprocess_store", "read_block", "read_patterns", "sample_rows", "sample_stats"]
 
 PREP = "prep"
 # raw bytes per block of whole scan rows when PrepConfig.rows_per_block is 0
 ROWS_BLOCK_BYTES = 32e6
 # patterns of the pass-1 mean (evenly spaced rows): enough for hot pixels and the disk
 SAMPLE_PATTERNS = 4096
+# input floors, the same for every stage and for `ccstae run`: a detector below this has no
+# room for Bragg disks around the central disk (and is the floor of SimConfig.detector)...
+MIN_DETECTOR = 32
+# ...and fewer probe positions cannot teach a dictionary
+MIN_PATTERNS = 16
+# px between the Bragg annulus' inner radius and the detector edge (after the ring margin) for
+# the annulus to hold disks: less means the "central disk" is noise, a flood or off the chip
+MIN_ANNULUS_PX = 2.0
+EDGE_MARGIN_PX = 2.0  # the annulus' outer margin (core.patterns.ring_mask's default)
+# a float mean pattern whose negative part outweighs half its positive part is no intensity
+NEGATIVE_MASS_LIMIT = 0.5
+# a mean pattern whose range is below this fraction of its level is flat: no diffraction
+FLAT_CONTRAST = 1e-6
+# what to do after fixing the input file, for a store (`ccstae run` passes its own)
+REINGEST = "ingest the corrected file again (`ccstae ingest INPUT STORE --overwrite`)"
 
 
 class PrepError(ValueError):
@@ -152,10 +169,149 @@ def open_prep(store: str | Path) -> zarr.Group:
     try:
         g = zarr.open_group(str(store), mode="r", zarr_format=3)[PREP]
     except (KeyError, FileNotFoundError) as e:
-        raise PrepError(f"{store} has no prep group; run `ccstae preprocess {store}` first") from e
+        raise PrepError(f"{store} has no prep group (it is not preprocessed). Run `ccstae "
+                        f"preprocess {store}` first") from e
     if not g.attrs.get("complete"):
-        raise PrepError(f"{store}/prep is incomplete; rerun `ccstae preprocess {store}`")
+        raise PrepError(f"{store}/prep is incomplete. Rerun `ccstae preprocess {store}`")
     return g
+
+
+# -- input checks (before any write) ------------------------------------------------------
+
+def check_raw_shape(shape: tuple[int, ...]) -> None:
+    """Refuse raw data the stages cannot use: not 4D, too few probe positions, tiny detector.
+
+    Raises
+    ------
+    PrepError
+        With the problem and what to do.
+    """
+    if len(shape) != 4:
+        raise PrepError(f"raw has shape {tuple(shape)}; expected 4D (scan_y, scan_x, k_y, k_x). "
+                        f"Ingest a 4D-STEM dataset")
+    ny, nx, qy, qx = (int(v) for v in shape)
+    if ny * nx < MIN_PATTERNS:
+        raise PrepError(
+            f"the scan is {ny} x {nx} ({ny * nx} probe position{'s' * (ny * nx != 1)}); at "
+            f"least {MIN_PATTERNS} are needed to learn a dictionary. Use a larger scan")
+    if min(qy, qx) < MIN_DETECTOR:
+        raise PrepError(
+            f"the detector is {qy} x {qx} px; at least {MIN_DETECTOR} x {MIN_DETECTOR} px are "
+            "needed to hold the Bragg disks. Use the unbinned patterns")
+
+
+class SampleStats(NamedTuple):
+    """Pass-1 statistics of evenly spaced scan rows (:func:`sample_stats`)."""
+
+    total: np.ndarray  # (k_y, k_x) float64 sum of the sampled patterns
+    n: int  # patterns summed
+    vmin: float  # smallest sampled value
+    vmax: float  # largest sampled value
+    nonfinite: tuple[int, int] | None = None  # scan position of the first NaN/inf pattern
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.n, 1)
+
+
+def sample_rows(ny: int, nx: int) -> list[tuple[int, int]]:
+    """The evenly spaced scan rows (``(y, y + 1)``) of the pass-1 sample: ~SAMPLE_PATTERNS."""
+    step = max(1, ny // max(1, SAMPLE_PATTERNS // nx))
+    return [(y, y + 1) for y in range(0, ny, step)]
+
+
+def _row_stats(block: np.ndarray) -> tuple[np.ndarray, float, float, int | None]:
+    # min/max as Python floats: they go through Dask and into messages
+    bad = first_nonfinite(block)
+    return (block.sum((0, 1), dtype=np.float64), float(block.min()), float(block.max()),
+            None if bad is None else bad[1])
+
+
+def sample_stats(read: Callable[[int, int], np.ndarray], ny: int, nx: int,
+                 client: Any | None = None) -> SampleStats:
+    """Sum, minimum and maximum of the sampled rows, ``read(y0, y1)`` giving raw rows."""
+    rows = sample_rows(ny, nx)
+    res = _map(lambda b: _row_stats(read(*b)), rows, client)
+    bad = next(((y0, r[3]) for (y0, _), r in zip(rows, res, strict=True) if r[3] is not None),
+               None)
+    return SampleStats(np.sum([r[0] for r in res], 0), len(rows) * nx,
+                       min(r[1] for r in res), max(r[2] for r in res), bad)
+
+
+def check_sample(stats: SampleStats, dtype: np.dtype, redo: str = REINGEST) -> None:
+    """Refuse sampled raw data that hold no diffraction: NaN/inf, negative counts, all zero,
+    one constant value (saturated or blank), or a flat mean pattern.
+
+    ``redo`` ends each message: what to do once the input file is fixed.
+
+    Raises
+    ------
+    PrepError
+        With the problem and what to do.
+    """
+    dtype = np.dtype(dtype)
+    m = stats.mean
+    if stats.nonfinite is not None or not (
+            np.isfinite(m).all() and math.isfinite(stats.vmin) and math.isfinite(stats.vmax)):
+        at = ("" if stats.nonfinite is None else
+              " (first at scan position y={}, x={})".format(*stats.nonfinite))
+        raise PrepError(f"the data hold NaN or infinite values{at}; the stages need finite "
+                        f"intensities. Replace them (e.g. with 0 for dead pixels), then {redo}")
+    if np.issubdtype(dtype, np.integer) and stats.vmin < 0:
+        raise PrepError(
+            f"the data hold negative counts (down to {stats.vmin:g}) as {dtype}; detector "
+            "counts are >= 0, and negative ones usually mean unsigned counts saved as signed "
+            f"(e.g. uint16 as int16). Convert them (e.g. data.view(np.uint16)), then {redo}")
+    if stats.vmin == stats.vmax:
+        v = stats.vmin
+        what = ("all zero: the detector recorded nothing (beam blanked, or the wrong dataset)"
+                if v == 0 else
+                f"saturated: every pixel is {v:g}, the largest {dtype} value"
+                if np.issubdtype(dtype, np.integer) and v == np.iinfo(dtype).max else
+                f"constant: every pixel is {v:g}, no diffraction")
+        raise PrepError(f"the sampled patterns are {what}. Check the acquisition, then "
+                        f"{redo}")
+    pos, neg = float(m[m > 0].sum()), float(-m[m < 0].sum())
+    if pos <= 0 or neg > NEGATIVE_MASS_LIMIT * pos:
+        raise PrepError(
+            f"the mean pattern is mostly negative (positive sum {pos:.3g}, negative sum "
+            f"{neg:.3g}): these are not diffraction intensities. Check the sign and offset of "
+            f"the data, then {redo}")
+    if np.ptp(m) <= FLAT_CONTRAST * float(np.abs(m).max()):
+        raise PrepError(f"the mean pattern is flat (every pixel {float(m.flat[0]):.4g}): no "
+                        f"diffraction. Check the acquisition, then {redo}")
+
+
+def find_disk(stats: SampleStats, dtype: np.dtype, hot_nsigma: float) -> _Disk:
+    """Hot pixels and the central disk of the sampled mean pattern, checked for room.
+
+    Raises
+    ------
+    PrepError
+        No central disk, or one too large or too close to the edge for Bragg disks around it
+        (pure noise, a flood-lit or saturated detector, a beam off the detector).
+    """
+    mean_raw = stats.mean
+    counts = np.issubdtype(np.dtype(dtype), np.integer)
+    hot = find_hot_pixels(mean_raw, hot_nsigma, stats.n if counts else None)
+    mean_rep = mean_raw.copy()
+    mean_rep[hot] = ndimage.median_filter(mean_raw, 3)[hot]
+    try:
+        cy, cx, radius = central_disk(mean_rep)
+    except ValueError:
+        raise PrepError("no central disk found in the mean pattern: the data hold no "
+                        "diffraction. Check that this is the right dataset") from None
+    r_in = ring_inner_radius(radius)
+    Q0, Q1 = mean_raw.shape
+    room = min(cy, cx, Q0 - 1 - cy, Q1 - 1 - cx) - EDGE_MARGIN_PX - r_in
+    if not room >= MIN_ANNULUS_PX:
+        raise PrepError(
+            f"no central disk with room for Bragg disks around it: the brightest region of the "
+            f"mean pattern (radius {radius:.1f} px at row {cy:.1f}, col {cx:.1f} of the "
+            f"{Q0} x {Q1} px detector) is too large or too close to the edge. The data look "
+            "like noise or a flooded detector, or the beam is off centre: check the dataset "
+            "and the detector alignment")
+    return _Disk(hot, cy, cx, radius, r_in)
 
 
 def prep_geometry(prep: zarr.Group) -> Geometry:
@@ -188,10 +344,10 @@ def preprocess_store(
     say = log or (lambda s: None)
     root = open_root(store, "r+")
     if "raw" not in root or not root["raw"].attrs.get("complete", root.attrs.get("complete")):
-        raise PrepError(f"{store} has no complete raw array; run `ccstae ingest INPUT {store}`")
+        raise PrepError(f"{store} has no complete raw array (it is not ingested). Run `ccstae "
+                        f"ingest INPUT {store}`")
     raw = root["raw"]
-    if raw.ndim != 4:
-        raise PrepError(f"raw has shape {raw.shape}; expected (scan_y, scan_x, k_y, k_x)")
+    check_raw_shape(raw.shape)
     if group_state(store, PREP) == "complete" and \
             root[PREP].attrs.get("config") == cfg.to_dict() and \
             root[PREP].attrs.get("raw_identity") == _raw_identity(root):
@@ -209,10 +365,12 @@ def preprocess_store(
         keep_work_memory()  # in Dask workers too (see ccstae_hpc.runtime.memory)
         return zarr.open_array(raw_path, path="raw", mode="r")[y0:y1]
 
+    # the input checks: pass 1 and 2 only read, so a refusal leaves the store as it was
     disk = _pass_disk(read, raw, cfg, client)
     say(f"pass 1 ({time.perf_counter() - t0:.1f} s): mean pattern, {int(disk.hot.sum())} hot "
         f"pixels, central disk r={disk.radius:.2f} px")
     orig = _pass_origins(read, blocks, disk, cfg, client)
+    _check_origins(orig, REINGEST)
     say(f"pass 2 ({time.perf_counter() - t0:.1f} s): origins; descan range "
         f"{np.ptp(orig.fit[..., 0]):.2f} x "
         f"{np.ptp(orig.fit[..., 1]):.2f} px; {int(orig.vacuum.sum())} vacuum patterns")
@@ -221,7 +379,11 @@ def preprocess_store(
     g.attrs.update({"complete": False})
     out = _pass_patterns(read, blocks, rows, raw, disk, orig, cfg, client, g, str(store))
     say(f"pass 3 ({time.perf_counter() - t0:.1f} s): patterns written")
-    _pass_lattice(g, disk, orig, out, cfg)
+    try:
+        _pass_lattice(g, disk, orig, out, cfg)
+    except PrepError:
+        discard_staging(store, PREP)  # the store is left as it was before this run
+        raise
     g.attrs.update({
         "config": cfg.to_dict(),
         "raw_identity": _raw_identity(root),
@@ -268,18 +430,21 @@ class _Patterns(NamedTuple):
 
 def _pass_disk(read: Callable, raw: zarr.Array, cfg: PrepConfig, client: Any | None) -> _Disk:
     """Pass 1: mean pattern of evenly spaced scan rows -> hot pixels and the central disk."""
-    ny, nx = raw.shape[:2]
     # <= ~SAMPLE_PATTERNS patterns: hot pixels and the central disk need no full pass
-    step = max(1, ny // max(1, SAMPLE_PATTERNS // nx))
-    sample_rows = [(y, y + 1) for y in range(0, ny, step)]
-    sums = _map(lambda b: read(*b).sum((0, 1), dtype=np.float64), sample_rows, client)
-    mean_raw = np.sum(sums, 0) / (len(sample_rows) * nx)
-    counts = np.issubdtype(raw.dtype, np.integer)
-    hot = find_hot_pixels(mean_raw, cfg.hot_nsigma, len(sample_rows) * nx if counts else None)
-    mean_rep = mean_raw.copy()
-    mean_rep[hot] = ndimage.median_filter(mean_raw, 3)[hot]
-    cy, cx, radius = central_disk(mean_rep)
-    return _Disk(hot, cy, cx, radius, ring_inner_radius(radius))
+    stats = sample_stats(read, *raw.shape[:2], client=client)
+    check_sample(stats, raw.dtype, REINGEST)
+    return find_disk(stats, raw.dtype, cfg.hot_nsigma)
+
+
+def _check_origins(orig: _Origins, redo: str) -> None:
+    """NaN/inf in rows pass 1 did not sample show up as non-finite origins or fractions."""
+    bad = ~(np.isfinite(orig.origin).all(-1) & np.isfinite(orig.frac))
+    if bad.any():
+        y, x = (int(v) for v in np.argwhere(bad)[0])
+        raise PrepError(
+            f"the data hold NaN or infinite values (first at scan position y={y}, x={x}); the "
+            f"stages need finite intensities. Replace them (e.g. with 0 for dead pixels), then "
+            f"{redo}")
 
 
 def _pass_origins(read: Callable, blocks: list[tuple[int, int]], disk: _Disk, cfg: PrepConfig,
@@ -392,6 +557,13 @@ def _pass_lattice(g: zarr.Group, disk: _Disk, orig: _Origins, out: _Patterns,
     ring = ring_mask((size, size), tuple(c_new), disk.r_in / f)
     mask = disk_mask(out.mean, ring)
     lattice = fit_lattice(out.mean, c_new, disk.r_in / f)
+    if not lattice.get("found"):
+        # nothing to register patterns onto, and no lattice to measure strain against
+        raise PrepError(
+            f"found no Bragg disks in the mean pattern ({lattice.get('n_peaks', 0)} peak(s) "
+            "outside the central disk, at least 4 in two directions are needed): the scan "
+            "holds only vacuum, or the disks are too faint. Check that the scan covers the "
+            "sample")
     background = (radial_background(out.mean, tuple(c_new), disk.r_in / f, mask > 0)
                   if cfg.background == "radial" else np.zeros_like(out.mean))
     for name, arr, dims in (

@@ -42,11 +42,20 @@ import numpy as np
 
 __all__ = [
     "CALIBRATION_KEYS",
+    "CALIBRATION_RANGES",
     "FORMATS",
+    "MAX_DETECTOR_PX",
+    "NONFINITE_ADVICE",
     "IngestError",
+    "NpyHeader",
     "Source",
+    "calibration_problem",
     "detect_format",
+    "first_nonfinite",
+    "nonfinite_error",
+    "nonfinite_problem",
     "open_source",
+    "read_npy_header",
 ]
 
 CALIBRATION_KEYS = (
@@ -55,6 +64,27 @@ CALIBRATION_KEYS = (
     "beam_energy_keV",
     "convergence_semiangle_mrad",
 )
+
+# plausible range and unit of each calibration value: a value outside is a typo or a unit
+# mix-up (eV for keV, m for nm) that would silently scale every lattice parameter
+CALIBRATION_RANGES: dict[str, tuple[float, float, str]] = {
+    "scan_step_nm": (1e-3, 1e5, "nm"),
+    "detector_pixel_size_inv_A": (1e-5, 1.0, "1/Angstrom"),
+    "beam_energy_keV": (1.0, 3000.0, "keV"),
+    "convergence_semiangle_mrad": (0.01, 500.0, "mrad"),
+}
+
+
+def calibration_problem(key: str, value: float) -> str | None:
+    """Why ``value`` is not a plausible ``key`` (see :data:`CALIBRATION_RANGES`), or None."""
+    lo, hi, unit = CALIBRATION_RANGES[key]
+    if not (math.isfinite(value) and value > 0):
+        return f"calibration {key}={value:g} must be a positive number"
+    if not lo <= value <= hi:
+        return (f"calibration {key}={value:g} {unit} is outside the plausible range "
+                f"{lo:g}..{hi:g} {unit}")
+    return None
+
 
 # canonical format name -> file extensions (lower case, without dot)
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -79,6 +109,9 @@ _ALIASES = {
     "blockfile": "blo",
     "nanomegas": "blo",
 }
+# largest detector axis accepted (px): real 4D-STEM detectors are <= 4k; a larger value is
+# a damaged header, and the first read would allocate a whole scan row of it
+MAX_DETECTOR_PX = 16384
 # rosettasciio plugin module per format
 _RSCIIO_PLUGIN = {
     "mib": "quantumdetector",
@@ -149,13 +182,15 @@ class Source:
         Raises
         ------
         IngestError
-            When the data cannot be read (truncated or corrupt file).
+            When the data cannot be read (truncated or corrupt file) or hold NaN/infinity.
         """
         ny = self.shape[0]
         try:
-            for y in {0, ny - 1}:
+            for y in sorted({0, ny - 1}):
                 # whole rows: readers only slice along scan_y
-                self.read_rows(y, y + 1)
+                bad = first_nonfinite(self.read_rows(y, y + 1))
+                if bad is not None:
+                    raise nonfinite_error(self.path, y, bad[1])
         except IngestError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
@@ -184,6 +219,37 @@ def _materialise(a: Any) -> np.ndarray:
     if hasattr(a, "compute"):
         return np.asarray(a.compute(scheduler="synchronous"))
     return np.asarray(a)
+
+
+def first_nonfinite(slab: np.ndarray) -> tuple[int, int] | None:
+    """``(row, col)`` of the first pattern of a ``(rows, scan_x, k_y, k_x)`` slab holding NaN or
+    infinity, or None (always None for integers).
+
+    Per-pattern float64 sums first: no temporary as large as the slab, and a sum is finite
+    exactly when every value is (float32 values cannot overflow a float64 sum); only a
+    non-finite sum (possible for huge float64 values) is confirmed pixel by pixel.
+    """
+    if slab.dtype.kind != "f" or slab.size == 0:
+        return None
+    sums = slab.sum(axis=(-2, -1), dtype=np.float64)
+    for y, x in np.argwhere(~np.isfinite(sums)):
+        if not np.isfinite(slab[y, x]).all():
+            return int(y), int(x)
+    return None
+
+
+NONFINITE_ADVICE = "Replace them (e.g. with 0 for dead pixels) and save the file again"
+
+
+def nonfinite_problem(path: Path, y: int, x: int) -> str:
+    """The problem part of the message for NaN/inf at scan position ``(y, x)`` of ``path``."""
+    return (f"{path} holds NaN or infinite values (first at scan position y={y}, x={x}); the "
+            "stages need finite intensities")
+
+
+def nonfinite_error(path: Path, y: int, x: int) -> IngestError:
+    """The error for NaN/inf at scan position ``(y, x)`` of ``path``."""
+    return IngestError(f"{nonfinite_problem(path, y, x)}. {NONFINITE_ADVICE}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +340,24 @@ def open_source(
         raise IngestError(f"input file {p} does not exist. Check the path")
     if p.is_dir():
         raise IngestError(f"input {p} is a directory, not a file. Give the path of the data file")
+    if not p.is_file():
+        raise IngestError(
+            f"input {p} is not a regular file (a device, pipe or socket). Give the path of the "
+            "data file"
+        )
     if p.stat().st_size == 0:
         raise IngestError(f"input file {p} is empty. Check that the acquisition/copy finished")
+    try:
+        # opened once here, so that a permission problem is one clear line whatever the format
+        with open(p, "rb"):
+            pass
+    except PermissionError:
+        raise _unreadable(p) from None
+    except OSError as e:
+        raise IngestError(
+            f"cannot open {p} ({type(e).__name__}: {e.strerror or e}). Check the file and its "
+            "file system"
+        ) from None
     if scan_shape is not None:
         scan_shape = _check_scan_shape(scan_shape)
     fmt = _normalise_format(format) if format is not None else detect_format(p)
@@ -289,7 +371,7 @@ def open_source(
         src = _open_hdf5(p, dataset, scan_shape)
     else:
         src = _open_rsciio(p, fmt, scan_shape)
-    if src.dtype.kind not in "uif":
+    if src.dtype.kind not in "uif" or src.dtype.itemsize > 8:
         src.close()
         raise IngestError(
             f"{p} holds {src.dtype} data; only integer and real floating point patterns are "
@@ -313,7 +395,34 @@ def _check_scan_shape(scan_shape: Any) -> tuple[int, int]:
 def _as_4d_shape(
     shape: tuple[int, ...], scan_shape: tuple[int, int] | None, path: Path, what: str
 ) -> tuple[int, int, int, int]:
-    """Validate/derive the 4D shape of an array that is 4D or a flat 3D stack of patterns."""
+    """Validate/derive the 4D shape of an array that is 4D or a flat 3D stack of patterns.
+
+    Every axis must be non-empty and the detector of a plausible size: a zero or huge
+    axis is a damaged header, and would otherwise be blamed on truncation later (or make
+    the first read allocate the declared size).
+    """
+    shape4 = _derive_4d_shape(shape, scan_shape, path, what)
+    if min(shape4) < 1:
+        empty = [n for n, s in zip(("scan_y", "scan_x", "k_y", "k_x"), shape4, strict=True)
+                 if s < 1]
+        raise IngestError(
+            f"{what} in {path} has shape {shape4}: its {', '.join(empty)} axis is empty, so it "
+            "holds no patterns. Check that this is the right file (a corrupt header can "
+            "declare a zero length)"
+        )
+    if max(shape4[2:]) > MAX_DETECTOR_PX:
+        raise IngestError(
+            f"{what} in {path} has a {shape4[2]} x {shape4[3]} px detector, more than "
+            f"{MAX_DETECTOR_PX} px per axis: the header is probably corrupt or the axes are in "
+            "another order. Check the file (4D-STEM data are (scan_y, scan_x, k_y, k_x))"
+        )
+    return shape4
+
+
+def _derive_4d_shape(
+    shape: tuple[int, ...], scan_shape: tuple[int, int] | None, path: Path, what: str
+) -> tuple[int, int, int, int]:
+    """The 4D shape of an array that is 4D or a flat 3D stack of patterns."""
     if len(shape) == 4:
         if scan_shape is not None and tuple(shape[:2]) != scan_shape:
             raise IngestError(
@@ -395,31 +504,94 @@ class _NpyRows:
             self.fd = -1
 
 
-def _open_npy(p: Path, scan_shape: tuple[int, int] | None) -> Source:
+@dataclass(frozen=True)
+class NpyHeader:
+    """What a ``.npy`` header declares, checked against the file (:func:`read_npy_header`)."""
+
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    offset: int  # byte offset of the data
+
+
+def read_npy_header(path: str | os.PathLike[str]) -> NpyHeader:
+    """Parse and check the header of a ``.npy`` file without reading its data.
+
+    The declared shape must be non-negative and the file must hold exactly the bytes it
+    declares: fewer is a truncated file, more a corrupt header (a bit flip in the shape
+    would otherwise silently give another array).
+
+    Raises
+    ------
+    IngestError
+        Not a ``.npy`` file, a corrupt header, or a size that disagrees with the header.
+    """
+    p = Path(path)
     try:
         with open(p, "rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
+            elif version in ((2, 0), (3, 0)):
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unknown .npy format version {version}")
             offset = f.tell()
-    except (ValueError, OSError, SyntaxError) as e:
+    except PermissionError:
+        raise _unreadable(p) from None
+    except Exception as e:  # noqa: BLE001 - a damaged header raises ValueError, SyntaxError,
+        # tokenize.TokenError, MemoryError...: all mean the same to the user
         raise IngestError(
-            f"{p} is not a readable .npy file ({e}). Check that it was written with numpy.save"
+            f"{p} is not a readable .npy file ({type(e).__name__}: {_short(e)}). Check that it "
+            "was written with numpy.save"
         ) from None
-    if dtype.hasobject or dtype.names is not None:
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) for n in shape):
+        raise IngestError(
+            f"{p} has a corrupt .npy header (shape {shape!r}). Re-copy or re-export the file"
+        )
+    if any(n < 0 for n in shape):
+        raise IngestError(
+            f"{p} has a corrupt .npy header: it declares the negative shape {shape}. Re-copy "
+            "or re-export the file"
+        )
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
         raise IngestError(
             f"{p} holds {dtype} records/objects, not a numeric array. Save the patterns as a "
             "plain numeric array"
         )
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: an int64 product of a corrupt shape can overflow to a small number
+    expected = offset + math.prod(shape) * dtype.itemsize
     size = p.stat().st_size
     if size < expected:
         raise IngestError(
             f"{p} is truncated: its header promises {expected} bytes for shape {shape} "
             f"{dtype} but the file has {size}. Re-copy or re-export the file"
         )
+    if size > expected:
+        raise IngestError(
+            f"{p} holds {size - expected} bytes more than its header declares for shape "
+            f"{shape} {dtype} ({expected} bytes): the header is corrupt or the file was "
+            "appended to. Re-copy or re-export the file"
+        )
+    return NpyHeader(tuple(shape), bool(fortran), dtype, offset)
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, cut to ``limit`` characters."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unreadable(p: Path) -> IngestError:
+    return IngestError(
+        f"cannot read {p}: permission denied. Check the file's permissions (e.g. chmod u+r) "
+        "or copy it somewhere readable"
+    )
+
+
+def _open_npy(p: Path, scan_shape: tuple[int, int] | None) -> Source:
+    h = read_npy_header(p)
+    shape, fortran, dtype, offset = h.shape, h.fortran, h.dtype, h.offset
     shape4 = _as_4d_shape(tuple(shape), scan_shape, p, "the array")
     mm = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=tuple(shape),
                    order="F" if fortran else "C")
