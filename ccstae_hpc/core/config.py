@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -89,12 +90,36 @@ class SimConfig(Config):
     # False: the whole sample is WS2 (no WSe2 shell, no interface strain), e.g. to check
     # that a dictionary larger than the number of phases does not split one phase
     heterostructure: bool = True
+    # edge dislocations, each (y, x, h, k): core at scan pixel (y, x), Burgers vector
+    # h a1 + k a2 of the relaxed WS2 lattice turned by global_rotation_deg
+    # (ccstae_hpc.sim.simulate.dislocation_distortion); () leaves every dataset unchanged
+    dislocations: tuple[tuple[float, float, float, float], ...] = ()
+    # scan step (Angstrom per probe position); used only to place dislocations' Burgers
+    # vectors in scan pixels: |a| / step = 0.79 makes them strong enough to see
+    scan_step_A: float = 4.0
 
     def __post_init__(self) -> None:
         check(len(self.scan) == 2 and min(self.scan) >= 2, "scan must be (ny, nx) >= 2")
         check(self.detector >= 32, "detector must be at least 32 px")
         check(self.dose is None or self.dose > 0, "dose must be positive or None (noise-free)")
         check(0 <= self.background_weight < 1, "background_weight must be in [0, 1)")
+        check(self.scan_step_A > 0, "scan_step_A must be positive (Angstrom per scan step)")
+        # JSON gives lists: normalise to hashable float tuples (the simulator caches by config)
+        try:
+            disl = tuple(tuple(float(v) for v in d) for d in self.dislocations)
+        except (TypeError, ValueError):
+            raise ValueError("dislocations must be a sequence of (y, x, h, k) numbers") from None
+        for d in disl:
+            check(len(d) == 4, f"dislocation {d} must be (y, x, h, k)")
+            y, x, h, k = d
+            check(math.isfinite(y) and math.isfinite(x) and 0 <= y <= self.scan[0] - 1
+                  and 0 <= x <= self.scan[1] - 1,
+                  f"dislocation core (y, x) = ({y}, {x}) must lie inside the scan {self.scan}; "
+                  "give each dislocation as (y, x, h, k)")
+            check(h == round(h) and k == round(k) and (h, k) != (0, 0),
+                  f"dislocation Burgers vector (h, k) = ({h}, {k}) must be a non-zero lattice "
+                  "vector (integers)")
+        object.__setattr__(self, "dislocations", disl)
 
 
 @dataclass(frozen=True)
@@ -185,3 +210,26 @@ class MapConfig(Config):
         check(self.pool_sigma is None or self.pool_sigma >= 0,
               "pool_sigma must be None (automatic) or >= 0 (0 disables pooling)")
         check(self.outlier_mad > 0, "outlier_mad must be positive")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig(Config):
+    """Analysis products of a strain map (``ccstae_hpc.stages.analyze``): derived maps,
+    dislocations and ripples.  Detection thresholds come from the data's own noise; the
+    only statistical choice is ``false_alarms``."""
+
+    # side (scan px, even) of the circuits that test for dislocation cores; None: twice two
+    # pooling widths of the strain map (at least 4), so a core smeared by pooling fits inside
+    loop_px: int | None = None
+    # expected number of false detections per map: sets the dislocation and ripple levels
+    false_alarms: float = 0.01
+    # Angstrom per scan step, used only when the raw data carry no scan calibration
+    # (Burgers vectors in Angstrom and in lattice units need it)
+    scan_step_A: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.loop_px is None or (self.loop_px >= 2 and self.loop_px % 2 == 0),
+              "loop_px must be None (automatic) or an even number >= 2")
+        check(0 < self.false_alarms < 1, "false_alarms must be in (0, 1), e.g. 0.01")
+        check(self.scan_step_A is None or self.scan_step_A > 0,
+              "scan_step_A must be None or positive (Angstrom per scan step)")

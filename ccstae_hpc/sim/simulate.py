@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ccstae_hpc.core.config import SimConfig
-from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.core.strain import polar_decompose, rotation_matrix
 
 __all__ = [
     "LATTICE_A",
@@ -47,6 +47,8 @@ __all__ = [
     "render_patterns",
     "render_pattern",
     "truth_rows",
+    "burgers_vector_px",
+    "dislocation_distortion",
     "simulate_rows",
     "simulate",
     "save_simulation",
@@ -65,6 +67,8 @@ HOT_FACTOR = 20.0  # hot pixel value / typical first-order Bragg-disk pixel
 WS2_AREA = 0.32  # triangle area, fraction of the scan
 VACUUM_AREA = 0.15  # corner cut, fraction of the scan
 _BLOCK_ELEMENTS = 1 << 22  # float32 elements per rendering block (16 MiB) bounds memory
+POISSON_RATIO = 0.25  # in-plane Poisson ratio of the dislocations' elastic field (WS2 ~0.22)
+DISLOCATION_CORE_PX = 1.0  # Gaussian core width (scan px) regularising the 1/r singularity
 
 
 def _rng(cfg: SimConfig, *key: int) -> np.random.Generator:
@@ -479,6 +483,12 @@ def truth_rows(cfg: SimConfig, y0: int = 0, y1: int | None = None) -> dict[str, 
     oy = g.base_origin[0] + D * (-0.2 * su + 0.7 * sv + 0.1 * (su * su - 0.5))
     origin = np.stack([oy, ox], -1)
 
+    if cfg.dislocations:
+        # the lattice inherits the dislocations' distortion: a' = (I + beta) F a
+        F = (np.eye(2) + dislocation_distortion(cfg, yy, xx)) @ F
+        theta, U = polar_decompose(F)  # F = R(theta) (I + eps) again
+        exx, eyy, exy = U[..., 0, 0] - 1, U[..., 1, 1] - 1, U[..., 0, 1]
+
     vac = phase == 0
     for arr in (exx, eyy, exy, theta):
         arr[vac] = np.nan
@@ -493,6 +503,52 @@ def truth_rows(cfg: SimConfig, y0: int = 0, y1: int | None = None) -> dict[str, 
         "origin": origin,
         "hot_pixels": g.hot_pixels.copy(),
     }
+
+
+def burgers_vector_px(cfg: SimConfig) -> np.ndarray:
+    """Burgers vectors ``(n, 2)`` as ``(x, y)`` in scan pixels of ``cfg.dislocations``.
+
+    ``b = R(global_rotation_deg) (h a1 + k a2) / scan_step_A`` with the relaxed WS2 basis
+    (module docstring): a lattice vector of the (unstrained) sample lattice.
+    """
+    if not cfg.dislocations:
+        return np.zeros((0, 2))
+    A, _ = basis_vectors(LATTICE_A[1])
+    hk = np.array([d[2:] for d in cfg.dislocations], dtype=np.float64)
+    return (rotation_matrix(cfg.global_rotation_deg) @ A @ hk.T).T / cfg.scan_step_A
+
+
+def dislocation_distortion(cfg: SimConfig, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Displacement gradient ``beta = grad u`` ``(..., 2, 2)`` of ``cfg.dislocations`` at scan
+    positions ``(yy, xx)``: ``beta[..., i, j] = d u_i / d x_j`` with ``(x, y)`` components.
+
+    Each is the isotropic Volterra edge dislocation (Hirth & Lothe eq. 3-45, Poisson ratio
+    ``POISSON_RATIO``; line direction ``x * y``, slip plane along ``b``) whose displacement
+    jumps by ``b`` (:func:`burgers_vector_px`) on a counter-clockwise circuit, i.e. the closed
+    integral of ``beta dl`` is ``b``.  The ``1/r`` field is multiplied by
+    ``1 - exp(-r^2 / (2 w^2))`` (``w = DISLOCATION_CORE_PX``): the Burgers vector is spread as
+    a Gaussian of width ``w`` over the core, and the field stays finite.
+    """
+    nu = POISSON_RATIO
+    beta = np.zeros(np.shape(xx) + (2, 2))
+    for (y0, x0, _, _), b in zip(cfg.dislocations, burgers_vector_px(cfg), strict=True):
+        bn = float(np.hypot(*b))
+        e = b / bn
+        Q = np.array([[e[0], -e[1]], [e[1], e[0]]])  # columns: along b, normal (turned +90)
+        dx, dy = xx - x0, yy - y0
+        x, y = e[0] * dx + e[1] * dy, -e[1] * dx + e[0] * dy  # the dislocation's frame
+        r2 = x * x + y * y
+        core = -np.expm1(-r2 / (2 * DISLOCATION_CORE_PX**2))
+        r2 = np.where(r2 > 0, r2, 1.0)  # core == 0 there
+        c = bn / (2 * np.pi) * core / r2
+        r2b = r2 * 2 * (1 - nu)
+        g = np.empty(np.shape(xx) + (2, 2))
+        g[..., 0, 0] = c * (-y + y * (y * y - x * x) / r2b)
+        g[..., 0, 1] = c * (x + x * (x * x - y * y) / r2b)
+        g[..., 1, 0] = -c * ((1 - 2 * nu) * x / (2 * (1 - nu)) + 2 * x * y * y / r2b)
+        g[..., 1, 1] = -c * ((1 - 2 * nu) * y / (2 * (1 - nu)) - 2 * x * x * y / r2b)
+        beta += Q @ g @ Q.T
+    return beta
 
 
 # --------------------------------------------------------------------------------------------
