@@ -25,6 +25,9 @@ from ccstae_hpc.core.config import SimConfig, TrainConfig
 from ccstae_hpc.sim.evaluate import format_errors, load_truth, strain_errors
 from ccstae_hpc.stages import store
 
+# what each timed store group's stage is called on the command line
+STAGE_NAMES = {"prep": "preprocess", "model": "train", "affine": "map"}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -56,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # imported after option checks: the simulator may pull in heavy dependencies
     from ccstae_hpc.plot import loss_figure, strain_figure
     from ccstae_hpc.sim.simulate import save_simulation
+    from ccstae_hpc.stages.train import MODEL
 
     out.mkdir(parents=True, exist_ok=True)
     print(
@@ -66,21 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     npy_path, truth_path = save_simulation(out / "data.npy", sim_cfg)
     t_sim = time.perf_counter() - t
 
-    losses: list[float] = []
-
-    def progress(rec: dict) -> None:
-        losses.append(float(rec["loss"]))
-        if rec.get("step", 0) % 20 == 0:
-            print(
-                f"  epoch {rec.get('epoch', 0) + 1}/{rec.get('epochs')} step {rec.get('step')} "
-                f"loss {rec['loss']:.4g}",
-                flush=True,
-            )
-
     store_path = out / "strain.zarr"
     t = time.perf_counter()
     try:
-        cli.run_npy(npy_path, store_path, overwrite=True, train_cfg=train_cfg, progress=progress)
+        cli.run_npy(npy_path, store_path, overwrite=True, train_cfg=train_cfg)
     except cli.CliError as e:
         print(e.line(), file=sys.stderr)
         return cli.EXIT_USAGE
@@ -92,16 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = strain_errors(ds, truth)
     (out / "errors.json").write_text(json.dumps(errors, indent=1, sort_keys=True))
     fig = strain_figure(ds, truth, out / "strain_maps.png")
+    # the loss curve and the stages' times as the run recorded them in the store
+    losses = [float(v) for v in store.open_root(store_path)[MODEL].attrs.get("loss", [])]
     loss_png = loss_figure(losses, out / "loss.png") if losses else None
-
-    stages = json.loads(ds.attrs.get("timings", "{}"))
+    stages = store.stage_timings(store_path)
     n = args.scan * args.scan
     print("\nerrors against ground truth (strain re-referenced like the pipeline):")
     print(format_errors(errors))
     print("\ntiming:")
     print(f"  simulate            {t_sim:7.1f} s")
     for k, v in stages.items():
-        print(f"  {k.removesuffix('_s'):19s} {v:7.1f} s")
+        print(f"  {STAGE_NAMES.get(k, k):19s} {v:7.1f} s")
     print(f"  ccstae run (total)  {t_run:7.1f} s  ({n / t_run:.0f} patterns/s end to end)")
     print(f"  demo total          {time.perf_counter() - t_start:7.1f} s")
     print("\nfiles:")

@@ -41,6 +41,7 @@ import xarray as xr
 import zarr
 
 __all__ = [
+    "stage_timings",
     "CODEC",
     "GROUP",
     "STAGE_GROUPS",
@@ -175,6 +176,22 @@ def open_strain(store_path: str | os.PathLike[str]) -> xr.Dataset:
 
 
 # --------------------------------------------------------------------------- stage contract
+
+
+def stage_timings(store: str | os.PathLike[str]) -> dict[str, float]:
+    """Seconds each stage of a store took, from its groups' ``elapsed_s`` attrs.
+
+    Keys in pipeline order (``prep``, ``model``, ``affine``); a stage that did not record
+    its time (or has not run) is left out.
+    """
+    root = open_root(store)
+    out: dict[str, float] = {}
+    for name in STAGE_GROUPS:
+        if name in root:
+            dt = root[name].attrs.get("elapsed_s")
+            if isinstance(dt, (int, float)):
+                out[name] = float(dt)
+    return out
 
 
 def open_root(store: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
