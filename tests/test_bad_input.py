@@ -7,7 +7,6 @@ byte unchanged (hashed before and after).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from tree_digest import tree_digest
 
 from ccstae_hpc import cli
 from ccstae_hpc.core.config import SimConfig
@@ -38,13 +38,6 @@ SUBPROCESS_TIMEOUT_S = 300
 # ------------------------------------------------------------------------------------ helpers
 
 
-def digest(root: Path) -> dict[str, str]:
-    """Relative path -> content hash of every file (and directory) below ``root``."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
 
 
 def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str,
@@ -150,9 +143,9 @@ def mark_complete(store: Path, *groups: str) -> None:
 def unchanged(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
     """``unchanged(store)`` registers a store whose bytes must be the same after the test."""
     watched: list[tuple[Path, dict[str, str]]] = []
-    yield lambda p: watched.append((p, digest(p)))
+    yield lambda p: watched.append((p, tree_digest(p)))
     for p, before in watched:
-        assert digest(p) == before, f"{p} was modified"
+        assert tree_digest(p) == before, f"{p} was modified"
 
 
 # ----------------------------------------------------------------------- ccstae ingest: paths
@@ -225,11 +218,11 @@ def test_output_inside_the_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
                                  stores: dict[str, Path]) -> None:
     npy = tmp_path / "in.npy"
     shutil.copy(stores["npy"], npy)
-    before = digest(tmp_path)
+    before = tree_digest(tmp_path)
     fails(["ingest", str(npy), str(npy / "o.zarr")], capsys, "is a file, not a directory")
     fails(["ingest", str(npy), str(npy), "--overwrite"], capsys, "contain or replace the input")
     fails(["run", str(npy), "--out", str(npy / "o.zarr")], capsys, "is a file, not a directory")
-    assert digest(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_input_inside_the_output_store(
@@ -500,13 +493,13 @@ def test_run_refuses_degenerate_data_before_any_work(
     words: list[str],
 ) -> None:
     np.save(tmp_path / "d.npy", _degenerate(good, kind))
-    before = digest(tmp_path)
+    before = tree_digest(tmp_path)
     line = fails(["run", str(tmp_path / "d.npy"), "--out", str(tmp_path / "o.zarr")], capsys)
     # `run` says it its own way for the shape floors; the content checks are preprocess's
     if kind not in ("tiny-detector", "non-square-tiny", "scan-1x1"):
         for w in words:
             assert w.lower() in line.lower()
-    assert digest(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_nonsquare_detector_is_supported(tmp_path: Path, good: np.ndarray) -> None:
@@ -677,12 +670,12 @@ def test_run_on_data_refused_inside_the_flow_ends_with_the_error(
     np.save(tmp_path / "vac.npy", _degenerate(good, "only-vacuum"))
     out = tmp_path / "o.zarr"
     shutil.copytree(stores["prep"], out)
-    before = digest(out)
+    before = tree_digest(out)
     r = _ccstae("run", "vac.npy", "--out", "o.zarr", "--overwrite", "--epochs", "1",
                 cwd=tmp_path)
     assert r.returncode == cli.EXIT_USAGE, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no Bragg disks" in last, r.stderr
-    assert digest(out) == before
+    assert tree_digest(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from tree_digest import tree_digest
 
 from ccstae_hpc import cli
 from ccstae_hpc.stages import store
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> content hash of every file and directory below ``root``."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
 
 
 def _good_input(tmp_path: Path) -> Path:
@@ -42,9 +33,9 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> 
 def test_3d_array(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     inp = tmp_path / "flat.npy"
     np.save(inp, np.ones((20, 32, 32), np.float32))
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(tmp_path / "o.zarr")], capsys, "3 dimensions", "4")
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_nan_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,9 +43,9 @@ def test_nan_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data[4, 3, 10, 10] = np.nan
     inp = tmp_path / "nan.npy"
     np.save(inp, data)
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(tmp_path / "o.zarr")], capsys, "NaN", "y=4, x=3")
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_check_finite_in_small_blocks_finds_last_row(tmp_path: Path) -> None:
@@ -82,9 +73,9 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_garbage_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes) -> None:
     inp = tmp_path / "garbage.npy"
     inp.write_bytes(content)
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(tmp_path / "o.zarr")], capsys, "not a readable .npy")
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_npz_archive_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,9 +92,9 @@ def test_existing_output_without_overwrite(
     out = tmp_path / "o.zarr"
     ds = xr.Dataset({"exx": (("scan_y", "scan_x"), np.zeros((4, 5), np.float32))})
     store.write_group(ds, out)
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(out)], capsys, "exists", "--overwrite")
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_existing_non_store_is_never_replaced(
@@ -113,9 +104,9 @@ def test_existing_non_store_is_never_replaced(
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.tex").write_text("do not delete")
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(out), "--overwrite"], capsys, "not a Zarr store")
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -133,9 +124,9 @@ def test_bad_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], words: list[str]
 ) -> None:
     inp = _good_input(tmp_path)
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(tmp_path / "o.zarr"), *extra], capsys, *words)
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -151,9 +142,9 @@ def test_bad_arrays(
 ) -> None:
     inp = tmp_path / "bad.npy"
     np.save(inp, array)
-    before = _snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     _fails(["run", str(inp), "--out", str(tmp_path / "o.zarr")], capsys, *words)
-    assert _snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from tree_digest import tree_digest
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.sim.simulate import simulate
@@ -134,14 +135,6 @@ class Case:
     path: Path
     target: str = "new"  # "new" store, "existing" store, "existing+overwrite"
     extra: list[str] = field(default_factory=list)
-
-
-def digest(root: Path) -> dict[str, str]:
-    """Relative path -> content (size + bytes) of every file below ``root``."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        out[str(p.relative_to(root))] = p.read_bytes().hex() if p.is_file() else "dir"
-    return out
 
 
 def _npy_bytes(shape: tuple[int, ...], descr: str, body: bytes, fortran: bool = False) -> bytes:
@@ -297,7 +290,7 @@ def test_fuzz_ingest_and_run(tmp_path: Path, worker: Worker,
                      CASE_TIMEOUT_S)
     assert res.get("rc") == 0, res
     shutil.copytree(pristine, existing)
-    before = digest(existing)
+    before = tree_digest(existing)
     cases = make_cases(tmp_path, bases, data, N_CASES, rng)
 
     problems: list[str] = []
@@ -317,7 +310,7 @@ def test_fuzz_ingest_and_run(tmp_path: Path, worker: Worker,
             problems.append(f"{case.name} {case.path.name}: {why}")
         if refused_expected and res.get("rc") != 2:
             problems.append(f"{case.name} {case.path.name}: existing store not refused")
-        if store is not None and res.get("rc") != 0 and digest(store) != before:
+        if store is not None and res.get("rc") != 0 and tree_digest(store) != before:
             counts["changed"] += 1
             problems.append(f"{case.name} {case.path.name}: existing store changed")
 
@@ -363,7 +356,7 @@ def test_fuzz_ingest_and_run(tmp_path: Path, worker: Worker,
             continue
         check(case, ["run"], {"rc": r.returncode, "stderr": r.stderr}, None)
         counts["flow_ok"] += r.returncode == 0
-    assert digest(existing) == before
+    assert tree_digest(existing) == before
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     with capsys.disabled():
