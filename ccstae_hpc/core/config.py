@@ -70,23 +70,24 @@ class SimConfig(Config):
     intensities.  ``background_weight`` is the original benchmark's Lorentzian mixing weight.
     """
 
-    scan: tuple[int, int] = (64, 64)
-    detector: int = 128
-    dose: float | None = None
-    background_weight: float = 0.0
-    seed: int = 0
+    scan: tuple[int, int] = (64, 64)  # (ny, nx) probe positions
+    detector: int = 128  # detector side, px
+    dose: float | None = None  # e-/pattern (Poisson); None: noise-free expected intensities
+    background_weight: float = 0.0  # Lorentzian diffuse background mixing weight, [0, 1)
+    seed: int = 0  # random seed of the fields, the noise and the hot pixels
     pixel_size: float = 0.0183  # 1/A per detector pixel: WS2 {100} at ~20 px
     disk_radius: float = 4.5  # px, from the convergence angle
-    global_rotation_deg: float = 17.0
-    ripple_amplitude_deg: float = 1.5
+    global_rotation_deg: float = 17.0  # in-plane orientation of the lattice
+    ripple_amplitude_deg: float = 1.5  # amplitude of the sinusoidal rotation ripple
     ripple_wavelength: float = 40.0  # scan pixels
-    strain_amplitude: float = 0.01
+    strain_amplitude: float = 0.01  # amplitude of the smooth strain fields
+    # coherent-interface strain at the WS2/WSe2 boundary (WS2 stretched, WSe2 compressed)
     interface_strain: float = 0.01
-    drift_px: float = 3.0
-    diffuse_fraction: float = 0.1
-    central_fraction: float = 0.4
-    n_hot_pixels: int = 4
-    vacuum: bool = True
+    drift_px: float = 3.0  # descan drift of the pattern origin across the scan, px
+    diffuse_fraction: float = 0.1  # share of the intensity in the diffuse halo
+    central_fraction: float = 0.4  # share of the intensity in the central disk
+    n_hot_pixels: int = 4  # detector pixels with a large constant excess
+    vacuum: bool = True  # a vacuum corner in the scan
     # False: the whole sample is WS2 (no WSe2 shell, no interface strain), e.g. to check
     # that a dictionary larger than the number of phases does not split one phase
     heterostructure: bool = True
@@ -128,10 +129,10 @@ class ModelConfig(Config):
 
     num_base: int = 3  # dictionary size: phases + vacuum
     input_size: int = 64  # encoder input (patterns are binned to this)
-    channels: tuple[int, ...] = (16, 32, 64, 64)
-    latent: int = 32
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # encoder convolution widths, per level
+    latent: int = 32  # width of the encoder's feature vector
     max_scale: float = 0.1  # |scale - 1| bound of the affine head
-    max_shear: float = 0.1
+    max_shear: float = 0.1  # |shear| bound of the affine head
     max_shift: float = 0.05  # learned correction to the measured origin, fraction of half-width
 
     def __post_init__(self) -> None:
@@ -149,10 +150,10 @@ class TrainConfig(Config):
     # many epochs with a cosine decay over all of them.  Below ~150 steps the dictionary is
     # measurably worse (96x96 at 2e3 e-: +2-6 % MAE after 100 steps)
     epochs: int | None = None
-    min_steps: int = 150
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
+    min_steps: int = 150  # optimiser steps before convergence may stop training
+    batch_size: int = 64  # patterns per optimiser step (per rank under DDP)
+    lr: float = 2e-3  # Adam learning rate (the dictionary's is DICTIONARY_LR_FACTOR times it)
+    seed: int = 0  # model initialisation and batch order
     max_patterns: int = 8192  # patterns sampled per epoch (subsampled when larger)
     class_anchor: float = 1.0  # weight of the pull toward the data-derived classes
 
@@ -178,8 +179,12 @@ class MapConfig(Config):
     ``(y0, y1, x0, x1)`` (half-open, scan pixels).
     """
 
+    # Gauss-Newton iterations of the per-pattern refinement (the first three on a blurred
+    # dictionary and every other pixel, for a wider capture range)
     refine_iters: int = 6
-    batch_size: int = 256
+    batch_size: int = 256  # patterns per encoder batch
+    # None: automatic (robust median lattice of the largest phase); or a scan box
+    # (y0, y1, x0, x1), half-open, whose median lattice is the reference
     reference: tuple[int, int, int, int] | None = None
     # "global": one reference lattice for the whole field of view (every phase in one frame,
     # so lattice mismatch shows as strain); "per_phase": each phase against its own lattice

@@ -97,18 +97,18 @@ class IngestConfig(Config):
     (Blosc cannot compress buffers over 2 GB).
     """
 
-    shard_mb: float = 128.0
-    rows_per_shard: int | None = None
-    cname: str = "zstd"
+    shard_mb: float = 128.0  # target uncompressed MB per shard (whole scan rows)
+    rows_per_shard: int | None = None  # scan rows per shard; None: from shard_mb
+    cname: str = "zstd"  # Blosc compressor: zstd, lz4, lz4hc, blosclz or zlib
     # zstd level 1 on 1 MiB Blosc blocks: on bitshuffled uint16 counts it compresses ~1.5x
     # faster per core than level 2 on Blosc's automatic (small) blocks, and smaller (12.8x vs
     # 11.2x on the benchmark data): a larger block gives zstd more context than a higher level
     clevel: int = 1
-    shuffle: str = "bitshuffle"
+    shuffle: str = "bitshuffle"  # Blosc filter: noshuffle, shuffle or bitshuffle
     blocksize: int = 1 << 20  # bytes; 0 lets Blosc choose
-    in_flight: int = 2
-    max_inflight_mb: float = 1024.0
-    max_chunk_mb: float = 512.0
+    in_flight: int = 2  # shards read/compressed/written at once
+    max_inflight_mb: float = 1024.0  # cap on uncompressed data in flight: bounds memory
+    max_chunk_mb: float = 512.0  # cap on one inner chunk; wider rows split along scan_x
 
     def __post_init__(self) -> None:
         check(self.shard_mb > 0, "shard_mb must be > 0")

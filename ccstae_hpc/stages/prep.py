@@ -102,7 +102,7 @@ class PrepConfig(Config):
     # model input size: larger detectors are binned (integer factor) then cropped
     output_size: int = 128
     descan_order: int = 2  # polynomial order of the smooth descan fit over the scan
-    hot_nsigma: float = 8.0
+    hot_nsigma: float = 8.0  # hot pixel: this many sigmas (and 3x) above its 3x3 neighbours
     # "integer" (default): whole-pixel shifts, lossless, Poisson counts kept, the sub-pixel
     # rest (< 0.5 px, measured in prep/origin_fit) is left to the model's translation;
     # "subpixel": bilinear shift onto the exact origin (float32 patterns; interpolation
@@ -117,7 +117,7 @@ class PrepConfig(Config):
     rows_per_block: int = 0  # 0: about 32 MB of raw data per block
     max_train: int = 8192  # patterns in the shuffled training shards
     shard_size: int = 1024  # patterns per training shard
-    seed: int = 0
+    seed: int = 0  # shuffle of the training shards
 
     def __post_init__(self) -> None:
         check(self.output_size >= 32, "output_size must be >= 32")
