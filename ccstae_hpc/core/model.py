@@ -233,15 +233,25 @@ class CCSTAE(nn.Module):
         self.decoder.weight.copy_(torch.where(p > 20, p, torch.log(torch.expm1(p))).t())
 
     # -- encoder -----------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def input_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts of the encoder that see only the input: central-disk centres ``(N, 2)``
+        and radial profiles (:func:`radial_features`).  Constant per pattern, so training
+        computes them once per pattern instead of at every step."""
+        cen = disk_centroids(x, self.center, float(self.radius))
+        return cen, radial_features(x, self.center, float(self.radius), self.r_in, cen)
+
+    def encode(self, x: torch.Tensor,
+               features: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(logits, onehot, params)`` for normalised patterns ``(N, Q, Q)``.
 
         ``onehot`` is the hard top-1 code with a straight-through gradient to the softmax;
         ``params`` are the physical affine parameters (see :func:`affine_matrix`).
+        ``features``: :meth:`input_features` of ``x`` when already known.
         """
         z = self.fc(self.encoder(encoder_input(x, self.cfg.input_size)))
-        cen = disk_centroids(x, self.center, float(self.radius))
-        zr = self.radial(radial_features(x, self.center, float(self.radius), self.r_in, cen))
+        cen, rad = self.input_features(x) if features is None else features
+        zr = self.radial(rad)
         # plain logits: the original's LayerNorm over the num_base logits removes their
         # scale, so while the input-dependent part is small next to the bias every input
         # gets the same normalised logits and the classifier collapses onto one class (seen
@@ -274,8 +284,10 @@ class CCSTAE(nn.Module):
         params = torch.cat([params[:, :4], t], -1)
         return logits, onehot, params
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, onehot, params = self.encode(x)
+    def forward(self, x: torch.Tensor,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        logits, onehot, params = self.encode(x, features)
         theta = affine_matrix(params)
         D = onehot @ self.dictionary().flatten(1)  # (N, Q*Q), differentiable in the code
         D = D.view(-1, 1, self.detector, self.detector)
