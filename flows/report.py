@@ -1,11 +1,14 @@
 """Figures and Prefect artifacts of a finished store (reporting only, no numerics).
 
 Written next to the store ``DIR/NAME.zarr``: ``DIR/NAME.strain_maps.png`` and
-``DIR/NAME.loss.png``.  Artifacts (keys prefixed with a slug of NAME, so that each dataset
-has its own history in the UI): the strain figure and the loss curve as images (embedded as
-data URLs, so that the UI shows them without a file server), a table of mean and standard
-deviation of exx, eyy, exy, theta per phase over sample pixels, a small table of
-the loss per epoch, a link to the store and a markdown summary of all of it.
+``DIR/NAME.loss.png``, and the publication figures of :func:`ccstae_hpc.plot.plot_store`
+(PNG and PDF) in ``DIR/NAME_figures/`` (not for a hidden store being built).  Artifacts
+(keys prefixed with a slug of NAME, so that each dataset has its own history in the UI): the
+strain figure and the loss curve as images (embedded as data URLs, so that the UI shows them
+without a file server), each publication figure as an image (PNG) with the paths of its PNG
+and PDF, a table of mean and standard deviation of exx, eyy, exy, theta per phase over
+sample pixels, a small table of the loss per epoch, a link to the store and a markdown
+summary of all of it.
 """
 
 from __future__ import annotations
@@ -100,8 +103,9 @@ def write_report(store: str | Path, truth_path: str | Path | None = None,
 
     Returns
     -------
-    dict with ``store``, ``strain_figure``, ``loss_figure`` (paths), ``phases`` and ``loss``
-    (table rows) and, with a truth, ``errors``.
+    dict with ``store``, ``strain_figure``, ``loss_figure`` (paths), ``figures`` (paths of
+    the publication figures), ``phases`` and ``loss`` (table rows) and, with a truth,
+    ``errors``.
     """
     from ccstae_hpc import plot
     from ccstae_hpc.stages.store import open_strain
@@ -122,8 +126,12 @@ def write_report(store: str | Path, truth_path: str | Path | None = None,
     losses = [float(x) for x in model.attrs.get("loss", [])]
     epochs = model.attrs.get("epochs_run") or (model.attrs.get("train_config") or {}).get("epochs")
     plot.loss_figure(losses, loss_png)
+    # a hidden store is a build sibling (stages.store.sibling) renamed into place once
+    # complete: a figures directory beside it would be left behind under the hidden name
+    figures = [] if store.name.startswith(".") else plot.plot_store(store)
     out: dict[str, Any] = {
         "store": str(store), "strain_figure": str(strain_png), "loss_figure": str(loss_png),
+        "figures": [str(p) for p in figures],
         "phases": phase_rows(ds), "loss": loss_rows(losses, epochs),
     }
     if errors is not None:
@@ -153,6 +161,11 @@ def _artifacts(r: dict[str, Any]) -> None:
                           description=f"Training loss; PNG: `{r['loss_figure']}`")
     create_table_artifact(table=r["loss"], key=f"{slug}-loss",
                           description="Training loss per epoch")
+    figures = [Path(p) for p in r.get("figures", [])]
+    for png in (p for p in figures if p.suffix == ".png"):
+        others = ", ".join(f"`{p}`" for p in figures if p.stem == png.stem)
+        create_image_artifact(image_url=_data_url(png), key=f"{slug}-figure-{png.stem}",
+                              description=f"Publication figure `{png.stem}`: {others}")
     create_link_artifact(link=store.as_uri(), link_text=str(store), key=f"{slug}-store",
                          description="Result store; read with "
                                      f"`xarray.open_zarr(\"{store}\", group=\"strain\")`")
@@ -160,7 +173,9 @@ def _artifacts(r: dict[str, Any]) -> None:
         f"# Strain maps of `{store.name}`\n",
         f"* store: `{store}` (`xarray.open_zarr(\"{store}\", group=\"strain\")`)",
         f"* strain figure: `{r['strain_figure']}`",
-        f"* loss figure: `{r['loss_figure']}`\n",
+        f"* loss figure: `{r['loss_figure']}`",
+        *(f"* publication figure: `{p}`" for p in figures),
+        "",
         "## Per phase, against the one reference lattice "
         "(sample pixels; strain in %, theta in degrees)\n",
         _md_table(r["phases"]),
