@@ -5,6 +5,8 @@ Subcommands::
     ccstae simulate OUT.npy [--scan NY NX] [--detector Q] [--dose D] [--seed S] ...
     ccstae run INPUT.npy --out STORE.zarr [--overwrite] [--epochs N] [--num-base K] ...
     ccstae ingest ...            (see ``ccstae ingest --help``)
+    ccstae preprocess | train | map STORE.zarr ...   (one stage at a time)
+    ccstae analyze STORE.zarr [--loop-px N] [--false-alarms F] [--scan-step-A A] ...
 
 Bad input gets one line ``error: <problem>. <what to do>`` on stderr and exit code 2, and
 nothing is written: every check that can fail runs before any computation.  Any other
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ccstae_hpc.core.config import MapConfig, ModelConfig, SimConfig, TrainConfig
+from ccstae_hpc.core.config import AnalyzeConfig, MapConfig, ModelConfig, SimConfig, TrainConfig
 from ccstae_hpc.stages import store
 from ccstae_hpc.stages.ingest import OneLineParser, check_store_location
 from ccstae_hpc.stages.prep import MIN_DETECTOR, MIN_PATTERNS
@@ -285,8 +288,9 @@ def run_npy(
 
 def _check_output(inp: Path, out: Path, overwrite: bool) -> None:
     """Refuse an output ``run`` must not or cannot write, before reading the input."""
-    # `run` builds the whole store (raw, prep, model, affine, strain) beside the output and
-    # renames it into place, so --overwrite replaces all of it, and only at the very end
+    # `run` builds the whole store (raw, prep, model, affine, strain, analysis) beside the
+    # output and renames it into place, so --overwrite replaces all of it, and only at the
+    # very end
     if os.path.lexists(out):
         if not store.is_store(out):
             raise CliError(f"output {out} exists and is not a Zarr store",
@@ -322,21 +326,42 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.params import PipelineConfig
     from flows.pipeline import run_pipeline_embedded
-    from flows.report import figure_paths
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
                          map=map_cfg or MapConfig())
+    # a run killed before it published left its sibling store (and figures) behind
+    store.remove_stale_siblings(out, None if quiet else (lambda s: print(f"  {s}")))
     tmp = store.sibling(out, "tmp")
     try:
         with _flow_logging(quiet, verbose), _embedded_server():
             run_pipeline_embedded(inp, tmp, config=cfg)
+        store.publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _move_figures(tmp, None)
         raise
-    store.publish(tmp, out, overwrite)
-    # the flow's figures sit next to the store it wrote: give them the final store's name
-    for src, dst in zip(figure_paths(tmp), figure_paths(out), strict=True):
-        if src.exists():
+    _move_figures(tmp, out)
+
+
+def _move_figures(tmp: Path, out: Path | None) -> None:
+    """Give the figures the flow wrote beside ``tmp`` the final store's names (replacing
+    those of a store ``out`` replaced), or remove them (``out`` None)."""
+    from ccstae_hpc.plot import default_figure_dir
+    from flows.report import figure_paths
+
+    pairs = list(zip(figure_paths(tmp), figure_paths(out or tmp), strict=True))
+    pairs.append((default_figure_dir(tmp), default_figure_dir(out or tmp)))
+    for src, dst in pairs:
+        if not os.path.lexists(src):
+            continue
+        if out is None:
+            if src.is_dir():
+                shutil.rmtree(src, ignore_errors=True)
+            else:
+                src.unlink(missing_ok=True)
+        elif src.is_dir() and os.path.lexists(dst):
+            store.swap_into_place(src, dst)  # a directory cannot be replaced in one rename
+        else:
             os.replace(src, dst)
 
 
@@ -421,6 +446,7 @@ def _drain_prefect_workers() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ccstae_hpc.sim.evaluate import summarize
+    from ccstae_hpc.stages.analyze import ANALYSIS, summarize_analysis
 
     model_cfg, train_cfg, map_cfg = _configs(args)
     t0 = time.perf_counter()
@@ -437,7 +463,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     dt = time.perf_counter() - t0
     print(summarize(ds))
-    print(f"done in {dt:.1f} s; strain maps in {args.out} (group 'strain')")
+    print(summarize_analysis(xr.open_zarr(args.out, group=ANALYSIS)))
+    print(f"done in {dt:.1f} s; strain maps in {args.out} (group 'strain'), their analysis "
+          f"in group '{ANALYSIS}'")
     print(f'read them with: xarray.open_zarr("{args.out}", group="strain")')
     return 0
 
@@ -516,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     # taken out of the arguments by main() wherever it stands; declared here for --help
     p.add_argument(VERBOSE_FLAG, action="store_true",
                    help="print the traceback of an error (may stand anywhere on the line)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="one of the commands below; `ccstae COMMAND --help` lists its "
+                           "options")
 
     s = sub.add_parser("simulate", help="write a synthetic WS2/WSe2 dataset with ground truth")
     s.add_argument("out", metavar="OUT.npy", help="data file; the truth goes to OUT.truth.npz")
@@ -528,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
     s.set_defaults(func=_cmd_simulate)
 
-    r = sub.add_parser("run", help="strain maps from a 4D-STEM .npy array")
+    r = sub.add_parser("run", help="strain maps and their analysis from a 4D-STEM .npy array")
     r.add_argument("input", metavar="INPUT.npy", help="(scan_y, scan_x, k_y, k_x) array")
     r.add_argument("--out", required=True, metavar="STORE.zarr", help="result store")
     r.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -553,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ingest", help="read a microscope file into a store (see ccstae ingest -h)")
 
     pp = sub.add_parser("preprocess", help="STORE/raw -> STORE/prep on a Dask cluster")
-    pp.add_argument("store", metavar="STORE.zarr")
+    pp.add_argument("store", metavar="STORE.zarr",
+                    help="Zarr store of the dataset, ingested (`ccstae ingest`)")
     pp.add_argument("--output-size", type=int, metavar="Q", help="model input size (128)")
     pp.add_argument("--workers", type=int, default=0, metavar="N",
                     help="local Dask workers (0: threads in this process)")
@@ -569,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Dask worker (--workers/--scheduler), or one per process of a job started by "
         "srun/torchrun/mpiexec (--launcher env: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
         "MASTER_PORT, or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID).")
-    t.add_argument("store", metavar="STORE.zarr")
+    t.add_argument("store", metavar="STORE.zarr",
+                   help="Zarr store of the dataset, preprocessed (`ccstae preprocess`)")
     t.add_argument("--epochs", type=int, metavar="N",
                    help="training epochs (default: 6, more on small scans to make 200 steps)")
     t.add_argument("--num-base", type=int, metavar="K",
@@ -594,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("map", help="inference and strain assembly -> STORE/affine, STORE/strain")
-    m.add_argument("store", metavar="STORE.zarr")
+    m.add_argument("store", metavar="STORE.zarr",
+                   help="Zarr store of the dataset, trained (`ccstae train`; preprocessed "
+                   "is enough for --method com)")
     _add_map_options(m)
     m.add_argument("--workers", type=int, default=0, metavar="N",
                    help="local Dask worker processes (0: threads in this process)")
@@ -608,6 +642,58 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace existing strain maps")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_map)
+
+    a = sub.add_parser(
+        "analyze", help="derived maps, dislocations and ripple: STORE/strain -> STORE/analysis",
+        description="Read the strain maps of STORE/strain and write STORE/analysis: derived "
+        "maps (dilatation, principal strains, rotation gradients), a table of dislocation "
+        "cores with their Burgers vectors (closure failure of test circuits), and the "
+        "ripple of the lattice rotation (wavelength, direction, amplitude). Detection levels "
+        "come from the map's own noise.")
+    a.add_argument("store", metavar="STORE.zarr",
+                   help="Zarr store of the dataset, mapped (`ccstae map` or `ccstae run`)")
+    a.add_argument("--loop-px", type=int, metavar="N",
+                   help="side of the test circuits for dislocation cores, in scan pixels, "
+                   "even and >= 2 (default: four pooling widths of the strain map, at least "
+                   "4)")
+    a.add_argument("--false-alarms", type=float, metavar="F",
+                   help="expected number of false detections per map, in (0, 1); sets the "
+                   f"dislocation and ripple detection levels ({AnalyzeConfig.false_alarms})")
+    a.add_argument("--scan-step-A", type=float, metavar="A",
+                   help="Angstrom per scan step, used only when the raw data carry no scan "
+                   "calibration (Burgers vectors in Angstrom and lattice units need it)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an existing analysis group")
+    a.add_argument("--quiet", action="store_true",
+                   help="print only where the result is, not the summary")
+    a.set_defaults(func=_cmd_analyze)
+
+    pl = sub.add_parser(
+        "plot", help="figures for a paper (PNG, PDF) of STORE/strain (and STORE/analysis)",
+        description="Write the strain maps, their standard errors and (when STORE/analysis "
+        "exists) the derived maps with dislocation symbols as publication figures: "
+        "diverging colour maps centred on zero with shared limits, scale bar from the scan "
+        "calibration, phase outlines. The store is only read.")
+    pl.add_argument("store", metavar="STORE.zarr",
+                    help="Zarr store of the dataset, mapped (`ccstae map` or `ccstae run`)")
+    pl.add_argument("--out", metavar="DIR",
+                    help="directory of the figures (default: NAME_figures beside the store)")
+    pl.add_argument("--format", nargs="+", default=["png", "pdf"], metavar="FMT",
+                    help="file formats matplotlib writes, e.g. png pdf svg (default: png pdf)")
+    pl.set_defaults(func=_cmd_plot)
+
+    ex = sub.add_parser(
+        "export", help="STORE/strain to NetCDF, CSV, HyperSpy (.hspy) or EMD/py4DSTEM (.emd)",
+        description="Write the strain maps of a store to a file other tools read: NetCDF "
+        "(.nc, xarray), CSV (.csv, one row per probe position), HyperSpy (.hspy) or EMD 1.0 "
+        "(.emd/.h5, read by py4DSTEM as a RealSlice). The store is only read; an existing "
+        "output is never replaced.")
+    ex.add_argument("store", metavar="STORE.zarr",
+                    help="Zarr store of the dataset, mapped (`ccstae map` or `ccstae run`)")
+    ex.add_argument("out", metavar="OUT", help="output file (.nc, .csv, .hspy, .emd or .h5)")
+    ex.add_argument("--format", choices=("netcdf", "csv", "hspy", "emd"),
+                    help="file format (default: from the extension of OUT)")
+    ex.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser(
         "serve", help="serve the Prefect flows as deployments (schedules from a YAML file)",
@@ -658,7 +744,8 @@ def _store_arg(path: str) -> Path:
 # the command that writes each group a stage reads, and what the store is once it has it
 _MAKES = {"raw": ("ccstae ingest INPUT {p}", "ingested"),
           "prep": ("ccstae preprocess {p}", "preprocessed"),
-          "model": ("ccstae train {p}", "trained")}
+          "model": ("ccstae train {p}", "trained"),
+          "strain": ("ccstae map {p}", "mapped")}
 
 
 def _require(p: Path, group: str) -> None:
@@ -694,7 +781,7 @@ def _check_not_done(p: Path, *groups: str, overwrite: bool) -> None:
         try:
             store.check_stage(p, g, overwrite)
         except StageExistsError as e:
-            raise CliError.of(e) from e
+            raise CliError.of(e, "Nothing was changed.") from e
     try:
         check_store_location(p)
     except IngestError as e:
@@ -793,6 +880,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
         _require(p, "model")
     _check_scan(p)
     _check_not_done(p, "affine", "strain", overwrite=args.overwrite)
+    had_analysis = store.group_state(p, "analysis") != "absent"
     try:
         # the workers start while the map stage analyses the dictionary and calibrates
         with dask_client_soon(args.workers, args.scheduler) as client:
@@ -802,6 +890,81 @@ def _cmd_map(args: argparse.Namespace) -> int:
         raise CliError.of(e) from e
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")
+    if had_analysis:  # commit removed it: it was made from the maps just replaced
+        print(f"the analysis of the previous maps was removed; run `ccstae analyze {p}` for "
+              "the new ones")
+    return 0
+
+
+def analyze_config(args: argparse.Namespace) -> AnalyzeConfig:
+    """The AnalyzeConfig of ``ccstae analyze``'s options (defaults for those not given);
+    ValueError naming the option for a bad value."""
+    options = {"loop_px": args.loop_px, "false_alarms": args.false_alarms,
+               "scan_step_A": args.scan_step_A}
+    kw = {k: v for k, v in options.items() if v is not None}
+    for name, value in kw.items():
+        if not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not a finite number")
+    try:
+        return AnalyzeConfig(**kw)
+    except ValueError as e:
+        # the config's message names its fields: name the options the user typed instead
+        text = str(e).replace("None", "left out")
+        for name in options:
+            text = text.replace(name, "--" + name.replace("_", "-"))
+        raise ValueError(text) from e
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ccstae_hpc.plot import plot_store
+
+    p = _store_arg(args.store)
+    _require(p, "strain")
+    try:
+        paths = plot_store(p, Path(args.out) if args.out else None, tuple(args.format))
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError.of(e, "Check STORE, --out and --format.") from e
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ccstae_hpc.stages.export import export_store
+
+    p = _store_arg(args.store)
+    _require(p, "strain")
+    try:
+        out = export_store(p, args.out, args.format)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise CliError.of(e, "Check STORE, OUT and --format.") from e
+    except OSError as e:
+        raise CliError(f"cannot write {args.out}: {e.strerror or e}",
+                       "Choose a writable place with enough free space.") from e
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from ccstae_hpc.stages.analyze import ANALYSIS, analyze_store, summarize_analysis
+
+    p = _store_arg(args.store)
+    try:
+        cfg = analyze_config(args)
+    except ValueError as e:
+        raise CliError(str(e), "Fix the option and run again.") from e
+    _require(p, "strain")
+    _check_not_done(p, ANALYSIS, overwrite=args.overwrite)
+    t0 = time.perf_counter()
+    try:
+        ds = analyze_store(p, cfg, overwrite=args.overwrite)
+    except (FileNotFoundError, StageExistsError) as e:
+        raise CliError.of(e, f"Run `ccstae map {p}` first.") from e
+    if not args.quiet:
+        print(summarize_analysis(ds))
+        print(f"done in {time.perf_counter() - t0:.1f} s")
+    print(f"analysis in {p / ANALYSIS}; read it with xarray.open_zarr(\"{p}\", "
+          f"group=\"{ANALYSIS}\")")
     return 0
 
 

@@ -26,7 +26,7 @@ from ccstae_hpc.sim.evaluate import format_errors, load_truth, strain_errors
 from ccstae_hpc.stages import store
 
 # what each timed store group's stage is called on the command line
-STAGE_NAMES = {"prep": "preprocess", "model": "train", "affine": "map"}
+STAGE_NAMES = {"prep": "preprocess", "model": "train", "affine": "map", "analysis": "analyze"}
 
 
 def _parser() -> argparse.ArgumentParser:

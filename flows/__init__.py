@@ -1,8 +1,9 @@
 """Prefect orchestration of the ccstae-hpc stages (no numerics here: see ``ccstae_hpc``).
 
-Flows ``ingest``, ``preprocess``, ``train``, ``map_strain`` and ``pipeline`` (all four in
-order) live in :mod:`flows.pipeline`, with ``run_pipeline_embedded`` (``pipeline`` without a
-separate server); ``ccstae serve`` serves them as deployments (``flows/schedules.yaml``).
+Flows ``ingest``, ``preprocess``, ``train``, ``map_strain``, ``analyze`` and ``pipeline``
+(all five in order) live in :mod:`flows.pipeline`, with ``run_pipeline_embedded``
+(``pipeline`` without a separate server); ``ccstae serve`` serves them as deployments
+(``flows/schedules.yaml``).
 
 ``flows.pipeline`` stays the module (the flow is ``flows.pipeline.pipeline``); the names
 below are loaded on first use, so that ``import flows`` does not import Prefect.

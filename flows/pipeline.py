@@ -1,4 +1,5 @@
-"""Prefect flows: ``ingest``, ``preprocess``, ``train``, ``map_strain`` and ``pipeline``.
+"""Prefect flows: ``ingest``, ``preprocess``, ``train``, ``map_strain``, ``analyze`` and
+``pipeline``.
 
 Each flow validates its parameters (:mod:`flows.params`) before anything runs, and calls the
 stage tasks of :mod:`flows.tasks`, which wrap the library functions.  All flows work on one
@@ -18,12 +19,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from ccstae_hpc.core.config import AnalyzeConfig
+
 from .dask_cluster import DaskCluster
 from .params import ClusterName, InputPath, OptionalPath, PipelineConfig, StorePath
-from .tasks import ingest_task, map_task, preprocess_task, report_task, train_task
+from .tasks import analyze_task, ingest_task, map_task, preprocess_task, report_task, train_task
 
-__all__ = ["FLOWS", "ingest", "map_strain", "pipeline", "preprocess", "run_pipeline_embedded",
-           "train"]
+__all__ = ["FLOWS", "analyze", "ingest", "map_strain", "pipeline", "preprocess",
+           "run_pipeline_embedded", "train"]
+
+
+def _analyze_config(cfg: PipelineConfig) -> AnalyzeConfig:
+    # PipelineConfig has no `analyze` section (yet): the defaults, which take their detection
+    # levels from each map's own noise
+    return getattr(cfg, "analyze", None) or AnalyzeConfig()
 
 
 def _cluster(name: str, cfg: PipelineConfig) -> DaskCluster:
@@ -86,14 +95,24 @@ def map_strain(store_path: StorePath, cluster: ClusterName = "local",
     return str(Path(store_path).resolve())
 
 
+@flow(name="analyze",
+      description="Derived maps, dislocations and ripple: STORE/strain -> STORE/analysis.",
+      validate_parameters=True)
+def analyze(store_path: StorePath, config: PipelineConfig | None = None) -> str:
+    """Analyze the strain maps of a mapped store (skipped when done on these maps)."""
+    cfg = config or PipelineConfig()
+    analyze_task(store_path, _analyze_config(cfg))
+    return str(Path(store_path).resolve())
+
+
 @flow(name="pipeline",
-      description="ingest -> preprocess -> train -> map_strain on one store; finished stages "
-                  "are skipped.",
+      description="ingest -> preprocess -> train -> map_strain -> analyze on one store; "
+                  "finished stages are skipped.",
       validate_parameters=True)
 def pipeline(input_path: InputPath, store_path: StorePath, cluster: ClusterName = "local",
              config: PipelineConfig | None = None, overwrite: bool = False,
              truth_path: OptionalPath = None) -> str:
-    """All four stages in order, then the figures and artifacts.
+    """All five stages in order, then the figures and artifacts.
 
     Parameters
     ----------
@@ -118,12 +137,14 @@ def pipeline(input_path: InputPath, store_path: StorePath, cluster: ClusterName 
         key = map_task(store_path, cfg.map, dc, upstream=key)
         if not dc.started:
             log.info("every chunked stage was up to date: no Dask cluster was started")
+    analyze_task(store_path, _analyze_config(cfg), upstream=key)
+    # the report shows the maps: it follows the map stage, whatever the analysis holds
     report_task(store_path, truth_path, upstream=key)
     return str(Path(store_path).resolve())
 
 
 FLOWS = {"ingest": ingest, "preprocess": preprocess, "train": train, "map_strain": map_strain,
-         "pipeline": pipeline}
+         "analyze": analyze, "pipeline": pipeline}
 
 # a fresh Prefect database takes ~25 s to migrate on a small machine; Prefect's default wait
 # for the ephemeral server is shorter than that

@@ -13,17 +13,20 @@ workers, I/O hiccups).  Bad input, bad options and stores that must not be repla
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import zarr
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import ccstae_hpc.stages.ingest as cio
-from ccstae_hpc.core.config import MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.core.config import AnalyzeConfig, MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.stages import analyze as analyze_stage
 from ccstae_hpc.stages import map as map_stage
 from ccstae_hpc.stages import prep as cprep
 from ccstae_hpc.stages import train as train_stage
@@ -33,8 +36,8 @@ from . import report, state
 from .dask_cluster import DaskCluster
 from .params import IngestOptions
 
-__all__ = ["RETRIES", "RETRY_DELAYS", "ingest_task", "map_task", "preprocess_task",
-           "report_task", "train_task"]
+__all__ = ["RETRIES", "RETRY_DELAYS", "analyze_task", "ingest_task", "map_task",
+           "preprocess_task", "report_task", "train_task"]
 
 RETRIES = 2
 RETRY_DELAYS = [2, 10]  # seconds before the first and the second retry
@@ -194,6 +197,58 @@ def map_task(store_path: str, config: MapConfig, cluster: DaskCluster,
         return ""
 
     return _run_stage(log, store_path, "map", "train", config.to_dict(), "map", "strain", run)
+
+
+# the analyze stage keeps its marker in its own group, like the others (flows.state), keyed on
+# the map stage's identity and the AnalyzeConfig
+_ANALYZE = "analyze"
+
+
+def _analysis_attrs(store_path: str) -> dict[str, Any] | None:
+    """The analysis group's attributes from its own metadata; None when there is none."""
+    path = Path(store_path) / analyze_stage.ANALYSIS
+    if not (path / "zarr.json").is_file():
+        return None
+    return dict(zarr.open_group(str(path), mode="r", zarr_format=3,
+                                use_consolidated=False).attrs)
+
+
+def _analysis_done(store_path: str, key: str) -> bool:
+    attrs = _analysis_attrs(store_path)
+    mark = (attrs or {}).get(state.MARK)
+    return bool(attrs and attrs.get("complete") and isinstance(mark, dict)
+                and mark.get("key") == key)
+
+
+def _mark_analysis(store_path: str, key: str) -> None:
+    """Record the key on the analysis group (inside :func:`state.unconsolidated`, which
+    rewrites the root's consolidated metadata afterwards)."""
+    g = zarr.open_group(str(Path(store_path) / analyze_stage.ANALYSIS), mode="r+",
+                        zarr_format=3, use_consolidated=False)
+    g.attrs[state.MARK] = {"key": key, "stage": _ANALYZE,
+                           "finished": dt.datetime.now(dt.timezone.utc).isoformat()}
+
+
+@task(name="analyze", **_TASK_OPTIONS)
+def analyze_task(store_path: str, config: AnalyzeConfig | None = None,
+                 upstream: str | None = None) -> str:
+    """``strain`` -> ``analysis`` (derived maps, dislocations, ripple) unless done with this
+    config on these maps."""
+    log = get_run_logger()
+    config = config or AnalyzeConfig()
+    key = state.expected_key(_ANALYZE, state.identity(store_path, "map"), config.to_dict())
+    if _analysis_done(store_path, key):
+        log.info("analyze: %s/%s is up to date; skipped", store_path, analyze_stage.ANALYSIS)
+        return key
+    t0 = time.perf_counter()
+    with state.unconsolidated(store_path):
+        # overwrite: the key differs, so an existing analysis is stale (other maps or config)
+        ds = analyze_stage.analyze_store(store_path, config, overwrite=True)
+        _mark_analysis(store_path, key)
+    log.info("analyze: %s/%s written in %.1f s (%d dislocations, ripple %s)", store_path,
+             analyze_stage.ANALYSIS, time.perf_counter() - t0, ds.sizes.get("dislocation", 0),
+             "found" if bool(ds["ripple_wavelength_px"].notnull()) else "none")
+    return key
 
 
 @task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import xarray as xr
 
+import ccstae_hpc.stages.analyze
 import ccstae_hpc.stages.ingest
 import ccstae_hpc.stages.map
 import ccstae_hpc.stages.prep
@@ -40,6 +41,7 @@ LIBRARY = (
     (ccstae_hpc.stages.prep, "preprocess_store", "prep"),
     (ccstae_hpc.stages.train, "train_store", "train"),
     (ccstae_hpc.stages.map, "map_store", "map"),
+    (ccstae_hpc.stages.analyze, "analyze_store", "analyze"),
 )
 
 
@@ -112,7 +114,8 @@ def test_pipeline_completes(done: dict[str, Any]) -> None:
     store = done["store"]
     assert done["state"].is_completed()
     assert done["result"] == str(store.resolve())
-    assert done["calls"] == {"ingest": 1, "prep": 1, "train": 1, "map": 1, "cluster": 1}
+    assert done["calls"] == {"ingest": 1, "prep": 1, "train": 1, "map": 1, "analyze": 1,
+                             "cluster": 1}
     ds = xr.open_zarr(store, group="strain")
     assert {"exx", "eyy", "exy", "theta", "phase", "sample"} <= set(ds.data_vars)
     assert ds.exx.shape == (16, 16)
@@ -168,7 +171,8 @@ def test_rerun_after_failure_continues(done: dict[str, Any], calls: Calls) -> No
     assert calls.n["map"] == 1
     # ... and the rerun continues at the failed stage: nothing before it runs again
     _run(done, map={"pool_sigma": 0.0})
-    assert calls.n == Counter({"map": 2, "cluster": 2})
+    # the analysis of the new maps runs once, after them
+    assert calls.n == Counter({"map": 2, "analyze": 1, "cluster": 2})
 
 
 def test_embedded_runner(done: dict[str, Any], calls: Calls) -> None:

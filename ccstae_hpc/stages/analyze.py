@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ from ccstae_hpc.stages.store import (
     write_group,
 )
 
-__all__ = ["ANALYSIS", "CIRCUIT_CONVENTION", "analysis_dataset", "analyze_store"]
+__all__ = ["ANALYSIS", "CIRCUIT_CONVENTION", "analysis_dataset", "analyze_store",
+           "summarize_analysis"]
 
 ANALYSIS = "analysis"
 CIRCUIT_CONVENTION = (
@@ -57,6 +59,8 @@ CIRCUIT_CONVENTION = (
     "Burgers vector for the line direction xi = x cross y (into a y-down display)"
 )
 DIMS = ("scan_y", "scan_x")
+# cores listed one by one in the summary; more are counted only
+SUMMARY_MAX_CORES = 5
 
 
 def analyze_store(store_path: str | os.PathLike[str], cfg: AnalyzeConfig | None = None,
@@ -70,6 +74,7 @@ def analyze_store(store_path: str | os.PathLike[str], cfg: AnalyzeConfig | None 
     StageExistsError
         ``analysis`` is complete and ``overwrite`` is False.
     """
+    t0 = time.perf_counter()
     cfg = cfg or AnalyzeConfig()
     store = Path(store_path)
     strain = open_strain(store)
@@ -77,10 +82,39 @@ def analyze_store(store_path: str | os.PathLike[str], cfg: AnalyzeConfig | None 
     root = open_root(store)
     calibration = dict(root["raw"].attrs.get("calibration", {}) or {}) if "raw" in root else {}
     ds = analysis_dataset(strain.load(), cfg, calibration)
+    # the stage's time, as the other stages record theirs (store.stage_timings)
+    ds = ds.assign_attrs(complete=True, elapsed_s=time.perf_counter() - t0)
     discard_staging(store, ANALYSIS)
-    write_group(with_pixel_coords(ds.assign_attrs(complete=True)), store, staging(ANALYSIS))
+    write_group(with_pixel_coords(ds), store, staging(ANALYSIS))
     commit(store, ANALYSIS)
-    return ds.assign_attrs(complete=True)
+    return ds
+
+
+def summarize_analysis(ds: xr.Dataset, max_cores: int = SUMMARY_MAX_CORES) -> str:
+    """A few lines for people: the dislocations found (each listed when there are at most
+    ``max_cores``) and the ripple, or why there is none."""
+    n = int(ds.sizes.get("dislocation", 0))
+    unit = ds.attrs.get("burgers_unit", "scan step")
+    unit = "A" if unit == "Angstrom" else unit
+    lines = [f"dislocations: {n} found" + (":" if 0 < n <= max_cores else "")]
+    if 0 < n <= max_cores:
+        for i in range(n):
+            h, k = (float(ds[c].values[i]) for c in ("burgers_h", "burgers_k"))
+            bx, by = (float(ds[c].values[i]) for c in ("burgers_x", "burgers_y"))
+            hk = f"(h, k) = ({h:+.0f}, {k:+.0f}), " if np.isfinite([h, k]).all() else ""
+            lines.append(f"  core at y = {float(ds['y'].values[i]):.1f}, "
+                         f"x = {float(ds['x'].values[i]):.1f} px: b {hk}"
+                         f"(bx, by) = ({bx:+.2f}, {by:+.2f}) {unit}, "
+                         f"confidence {float(ds['confidence'].values[i]):.1f}")
+    lam = float(ds["ripple_wavelength_px"])
+    if np.isfinite(lam):
+        lines.append(f"ripple: wavelength {lam:.1f} px, direction "
+                     f"{float(ds['ripple_direction_deg']):.1f} deg (wave vector from +x toward "
+                     f"+y), amplitude {float(ds['ripple_amplitude_deg']):.2f} deg")
+    else:
+        reason = ds["ripple_wavelength_px"].attrs.get("reason", "")
+        lines.append("ripple: none" + (f" ({reason})" if reason else ""))
+    return "\n".join(lines)
 
 
 def analysis_dataset(strain: xr.Dataset, cfg: AnalyzeConfig | None = None,

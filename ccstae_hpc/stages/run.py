@@ -2,7 +2,8 @@
 
 The data's way: a microscope file -> ``raw`` (:mod:`~ccstae_hpc.stages.ingest`) -> ``prep``
 (:mod:`~ccstae_hpc.stages.prep`) -> ``model`` (:mod:`~ccstae_hpc.stages.train`) ->
-``affine`` and ``strain`` (:mod:`~ccstae_hpc.stages.map`), each stage crossed once.
+``affine`` and ``strain`` (:mod:`~ccstae_hpc.stages.map`) -> ``analysis``
+(:mod:`~ccstae_hpc.stages.analyze`), each stage crossed once.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ccstae_hpc.core.config import MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.core.config import AnalyzeConfig, MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.stages.analyze import analyze_store
 from ccstae_hpc.stages.ingest import ingest
 from ccstae_hpc.stages.map import map_store
 from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
-from ccstae_hpc.stages.store import publish, sibling
+from ccstae_hpc.stages.store import publish, remove_stale_siblings, sibling
 from ccstae_hpc.stages.train import train_store
 
 __all__ = ["run_store"]
@@ -32,6 +34,7 @@ def run_store(
     model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
     map_cfg: MapConfig | None = None,
+    analyze_cfg: AnalyzeConfig | None = None,
     client: Any | None = None,
     progress: bool | Callable[[dict], None] = True,
     log: Callable[[str], None] = print,
@@ -39,9 +42,11 @@ def run_store(
     """All stages into a new store, built beside ``out`` and renamed into place at the end.
 
     An existing ``out`` is replaced only with ``overwrite`` and only once the new store is
-    complete: a failure at any stage leaves ``out`` as it was.
+    complete: a failure at any stage leaves ``out`` as it was.  Hidden siblings of ``out``
+    left by runs that were killed are removed first (a concurrent run's are kept).
     """
     out = Path(out)
+    remove_stale_siblings(out, log)
     tmp = sibling(out, "tmp")
     t0 = time.perf_counter()
     try:
@@ -53,6 +58,8 @@ def run_store(
         log(f"train: {time.perf_counter() - t0:.1f} s")
         map_store(tmp, map_cfg, client=client)
         log(f"map: {time.perf_counter() - t0:.1f} s")
+        analyze_store(tmp, analyze_cfg)
+        log(f"analyze: {time.perf_counter() - t0:.1f} s")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ Layout (``/work/shared/DESIGN.md``); the data's way, each stage crossed once::
       model/    train: weights, dictionary, loss curve (checkpoints while training)
       affine/   map: per-pattern affine, dictionary entry, phase, residual, composition
       strain/   map: xarray Dataset exx, eyy, exy, theta, phase, sample, ... on (scan_y, scan_x)
+      analysis/ analyze: derived maps, dislocation table, ripple (from strain)
 
 Rules every stage keeps (:func:`check_stage`, :func:`staging`, :func:`commit`):
 
@@ -25,15 +26,22 @@ Rules every stage keeps (:func:`check_stage`, :func:`staging`, :func:`commit`):
   stage wrote one); readers of groups being written bypass it.
 
 Whole stores (``ccstae run``) are built beside the output and renamed into place
-(:func:`publish`); a path that exists but is not a Zarr store is never replaced.
+(:func:`publish`); a path that exists but is not a Zarr store is never replaced.  Such a
+hidden sibling's name holds the host and pid of the process building it, so that one left
+behind by a killed run is removed by the next (:func:`remove_stale_siblings`) while a
+concurrent run's is left alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +63,7 @@ __all__ = [
     "open_strain",
     "publish",
     "reconsolidate",
+    "remove_stale_siblings",
     "sibling",
     "staging",
     "swap_into_place",
@@ -64,7 +73,7 @@ __all__ = [
 
 GROUP = "strain"
 # the groups of a store in the order the stages write them
-STAGE_GROUPS = ("raw", "prep", "model", "affine", "strain")
+STAGE_GROUPS = ("raw", "prep", "model", "affine", "strain", "analysis")
 # suffix of a group being written (zarr node names may hold dots)
 STAGING_SUFFIX = ".partial"
 # compressor of the stages' large arrays (prep patterns and shards, affine): zstd level 1 is
@@ -124,10 +133,84 @@ def write_group(ds: xr.Dataset, path: str | os.PathLike[str], group: str = GROUP
         )
 
 
+# tags of the hidden siblings: a whole store being built (run), an ingest replacing a store,
+# the store being replaced (swap_into_place)
+_SIBLING_TAGS = ("tmp", "new", "old")
+
+
+def _host() -> str:
+    # only [A-Za-z0-9_]: the name splits on "-" unambiguously (hostnames may hold "-" and ".")
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "unknown"
+
+
 def sibling(p: Path, tag: str) -> Path:
-    """A hidden, unique path beside ``p`` (same file system: renames there are atomic)."""
+    """A hidden, unique path beside ``p`` (same file system: renames there are atomic).
+
+    Named ``.NAME.TAG-HOST-PID-UNIQUE``: the host and pid of its creator tell
+    :func:`remove_stale_siblings` whether it was left behind by a process that died.
+    """
     # same parent directory, hence the same file system: os.replace/rename is atomic there
-    return p.with_name(f".{p.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return p.with_name(f".{p.name}.{tag}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless no process ``pid`` exists on this host (signal 0 only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return True  # cannot tell: keep whatever it holds
+    return True
+
+
+def remove_stale_siblings(dest: str | os.PathLike[str],
+                          log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the hidden siblings of ``dest`` (:func:`sibling`, and files named after them
+    such as a flow's figures) left behind by dead processes of this host; return them.
+
+    A sibling of a live process (a concurrent run) or of another host (its pid means
+    nothing here) is kept.  When ``dest`` is missing and a dead process's ``old`` sibling
+    exists, a swap was interrupted between its two renames: that sibling holds the previous
+    store, so nothing is removed (``log`` says how to recover it).
+    """
+    dest = Path(dest)
+    pat = re.compile(rf"^\.{re.escape(dest.name)}\.(?P<tag>{'|'.join(_SIBLING_TAGS)})-"
+                     r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}(?:[._].*)?$")
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return []
+    host, stale = _host(), []
+    for name in names:
+        m = pat.match(name)
+        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
+            stale.append((m["tag"], dest.parent / name))
+    if not os.path.lexists(dest) and any(tag == "old" for tag, _ in stale):
+        if log is not None:
+            old = [str(p) for tag, p in stale if tag == "old"]
+            log(f"{dest} is missing and {', '.join(old)} holds the store it replaced (an "
+                "interrupted swap): rename it back to keep it; stale siblings left as they are")
+        return []
+    removed = []
+    for _, path in stale:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # another process cleaned it up first
+        except OSError as e:
+            if log is not None:
+                log(f"could not remove the stale {path} ({e}); remove it by hand")
+            continue
+        removed.append(path)
+        if log is not None:
+            log(f"removed {path}, left behind by a run that was killed")
+    return removed
 
 
 def swap_into_place(tmp: Path, dest: Path) -> None:
@@ -172,7 +255,18 @@ def open_strain(store_path: str | os.PathLike[str]) -> xr.Dataset:
         raise FileNotFoundError(f"no Zarr store at {p}; run `ccstae run INPUT --out {p}` first")
     if not (p / GROUP / "zarr.json").is_file():
         raise FileNotFoundError(f"store {p} has no '{GROUP}' group; the strain stage has not run")
-    return xr.open_zarr(p, group=GROUP, consolidated=True)
+    # a flow stage runs with the root's consolidated block set aside (flows.state): then
+    # the group's own metadata is read
+    return xr.open_zarr(p, group=GROUP, consolidated=_root_consolidated(p))
+
+
+def _root_consolidated(p: Path) -> bool:
+    """True when the root's metadata holds a consolidated block."""
+    try:
+        meta = json.loads((p / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("consolidated_metadata") is not None
 
 
 # --------------------------------------------------------------------------- stage contract
@@ -233,9 +327,11 @@ def commit(store: str | os.PathLike[str], *groups: str) -> None:
 
     An existing group is swapped out (:func:`swap_into_place`), the groups after the first
     one (made from what it replaces) are removed, and the root's consolidated metadata is
-    refreshed.
+    refreshed.  Hidden siblings of the store left by killed runs are removed
+    (:func:`remove_stale_siblings`).
     """
     path = Path(store)
+    remove_stale_siblings(path)
     for group in groups:
         staged = path / staging(group)
         if not open_root(store)[staging(group)].attrs.get("complete"):
