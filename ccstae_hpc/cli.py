@@ -21,12 +21,14 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -377,6 +379,57 @@ class _NoTraceback(logging.Filter):
         return True
 
 
+class _BelowWarning(logging.Filter):
+    """Keeps only warnings and errors: the library logs of a run are for ``--verbose``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+class _StageProgress(logging.Handler):
+    """The default terminal output of an embedded flow run, from its task-run log records:
+    one line per finished stage with its time, and a progress bar while training."""
+
+    _STEP = re.compile(r"step (\d+)/(\d+)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stage = getattr(record, "task_name", None) or "stage"
+            msg = record.getMessage()
+            step = self._STEP.search(msg) if stage == "train" else None
+            if step is not None:
+                if self.bar is None:
+                    from tqdm.auto import tqdm
+
+                    self.bar = tqdm(total=int(step.group(2)), unit="step", desc="train",
+                                    dynamic_ncols=True, leave=False)
+                self.bar.total = int(step.group(2))  # the schedule decides the end as it goes
+                self.bar.update(int(step.group(1)) - self.bar.n)
+            elif msg.startswith("Beginning flow run"):
+                now = time.perf_counter()
+                print(f"  {'start':<11s} done in {now - self.t0:6.1f} s (Prefect, the flow run)",
+                      file=sys.stderr, flush=True)
+                self.t0 = now
+            elif msg.startswith("Finished in state Completed") and stage != "stage":
+                self.close_bar()
+                now = time.perf_counter()
+                print(f"  {stage:<11s} done in {now - self.t0:6.1f} s", file=sys.stderr,
+                      flush=True)
+                self.t0 = now
+        except Exception:  # noqa: BLE001 - progress output must never break a run
+            self.handleError(record)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _all_handlers() -> list[logging.Handler]:
     loggers = [logging.getLogger()] + [
         lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
@@ -391,6 +444,17 @@ def _flow_logging(quiet: bool, verbose: bool) -> Iterator[None]:
     handlers = [] if verbose else _all_handlers()
     for h in handlers:
         h.addFilter(filt)
+    # default: the stages' progress instead of the library logs (those stay for --verbose)
+    console = [h for h in handlers if type(h).__name__ != "APILogHandler"
+               and isinstance(h, logging.StreamHandler)] if not quiet else []
+    below = _BelowWarning()
+    for h in console:
+        h.addFilter(below)
+    progress = _StageProgress() if not (quiet or verbose) else None
+    run_logs = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
+    if progress is not None:
+        for lg in run_logs:
+            lg.addHandler(progress)
     levels: dict[str, int] = {}
     if quiet:
         for name, lg in list(logging.root.manager.loggerDict.items()):
@@ -406,6 +470,12 @@ def _flow_logging(quiet: bool, verbose: bool) -> Iterator[None]:
     finally:
         for h in handlers:
             h.removeFilter(filt)
+        for h in console:
+            h.removeFilter(below)
+        if progress is not None:
+            progress.close_bar()
+            for lg in run_logs:
+                lg.removeHandler(progress)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 

@@ -143,9 +143,9 @@ def preprocess_task(store_path: str, config: PrepConfig, cluster: DaskCluster,
 def _train_logger(log: Any) -> Callable[[dict], None]:
     def cb(rec: dict) -> None:
         if rec.get("step", 0) % 20 == 0:
-            log.info("train: epoch %d/%d step %d loss %.4g (%.0f patterns/s)",
-                     rec.get("epoch", 0) + 1, rec.get("epochs", 0), rec.get("step", 0), rec["loss"],
-                     rec.get("patterns_per_s", float("nan")))
+            log.info("train: epoch %d/%d step %d/%d loss %.4g (%.0f patterns/s)",
+                     rec.get("epoch", 0) + 1, rec.get("epochs", 0), rec.get("step", 0),
+                     rec.get("steps", 0), rec["loss"], rec.get("patterns_per_s", float("nan")))
     return cb
 
 

@@ -77,3 +77,24 @@ def test_plot_and_export_before_map_name_the_command_to_run(tmp_path: Path, caps
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "ccstae map" in err, err
     assert not (tmp_path / "x.nc").exists()
+
+
+def test_run_prints_stage_lines_and_final_paths_not_library_logs(tmp_path: Path) -> None:
+    """The default terminal output of `ccstae run` (Prefect engine) is for people: one line
+    per stage, the summary naming the final store; no INFO logs, no temporary names."""
+    import subprocess
+    import sys
+
+    npy, _ = save_simulation(tmp_path / "d.npy", SimConfig(scan=(16, 16), dose=1000.0))
+    out = tmp_path / "d.zarr"
+    r = subprocess.run([sys.executable, "-m", "ccstae_hpc.cli", "run", str(npy), "--out",
+                        str(out), "--epochs", "1"], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.replace("\r", "\n")
+    for stage in ("ingest", "preprocess", "train", "map", "analyze", "report"):
+        assert any(ln.split()[:2] == [stage, "done"] for ln in err.splitlines()), err
+    for noise in ("INFO", "Logging error", "Traceback", ".tmp-"):
+        assert noise not in err and noise not in r.stdout, noise
+    assert f'xarray.open_zarr("{out}", group="strain")' in r.stdout.strip().splitlines()[-1]
+    assert xr.open_zarr(out, group="analysis") is not None
