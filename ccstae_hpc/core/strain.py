@@ -29,7 +29,9 @@ __all__ = [
     "robust_inliers",
     "pool_deformation",
     "pool_covariance",
+    "pooling_bias",
     "choose_pool_sigma",
+    "scatter_variance_factor",
     "deformation_covariance",
     "strain_std",
     "POOL_SIGMAS",
@@ -40,6 +42,12 @@ __all__ = [
 POOL_SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 # Gaussian kernels reach this many sigmas
 POOL_TRUNCATE = 3.0
+# median of a chi-square with one degree of freedom (scipy.stats.chi2(1).median())
+MEDIAN_CHI2_1 = 0.454936423119572
+# fewest neighbour triplets from which scatter_variance_factor estimates anything
+MIN_SCATTER_TRIPLETS = 50
+# scatter_variance_factor stays within [1 / this, this]
+SCATTER_FACTOR_LIMIT = 4.0
 # finite-difference step of the strain Jacobian (deformations are ~1, strains >~ 1e-5)
 _JAC_STEP = 1e-6
 
@@ -176,9 +184,32 @@ def pool_deformation(M: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndar
     return out
 
 
-def pool_covariance(C: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+def pooling_bias(M: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Plug-in estimate ``(ny, nx, 2, 2)`` of the bias of :func:`pool_deformation`.
+
+    Pooling a field ``f`` with the smoother ``S`` returns ``S f`` on average, off by
+    ``(S - I) f`` where the field curves or the kernel is cut by a phase boundary.  The
+    unknown ``f`` is replaced by the pooled estimate ``S M``: ``b = S (S M) - S M``.  This
+    underestimates the bias of features sharper than the kernel (their pooled image is
+    already flattened) and is zero when ``sigma <= 0``.
+    """
+    if sigma <= 0:
+        return np.where(weight[..., None, None] > 0, np.zeros(np.shape(M)), np.nan)
+    pooled = pool_deformation(M, weight, sigma)
+    return pool_deformation(np.where(np.isfinite(pooled), pooled, 0.0), weight, sigma) - pooled
+
+
+def pool_covariance(C: np.ndarray, weight: np.ndarray, sigma: float,
+                    M: np.ndarray | None = None) -> np.ndarray:
     """Covariance ``(ny, nx, 4, 4)`` of :func:`pool_deformation`'s result from the
-    per-pattern covariances ``C`` of independent fits: ``sum_j S_ij^2 C_j``."""
+    per-pattern covariances ``C`` of independent fits: ``sum_j S_ij^2 C_j``.
+
+    The fits are independent (each pattern has its own counts), so pooling ``n`` equally
+    weighted patterns divides the variance by ``n``.  With the deformations ``M``
+    ``(ny, nx, 2, 2)`` the result is the mean squared error about the truth instead: the
+    outer product of :func:`pooling_bias` is added, since the Stein-optimal width leaves a
+    squared bias comparable to the noise it keeps.
+    """
     if sigma <= 0:
         return np.where(weight[..., None, None] > 0, C, np.nan)
     k = _kernel(sigma)
@@ -188,7 +219,49 @@ def pool_covariance(C: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarr
     with np.errstate(invalid="ignore", divide="ignore"):
         out = num / (den * den)[..., None, None]
     out[den <= 1e-12] = np.nan
+    if M is not None:
+        b = pooling_bias(M, weight, sigma).reshape(*out.shape[:-1])
+        out = out + b[..., :, None] * b[..., None, :]
     return out
+
+
+def scatter_variance_factor(M: np.ndarray, C: np.ndarray, weight: np.ndarray) -> float:
+    """How much the fits actually scatter against their covariances, from the data.
+
+    Along each scan axis, the second difference ``y_i - (y_(i-1) + y_(i+1)) / 2`` of the
+    deformation components ``y`` of three neighbouring fits with ``weight > 0`` has variance
+    ``v_i + (v_(i-1) + v_(i+1)) / 4`` (independent fits, ``v`` the diagonal of ``C``) plus
+    the field's curvature, which is small over two scan px.  The median of the squared
+    differences over their predicted variance, divided by the median of a chi-square with
+    one degree of freedom, is the factor by which ``C`` misstates the variance; its median
+    is robust to the few triplets that straddle an interface or a defect.
+
+    Returns 1.0 when fewer than :data:`MIN_SCATTER_TRIPLETS` triplets are available or the
+    covariances are unknown; otherwise the factor clipped to
+    ``[1 / SCATTER_FACTOR_LIMIT, SCATTER_FACTOR_LIMIT]`` (on noise-free data the curvature,
+    not the noise, sets the differences: the clip keeps that from swamping the estimate).
+    """
+    y = np.asarray(M, np.float64).reshape(*M.shape[:2], 4)
+    v = np.diagonal(np.asarray(C, np.float64), axis1=-2, axis2=-1)
+    sel = (weight > 0) & np.isfinite(y).all(-1) & np.isfinite(v).all(-1) & (v > 0).all(-1)
+    ratios = []
+    for ax in (0, 1):
+        n = sel.shape[ax]
+        if n < 3:
+            continue
+        mid = [slice(None)] * 2
+        lo, hi = list(mid), list(mid)
+        mid[ax], lo[ax], hi[ax] = slice(1, n - 1), slice(0, n - 2), slice(2, n)
+        mid, lo, hi = tuple(mid), tuple(lo), tuple(hi)
+        ok = sel[mid] & sel[lo] & sel[hi]
+        d = y[mid][ok] - 0.5 * (y[lo][ok] + y[hi][ok])
+        var = v[mid][ok] + 0.25 * (v[lo][ok] + v[hi][ok])
+        ratios.append((d * d / var).ravel())
+    r = np.concatenate(ratios) if ratios else np.empty(0)
+    if r.size < MIN_SCATTER_TRIPLETS * 4:
+        return 1.0
+    factor = float(np.median(r)) / MEDIAN_CHI2_1
+    return float(np.clip(factor, 1.0 / SCATTER_FACTOR_LIMIT, SCATTER_FACTOR_LIMIT))
 
 
 def choose_pool_sigma(M: np.ndarray, C: np.ndarray, weight: np.ndarray,
