@@ -10,7 +10,9 @@ Names are sections of ``cluster/clusters.yaml`` resolved by ``ccstae_hpc.runtime
 (``local``, ``slurm-cpu``, ``SITE:SECTION``, ``FILE.yaml:SECTION``), or the address of a
 running scheduler (``tcp://host:8786``).  When ``ccstae_hpc.runtime.jobqueue`` is not importable,
 ``local`` falls back to a plain ``LocalCluster``.  The cluster starts on first use, so a
-rerun whose chunked stages are all done starts none.
+rerun whose chunked stages are all done starts none.  Local schedulers and every dashboard
+listen on 127.0.0.1 unless the section or the overrides name another host
+(``ccstae_hpc.runtime.jobqueue.bind_loopback``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 __all__ = ["DaskCluster", "is_address"]
 
 _ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://")
+# where the fallback LocalCluster listens (ccstae_hpc.runtime.jobqueue.bind_loopback otherwise)
+_LOOPBACK = "127.0.0.1"
 
 
 def is_address(name: str) -> bool:
@@ -116,8 +120,10 @@ class DaskCluster:
 
             if self.workers:
                 opts["n_workers"] = self.workers
-            # ":0": any free port, several flows may run on one machine
-            cluster = LocalCluster(**({"dashboard_address": ":0"} | opts))
+            # loopback only (nobody else on the network may reach the scheduler or the
+            # dashboard); port 0: any free port, several flows may run on one machine
+            cluster = LocalCluster(**({"host": _LOOPBACK, "dashboard_address": f"{_LOOPBACK}:0"}
+                                      | opts))
             self._cluster, self._client = cluster, Client(cluster)
             return
         kind = site.load_cluster_config(self.name, **opts).type

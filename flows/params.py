@@ -5,14 +5,25 @@ types before the flow body runs, so a bad value fails the run at once with a mes
 the field.  The stage sections are the library's own frozen dataclasses: pydantic checks the
 field types and the dataclass's ``__post_init__`` checks the values, so the rules live in one
 place (``ccstae_hpc.core.config``, ``ccstae_hpc.stages.prep``, ``ccstae_hpc.stages.ingest``).
+
+Paths are checked against the file system at the same moment, before any stage: the input
+must exist, a store path must be a Zarr store, an empty directory or new (never a file or a
+directory of other files, which the stages would write into), and a ``truth_path`` that does
+not exist only skips the optional comparison, with a warning.  Registering deployments
+(:func:`deferred_file_checks`, ``flows.serve``) checks the syntax only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ccstae_hpc.core.config import MapConfig, ModelConfig, TrainConfig
 from ccstae_hpc.stages.ingest import IngestConfig
@@ -25,23 +36,97 @@ __all__ = [
     "OptionalPath",
     "PipelineConfig",
     "StorePath",
+    "TruthPath",
+    "deferred_file_checks",
 ]
+
+log = logging.getLogger(__name__)
+
+# True while deployments are registered (flows.serve): their files may appear only by the
+# time a run starts, so the checks against the file system wait for the run
+_DEFER_FILE_CHECKS: ContextVar[bool] = ContextVar("ccstae_defer_file_checks", default=False)
+
+
+@contextlib.contextmanager
+def deferred_file_checks() -> Iterator[None]:
+    """Validate parameters without looking at the file system (syntax only), e.g. when a
+    deployment's defaults are registered long before its first run."""
+    token = _DEFER_FILE_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_FILE_CHECKS.reset(token)
+
+
+def _where(p: Path) -> str:
+    return "" if p.is_absolute() else f" (relative to {Path.cwd()}, where the flow runs)"
+
+
+def _existing_input(value: str) -> str:
+    """The input file must exist before any stage starts."""
+    p = Path(value).expanduser()
+    if not _DEFER_FILE_CHECKS.get() and not p.exists():
+        raise ValueError(f"input_path {value} does not exist{_where(p)}; give the path of "
+                         "the 4D-STEM file to ingest")
+    return value
+
+
+def _writable_store(value: str) -> str:
+    """A store path may name a Zarr store, an empty directory or nothing yet: never a file or
+    a directory of other files, which the stages would write into (and an overwrite replace)."""
+    p = Path(value).expanduser()
+    if _DEFER_FILE_CHECKS.get() or not p.exists():
+        return value
+    if not p.is_dir():
+        raise ValueError(f"store_path {value} is a file, not a Zarr store; choose a new path "
+                         "such as data.zarr")
+    if not (p / "zarr.json").is_file() and any(p.iterdir()):
+        raise ValueError(f"store_path {value} is a directory that is not a Zarr store; the "
+                         "flows never write into it: choose a new path such as data.zarr")
+    return value
+
+
+def _optional_truth(value: str | None) -> str | None:
+    """An optional comparison that cannot run is skipped with a warning (None), not left to
+    fail the run at its last stage after all the work."""
+    if value is None or _DEFER_FILE_CHECKS.get():
+        return value
+    p = Path(value).expanduser()
+    if p.is_file():
+        return value
+    msg = (f"truth_path {value} does not exist{_where(p)}: the comparison with the truth is "
+           "skipped (give the .truth.npz of this input, or none)")
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(msg)
+    except Exception:  # noqa: BLE001 - no run context (validation before the run): plain log
+        log.warning(msg)
+    return None
+
 
 InputPath = Annotated[
     str,
     Field(min_length=1, max_length=4096, pattern=r"\S",
-          description="4D-STEM file to ingest (.npy .h5 .emd .mib .xml .dm4 .blo)"),
+          description="4D-STEM file to ingest (.npy .h5 .emd .mib .xml .dm4 .blo); must exist"),
+    AfterValidator(_existing_input),
 ]
 StorePath = Annotated[
     str,
     Field(min_length=1, max_length=4096, pattern=r"\S",
-          description="Zarr v3 store of the dataset (created by the ingest stage)"),
+          description="Zarr v3 store of the dataset (created by the ingest stage); never an "
+                      "existing file or a directory that is not a store"),
+    AfterValidator(_writable_store),
 ]
-OptionalPath = Annotated[
+TruthPath = Annotated[
     str | None,
     Field(default=None, max_length=4096,
-          description="simulator truth (.truth.npz) to compare the result with"),
+          description="simulator truth (.truth.npz) to compare the result with; a file that "
+                      "does not exist skips the comparison with a warning"),
+    AfterValidator(_optional_truth),
 ]
+# the name the flows use for truth_path
+OptionalPath = TruthPath
 ClusterName = Annotated[
     str,
     Field(min_length=1, max_length=1024, pattern=r"^\S+$",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,15 @@ def write_report(store: str | Path, truth_path: str | Path | None = None,
     if truth_path is not None:
         from ccstae_hpc.sim.evaluate import load_truth, strain_errors
 
-        truth = load_truth(truth_path)
-        errors = strain_errors(ds, truth)
+        try:
+            truth = load_truth(truth_path)
+            errors = strain_errors(ds, truth)
+        except (OSError, ValueError, KeyError) as e:
+            # an optional comparison that cannot run must not fail a run whose maps are done
+            logging.getLogger(__name__).warning(
+                "truth %s cannot be compared with %s (%s): comparison skipped",
+                truth_path, store, e)
+            truth, errors = None, None
     plot.strain_figure(ds, truth=truth, path=strain_png)
     model = zarr.open_group(str(store / "model"), mode="r", zarr_format=3,
                             use_consolidated=False)

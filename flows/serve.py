@@ -4,7 +4,7 @@ The schedule file (default ``flows/schedules.yaml``) lists deployments::
 
     deployments:
       - name: nightly              # deployment name; runs are addressed as FLOW/NAME
-        flow: pipeline             # ingest | preprocess | train | map_strain | pipeline
+        flow: pipeline             # ingest | preprocess | train | map_strain | analyze | pipeline
         cron: "0 2 * * *"          # optional: one cron string or a list of them
         timezone: Europe/Berlin    # optional (default UTC)
         paused: false              # optional: register with its schedule paused
@@ -17,7 +17,11 @@ The schedule file (default ``flows/schedules.yaml``) lists deployments::
         concurrency_limit: 1       # optional: runs of this deployment at once
 
 Relative paths in parameters whose name ends in ``_path`` are made absolute against the
-directory ``ccstae serve`` was started in, since the runs execute in other processes.
+directory ``ccstae serve`` was started in, since the runs execute in other processes.  Only
+their syntax is checked here; each run checks the files when it starts, before any stage
+(``flows.params``): a missing input fails the run at once, a missing ``truth_path`` (e.g. the
+example's, kept by a run triggered on another input) only skips the comparison, with a
+warning.
 A deployment without ``cron`` runs only when triggered (UI, ``prefect deployment run`` or
 ``prefect.deployments.run_deployment``).
 
@@ -46,7 +50,7 @@ from pydantic import (
 __all__ = ["DeploymentSpec", "ScheduleFile", "ServeError", "build_deployments",
            "default_schedule", "load_schedule", "serve"]
 
-FlowName = Literal["ingest", "preprocess", "train", "map_strain", "pipeline"]
+FlowName = Literal["ingest", "preprocess", "train", "map_strain", "analyze", "pipeline"]
 
 
 class ServeError(ValueError):
@@ -155,6 +159,7 @@ def build_deployments(sched: ScheduleFile, base: str | os.PathLike[str] | None =
     from prefect.exceptions import ParameterTypeError
     from prefect.schedules import Cron
 
+    from flows.params import deferred_file_checks
     from flows.pipeline import FLOWS
 
     base = Path(base or os.getcwd())
@@ -170,7 +175,9 @@ def build_deployments(sched: ScheduleFile, base: str | os.PathLike[str] | None =
         if set(fl.parameters.required or []) <= set(params):
             # complete parameters: check them now rather than at the first scheduled run
             try:
-                fl.validate_parameters(params)
+                # the files may appear by the first run: each run checks them when it starts
+                with deferred_file_checks():
+                    fl.validate_parameters(params)
             except ParameterTypeError as e:
                 raise ServeError(f"deployment {d.flow}/{d.name}: {e}") from e
         elif d.cron:

@@ -297,13 +297,6 @@ def run_on_dask(
     return client.gather(futures)
 
 
-
-
-
-
-
-
-
 @contextmanager
 def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]:
     """A client of a running scheduler, of a new local cluster of ``workers`` processes
@@ -317,8 +310,11 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]
         with Client(scheduler) as client:
             yield client
         return
+    # loopback only: nobody else on the network may reach the scheduler; with no dashboard
+    # address, distributed serves its HTTP routes on the scheduler's host (loopback too)
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
         yield client
 
 

@@ -14,6 +14,9 @@ GPU=1``) and preload this module: :func:`dask_setup` then restricts ``CUDA_VISIB
 of worker *i* of a job to the job's *i*-th GPU.  Choosing CUDA/NCCL or CPU/gloo is left to
 the training code.
 
+Schedulers and dashboards listen on 127.0.0.1 unless a section names a host
+(:func:`bind_loopback`); batch-queue schedulers keep the section's ``interface``.
+
 Nothing here imports dask_jobqueue or starts anything at import time, so that the module is
 cheap to preload in every worker.
 """
@@ -53,6 +56,14 @@ GPU_PRELOAD = "ccstae_hpc.runtime.jobqueue"
 PROCESSES_ENV = "CCSTAE_PROCESSES_PER_JOB"
 # the scheduler address a rendered job script shows instead of a live one
 SCRIPT_SCHEDULER = "tcp://SCHEDULER-ADDRESS:8786"
+# Where the scheduler and its dashboard listen unless a section says otherwise: the loopback
+# interface, so that nobody else on the network can reach (and run code through) them.  Reach
+# a remote one with an SSH tunnel, e.g. `ssh -L 8787:127.0.0.1:8787 login-node`.
+LOOPBACK = "127.0.0.1"
+# LocalCluster: any free port (several flows may run on one machine); batch-queue clusters:
+# dask-jobqueue's usual port (a taken port makes distributed pick another)
+LOCAL_DASHBOARD = f"{LOOPBACK}:0"
+JOBQUEUE_DASHBOARD = f"{LOOPBACK}:8787"
 # JobQueueCluster keywords that belong to the cluster/scheduler, not to the Job (job script)
 _CLUSTER_ONLY_KEYS = frozenset(
     {
@@ -273,7 +284,7 @@ def make_cluster(name_or_path: str = "local", **overrides: Any) -> Cluster:
         holds the :class:`ClusterConfig` used.  Scale with :func:`scale_and_wait`.
     """
     cfg = load_cluster_config(name_or_path, **overrides)
-    opts = dict(cfg.options)
+    opts = bind_loopback(cfg.type, cfg.options)
     try:
         if cfg.type == "local":
             from distributed import LocalCluster
@@ -286,6 +297,60 @@ def make_cluster(name_or_path: str = "local", **overrides: Any) -> Cluster:
         raise ValueError(f"cluster section {cfg.name!r}: {exc}") from exc
     cluster.ccstae_config = cfg  # type: ignore[attr-defined]
     return cluster
+
+
+def loopback_address(address: str | int | None, default: str) -> str | None:
+    """A dashboard address with the loopback host filled in where it names none.
+
+    Parameters
+    ----------
+    address : str, int or None
+        As written in a section: ``":8787"``, ``8787`` or ``"0.0.0.0:8787"``; None is kept
+        (distributed then serves its HTTP routes on the scheduler's own host only).
+    default : str
+        Used when ``address`` is the empty string.
+
+    Returns
+    -------
+    str or None
+        ``"127.0.0.1:PORT"`` for a host-less address; an address that names a host, including
+        ``"0.0.0.0:PORT"`` (every interface), is the user's choice and stays as it is.
+    """
+    if address is None:
+        return None
+    text = str(address).strip()
+    if not text:
+        return default
+    if "://" in text or (":" in text and not text.startswith(":")):
+        return text  # a host was given
+    # distributed reads ":PORT" and "PORT" as "every interface"
+    return f"{LOOPBACK}:{text.lstrip(':')}"
+
+
+def bind_loopback(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Cluster options whose scheduler and dashboard listen on loopback unless configured.
+
+    A ``local`` section without ``host`` or ``interface`` gets ``host: 127.0.0.1`` (the
+    scheduler and the workers), and its dashboard ``127.0.0.1:0`` when none is given.
+    Batch-queue sections keep their ``interface`` (the workers on other nodes must reach the
+    scheduler), but the dashboard goes to ``scheduler_options.dashboard_address =
+    127.0.0.1:8787`` unless given.  In both, a dashboard address without a host (``":8787"``,
+    which distributed would serve on every interface) gets the loopback host; write
+    ``0.0.0.0:8787`` to serve it on every interface on purpose.
+    """
+    opts = dict(options)
+    if kind == "local":
+        if not opts.get("host") and not opts.get("interface"):
+            opts["host"] = LOOPBACK
+        opts["dashboard_address"] = loopback_address(
+            opts.get("dashboard_address", LOCAL_DASHBOARD), LOCAL_DASHBOARD)
+        return opts
+    # dask-jobqueue takes the dashboard address only through scheduler_options
+    sched = dict(opts.get("scheduler_options") or {})
+    sched["dashboard_address"] = loopback_address(
+        sched.get("dashboard_address", JOBQUEUE_DASHBOARD), JOBQUEUE_DASHBOARD)
+    opts["scheduler_options"] = sched
+    return opts
 
 
 def cluster_job_script(name_or_path: str, **overrides: Any) -> str:

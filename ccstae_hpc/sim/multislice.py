@@ -771,7 +771,7 @@ def load_multislice(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """Read :func:`save_multislice` output: ``(data, truth, config)``; float data as float32."""
     npy_path, truth_path = _paths(path)
-    data = np.load(npy_path, mmap_mode="r" if mmap else None)
+    data = np.load(npy_path, mmap_mode="r" if mmap else None, allow_pickle=False)
     if data.dtype == np.float16:
         data = data.astype(np.float32)
     with np.load(truth_path, allow_pickle=False) as z:

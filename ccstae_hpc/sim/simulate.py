@@ -686,9 +686,9 @@ def load_simulation(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], SimConfig]:
     """Read back :func:`save_simulation` output: ``(data, truth, cfg)``."""
     npy_path = Path(npy_path)
-    data = np.load(npy_path, mmap_mode="r" if mmap else None)
+    data = np.load(npy_path, mmap_mode="r" if mmap else None, allow_pickle=False)
     stem = npy_path.with_suffix("")
-    with np.load(stem.parent / (stem.name + ".truth.npz")) as z:
+    with np.load(stem.parent / (stem.name + ".truth.npz"), allow_pickle=False) as z:
         truth = {k: z[k] for k in z.files if k != "config"}
         cfg = SimConfig.from_dict(json.loads(str(z["config"])))
     return data, truth, cfg

@@ -21,6 +21,7 @@ carry over.  ``model/weights`` and ``model/dictionary`` are written once trainin
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from ccstae_hpc.stages.store import check_stage, commit, discard_staging, open_r
 
 __all__ = [
     "TrainError",
+    "NonFiniteTrainingError",
     "CheckpointConfig",
     "read_shards",
     "read_checkpoint",
@@ -66,7 +68,15 @@ STAGED = staging(MODEL)
 
 
 class TrainError(ValueError):
-    """Training cannot start as asked; the message says what to do."""
+    """Training cannot start as asked, or diverged; the message says what to do."""
+
+
+class NonFiniteTrainingError(TrainError):
+    """NaN/Inf in the training set, or a training that diverged to NaN/Inf.
+
+    A subclass, so that callers that start over on a TrainError (a checkpoint of other
+    settings: ``flows.tasks``) do not retrain for nothing: a restart would only repeat it.
+    """
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,8 @@ def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
             f"{world} ranks but prep/train has only {len(sizes)} shard(s) of {S} patterns; "
             f"use at most {len(sizes)} ranks or preprocess again with a smaller shard_size")
     scale = g["train_scale"][...] if "train_scale" in g else None
+    if scale is not None:  # the whole array on every rank: they all refuse together
+        _refuse_non_finite(store, "train_scale", _non_finite_rows(np.asarray(scale)))
     bg = g["background"][...] if "background" in g else None
     bg = torch.from_numpy(bg) if bg is not None and np.any(bg) else None
     shards = {}
@@ -107,6 +119,23 @@ def read_shards(store: str | Path, rank: int = 0, world: int = 1) -> TrainData:
                             bg).half().numpy()
         shards[k] = x
     return TrainData(sizes, shards)
+
+
+def _non_finite_rows(a: np.ndarray) -> int:
+    """Patterns (rows) of ``a`` holding NaN/Inf; 0 for integer counts."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return 0
+    return int(len(a) - np.count_nonzero(np.isfinite(a).reshape(len(a), -1).all(axis=1)))
+
+
+def _refuse_non_finite(store: str | Path, name: str, n_bad: int) -> None:
+    """Refuse NaN/Inf in the training set before training (they end as a NaN loss, or in
+    an index error deep in the model's input features)."""
+    if n_bad:
+        raise NonFiniteTrainingError(
+            f"{store}/prep/{name} holds NaN/Inf for {n_bad} training pattern(s); nothing was "
+            "trained. Check the raw data for NaN/Inf, empty (all-zero) or saturated patterns, "
+            f"fix them and run `ccstae preprocess {store} --overwrite` before training")
 
 
 def prep_identity(store: str | Path) -> dict:
@@ -300,6 +329,37 @@ def _resolve(ck: dict | None, model_cfg: ModelConfig | None, train_cfg: TrainCon
     return ck, m_ck, t_ck
 
 
+def _check_finite(model: CCSTAE, history: list[dict], store: str | Path, lr: float,
+                  main: bool) -> None:
+    """Refuse to commit a model whose training diverged (loss or weights NaN/Inf).
+
+    Every rank checks (the loss is reduced over the ranks and the weights are identical), so
+    all of them raise together; rank 0 discards the staging group, whose checkpoints hold
+    the same divergence and would otherwise be resumed by the next run.  ``model/`` itself,
+    if one exists, is left as it was.
+
+    Raises
+    ------
+    NonFiniteTrainingError
+        The last loss or a weight is not finite.
+    """
+    loss = history[-1]["loss"] if history else float("nan")
+    bad = [k for k, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if math.isfinite(loss) and not bad:
+        return
+    if main:
+        discard_staging(store, MODEL)
+    what = (f"the loss ended at {loss}" if not math.isfinite(loss)
+            else f"weights {bad[:3]} hold NaN/Inf")
+    raise NonFiniteTrainingError(
+        f"training diverged ({what}, step {history[-1]['step'] if history else 0}); nothing "
+        f"was written to {store}/model. Check the data for NaN/Inf or saturated "
+        "(clipped) detector pixels (`ccstae preprocess --overwrite` after fixing the raw "
+        f"data), then train again with a lower learning rate (now {lr:g}: TrainConfig.lr, "
+        "or the flows' config {'train': {'lr': ...}})")
+
+
 class _ProgressBar:
     """A tqdm bar over training steps, fed the loop's records (rank 0)."""
 
@@ -347,6 +407,10 @@ def train_rank(
         ck = None if restart else read_checkpoint(store)
         ck, model_cfg, train_cfg = _resolve(ck, model_cfg, train_cfg, ident, store)
         data = read_shards(store, env.rank, env.world_size)
+        # each rank sees its own shards: sum the counts so that every rank refuses together
+        n_bad = sum(_non_finite_rows(x) for x in data.shards.values())
+        _refuse_non_finite(store, "train",
+                           int(comm.allreduce_sum(np.array([n_bad], np.float64))[0]))
         # rank 0 may replace model/ once training starts: every rank has read it by now
         comm.barrier()
         writer = None
@@ -365,6 +429,7 @@ def train_rank(
         finally:
             if bar is not None:
                 bar.close()
+        _check_finite(model, history, store, train_cfg.lr, env.is_main)
         if writer is not None:
             writer.final(model, history, {"world_size": env.world_size,
                                           "steps_run": len(history),

@@ -1,0 +1,194 @@
+"""A temporary Prefect server for flows run in this process, stopped with it whatever happens.
+
+Without ``PREFECT_API_URL``, Prefect starts a server (uvicorn, a subprocess) the first time a
+flow talks to its API and stops it only in an ``atexit`` hook.  That leaves two problems:
+
+* a SIGTERM (batch-job end, ``kill``, a supervisor) kills the process without running atexit
+  hooks, so the uvicorn subprocess and the Dask worker processes of a running flow are
+  orphaned;
+* the atexit hook logs "Stopping temporary server" through Prefect's console handler, whose
+  stream may already be closed at interpreter exit (pytest's captured streams, a closed
+  pipe): Python then prints ``--- Logging error ---`` with a traceback.
+
+:func:`embedded_prefect` starts the server itself (Prefect's own, which listens on
+127.0.0.1 only), turns SIGTERM into an exception that unwinds the flow (its Dask cluster
+closes on the way out), sends the queued logs and events while the server still listens,
+stops the server inside the ``with`` block and removes Prefect's atexit hook.  After a
+signal it also ends any child process started inside the block that is still alive, then
+lets the signal take its usual course (the process ends with it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["LOOPBACK", "Terminated", "embedded_prefect"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+# Prefect's default wait for a fresh server is shorter than a first database migration on a
+# small machine (~25 s on two cores)
+STARTUP_TIMEOUT_S = 120
+# seconds to send queued logs/events before the server stops (shorter after a signal: the
+# process is asked to go)
+DRAIN_S = 5.0
+DRAIN_AFTER_SIGNAL_S = 1.0
+# seconds a leftover child process gets between SIGTERM and SIGKILL
+CHILD_GRACE_S = 3.0
+
+
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """Raised in the main thread by SIGTERM inside :func:`embedded_prefect`.
+
+    A BaseException, so that ``except Exception`` in flow code does not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _drain_prefect_workers(timeout: float) -> None:
+    """Send the queued logs and events while the server still listens (after it stops they
+    fail at exit and print connection errors)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=timeout)
+
+
+def _children() -> dict[int, Any]:
+    import psutil
+
+    try:
+        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _end_new_children(before: set[int]) -> None:
+    """Terminate, then kill, the child processes started since ``before`` was taken."""
+    import psutil
+
+    new = [p for pid, p in _children().items() if pid not in before]
+    for p in new:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(new, timeout=CHILD_GRACE_S)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=CHILD_GRACE_S)
+
+
+def _server() -> Any:
+    """Prefect's temporary server: the singleton its ephemeral clients start and use."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    return SubprocessASGIServer()
+
+
+def _start(server: Any) -> None:
+    """Start ``server`` and check that it listens on loopback only."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
+
+    server.start(timeout=max(int(TIMEOUT.value() or 0), STARTUP_TIMEOUT_S))
+    host = urlparse(server.address).hostname
+    if host != LOOPBACK:
+        raise RuntimeError(f"Prefect's temporary server listens on {host}, not {LOOPBACK}; "
+                           "start a server yourself (`prefect server start --host "
+                           "127.0.0.1`) and set PREFECT_API_URL")
+
+
+def _stop_server(server: Any) -> None:
+    # our stop replaces Prefect's atexit hook, which would log after the streams closed
+    atexit.unregister(server.stop)
+    server.stop()
+
+
+@contextlib.contextmanager
+def embedded_prefect() -> Iterator[str | None]:
+    """Run flows in this process against a temporary local Prefect server.
+
+    With ``PREFECT_API_URL`` set nothing is started (the runs are recorded there), and a
+    server that is already running in this process (e.g. a test harness's) is used and left
+    running.  Otherwise Prefect's temporary server is started on 127.0.0.1 (10-25 s) and
+    stopped when the block ends.
+
+    Inside the block SIGTERM raises :class:`Terminated` in the main thread (SIGINT keeps
+    raising KeyboardInterrupt), so that flows unwind and close their Dask clusters.  When the
+    block ends by a signal, child processes started inside it that are still alive are
+    terminated, the previous signal handler is restored and the signal delivered again: a
+    process killed with SIGTERM still ends as killed by SIGTERM, without orphans.
+
+    Yields
+    ------
+    str or None
+        The API URL of the temporary server, or None when ``PREFECT_API_URL`` names one.
+    """
+    # no network here and no server to wait for: Prefect's defaults assume both
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL
+
+    before = set(_children())
+    main = threading.current_thread() is threading.main_thread()
+    previous: Any = None
+    stopping = threading.Event()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if not stopping.is_set():  # a second SIGTERM during the clean-up must not cut it
+            raise Terminated(signum)
+
+    server = None if PREFECT_API_URL.value() else _server()
+    # a server already running here (e.g. a test harness's) is used and left running
+    ours = server is not None and not server.running
+    if main:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    signum: int | None = None
+    try:
+        if ours:
+            _start(server)
+        yield server.api_url if server is not None else None
+    except Terminated as e:
+        signum = e.signum
+        raise
+    except TerminationSignal as e:  # Prefect's own SIGTERM bridge inside a flow run
+        signum = e.signal
+        raise
+    except KeyboardInterrupt:
+        signum = signal.SIGINT
+        raise
+    finally:
+        stopping.set()
+        try:
+            if ours:
+                if server.running:
+                    _drain_prefect_workers(DRAIN_S if signum is None else DRAIN_AFTER_SIGNAL_S)
+                _stop_server(server)
+            if signum is not None:
+                _end_new_children(before)
+        finally:
+            if main:  # None: a handler not set from Python, i.e. the default
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if signum == signal.SIGTERM and main and previous in (signal.SIG_DFL, None):
+            # end as the signal would have: exit status "killed by SIGTERM", no traceback
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.kill(os.getpid(), signal.SIGTERM)
