@@ -27,6 +27,7 @@ from ccstae_hpc.core.strain import (
     reference_deformation,
     relative_strain,
     robust_inliers,
+    scatter_variance_factor,
     strain_std,
     stretch_determinant,
 )
@@ -159,6 +160,17 @@ def _box_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndar
     return out
 
 
+def _no_automatic_reference(where: str, box_given: bool = False) -> str:
+    """The message when the automatic reference finds nothing to use: no box was given (or,
+    per phase, the phase has no good fit anywhere), so the fits themselves failed."""
+    todo = ("a reference box cannot help here" if box_given else
+            "or give a reference box inside the sample with --reference Y0 Y1 X0 X1")
+    return (f"no valid pattern was found for the automatic reference: no pattern of {where} "
+            "was fitted well enough (see the `sample` and `fit_ok` maps). Check the "
+            "preprocessing (Bragg disks found: `ccstae preprocess` output) and the training "
+            f"(final loss, dictionary: `ccstae train`), {todo}")
+
+
 def _reference_mask(phase: np.ndarray, ok: np.ndarray, map_cfg: MapConfig
                     ) -> tuple[np.ndarray, str]:
     """The reference pixels (global mode) and their description."""
@@ -174,9 +186,7 @@ def _reference_mask(phase: np.ndarray, ok: np.ndarray, map_cfg: MapConfig
                      "sample pixels, whatever their phase")
     ref = (phase == 1) & ok
     if not ref.any():
-        raise ReferenceRegionError(
-            "no sample pattern was fitted well enough to serve as the reference; check that "
-            "the data hold Bragg disks (see `ccstae preprocess` output) or give --reference")
+        raise ReferenceRegionError(_no_automatic_reference("the largest phase (phase 1)"))
     return ref, ("automatic: robust median lattice of all pixels of the largest phase "
                  "(phase 1), one reference for the whole field of view")
 
@@ -217,8 +227,11 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
         sigma, risk = ((map_cfg.pool_sigma, {}) if map_cfg.pool_sigma is not None
                        else choose_pool_sigma(M, C, ok & sel))
         Mc[sel] = pool_deformation(M, ok & sel, sigma)[sel]
-        Cc[sel] = pool_covariance(C, ok & sel, sigma)[sel]
-        pooling[int(p)] = {"sigma_px": float(sigma), "risk": risk}
+        # the fits' scatter about their neighbours calibrates their covariances, per phase
+        # (strain.scatter_variance_factor); pooled covariances add the smoothing bias
+        scatter = scatter_variance_factor(M, C, ok & sel)
+        Cc[sel] = pool_covariance(scatter * C, ok & sel, sigma, M)[sel]
+        pooling[int(p)] = {"sigma_px": float(sigma), "risk": risk, "scatter_factor": float(scatter)}
     out = {k: np.full((ny, nx), np.nan) for k in ("exx", "eyy", "exy", "theta")}
     std = {k: np.full((ny, nx), np.nan) for k in out}
     reference = np.zeros((ny, nx), bool)
@@ -237,6 +250,11 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
                 box = sel & inbox if (sel & inbox).any() else sel
                 ref_desc = ("per phase: robust median lattice of each phase's pixels inside "
                             "the box (the whole phase where the box misses it)")
+            if not box.any():
+                # every pattern of the phase was rejected as diverged; the box, if any, missed
+                # the phase (it then falls back to the whole phase): the fits failed
+                raise ReferenceRegionError(_no_automatic_reference(
+                    f"phase {int(p)}", box_given=map_cfg.reference is not None))
             reference |= box
             refs[int(p)] = reference_deformation(Mc, box, sym)
     good = sample & np.isfinite(Mc).all(axis=(-2, -1))
@@ -264,7 +282,8 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
                                                        "long_name": "lattice rotation"}),
             **{f"{k}_std": (dims, std[k].astype(f32), {
                 "units": "deg" if k == "theta" else "1",
-                "long_name": f"standard error of {k} (from the fit's curvature; after pooling)"})
+                "long_name": f"standard error of {k} (from the fit's curvature, scaled to the "
+                             "fits' scatter; after pooling, with the smoothing bias)"})
                for k in std},
             "lattice_change": (dims, (np.sqrt(det) - 1).astype(f32), {
                 "units": "1", "long_name": "mean lattice parameter relative to the reference, "
@@ -354,7 +373,9 @@ def rereference(ds: xr.Dataset, region: np.ndarray) -> xr.Dataset:
     good = np.asarray(ds["sample"].values, bool) & np.isfinite(M).all(axis=(-2, -1))
     ref = np.asarray(region, bool) & good
     if not ref.any():
-        raise ReferenceRegionError("the region holds no sample pixel with a good fit")
+        raise ReferenceRegionError(
+            "the region holds no sample pixel with a good fit; choose a region inside the "
+            "sample (see the `sample` and `fit_ok` maps)")
     M_ref = reference_deformation(M, ref, sym)
     st = relative_strain(np.where(good[..., None, None], M, np.eye(2)), M_ref, sym)
     out = ds.copy()
