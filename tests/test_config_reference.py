@@ -32,4 +32,4 @@ def test_readme_reference_is_current() -> None:
                         "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     text = (ROOT / "README.md").read_text()
-    assert "| `refine_iters` | `6` |" in text
+    assert "| `refine_iters` | `5` |" in text

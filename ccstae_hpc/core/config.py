@@ -179,9 +179,10 @@ class MapConfig(Config):
     ``(y0, y1, x0, x1)`` (half-open, scan pixels).
     """
 
-    # Gauss-Newton iterations of the per-pattern refinement (the first three on a blurred
-    # dictionary and every other pixel, for a wider capture range)
-    refine_iters: int = 6
+    # Gauss-Newton iterations of the per-pattern refinement (the first two on a blurred
+    # dictionary and every other pixel, for a wider capture range; ccstae_hpc.core.refine
+    # REFINE_ITERS says how 5 was chosen)
+    refine_iters: int = 5
     batch_size: int = 256  # patterns per encoder batch
     # None: automatic (robust median lattice of the largest phase); or a scan box
     # (y0, y1, x0, x1), half-open, whose median lattice is the reference

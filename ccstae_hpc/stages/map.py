@@ -99,11 +99,11 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         base = _with_calibration(dict(prep.attrs["lattice"]), root, prep)
     else:
         model, mcfg, tcfg = load_model(store)
-        # calibration on the tasks' torch threads: it may overlap the start of the workers,
-        # and torch's spinning threads slowed it 15x (2.3 -> 35 s) on a core shared with
-        # another process
+        # calibration on the tasks' torch threads when workers start meanwhile: torch's
+        # spinning threads slowed it 15x (2.3 -> 35 s) on a core shared with another
+        # process; mapping in this process, nothing else runs yet and it gets every core
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads if client is not None else max(threads, _cpus(workers)))
         try:
             inputs = phase_inputs(prep, model, geom, map_cfg)
         finally:
@@ -185,8 +185,7 @@ def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | Non
             return n_workers
         from concurrent.futures import ThreadPoolExecutor
 
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        n_workers = workers or (len(cpus) if cpus else os.cpu_count() or 1)
+        n_workers = _cpus(workers)
         before = torch.get_num_threads()
         try:
             # torch releases the GIL inside its kernels: threads run blocks in parallel
@@ -200,6 +199,12 @@ def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | Non
     finally:
         if bar is not None:
             bar.close()
+
+
+def _cpus(workers: int | None) -> int:
+    """Threads of an in-process map: ``workers``, else the CPUs this process may use."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return workers or (len(cpus) if cpus else os.cpu_count() or 1)
 
 
 def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig
