@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -332,18 +333,22 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
                          map=map_cfg or MapConfig())
-    # a run killed before it published left its sibling store (and figures) behind
-    store.remove_stale_siblings(out, None if quiet else (lambda s: print(f"  {s}")))
-    tmp = store.sibling(out, "tmp")
-    try:
-        with _flow_logging(quiet, verbose), embedded_prefect():
-            run_pipeline_embedded(inp, tmp, config=cfg)
-        store.publish(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _move_figures(tmp, None)
-        raise
-    _move_figures(tmp, out)
+    from ccstae_hpc.stages.lock import store_lock
+
+    note = None if quiet else (lambda s: print(f"  {s}"))
+    with store_lock(out, log=note):
+        # a run killed before it published left its sibling store (and figures) behind
+        store.remove_stale_siblings(out, note)
+        tmp = store.sibling(out, "tmp")
+        try:
+            with _flow_logging(quiet, verbose), embedded_prefect():
+                run_pipeline_embedded(inp, tmp, config=cfg)
+            store.publish(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _move_figures(tmp, None)
+            raise
+        _move_figures(tmp, out)
 
 
 def _move_figures(tmp: Path, out: Path | None) -> None:
@@ -1073,6 +1078,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(e)
         if isinstance(e, _user_errors()):
             print(CliError.of(e).line(), file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" ({e.filename})" if e.filename else ""
+            print(CliError(f"no space left on the device{where}",
+                           "Free space (or use another file system) and run the same command "
+                           "again; the previous result is unchanged.").line(), file=sys.stderr)
             return EXIT_USAGE
         print(_internal_line(e), file=sys.stderr)
         return EXIT_INTERNAL

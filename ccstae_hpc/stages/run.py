@@ -17,6 +17,7 @@ from typing import Any
 from ccstae_hpc.core.config import AnalyzeConfig, MapConfig, ModelConfig, TrainConfig
 from ccstae_hpc.stages.analyze import analyze_store
 from ccstae_hpc.stages.ingest import ingest
+from ccstae_hpc.stages.lock import store_lock
 from ccstae_hpc.stages.map import map_store
 from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
 from ccstae_hpc.stages.store import publish, remove_stale_siblings, sibling
@@ -44,8 +45,24 @@ def run_store(
     An existing ``out`` is replaced only with ``overwrite`` and only once the new store is
     complete: a failure at any stage leaves ``out`` as it was.  Hidden siblings of ``out``
     left by runs that were killed are removed first (a concurrent run's are kept).
+
+    Raises
+    ------
+    StoreLockedError
+        Another run writes ``out`` (:func:`~ccstae_hpc.stages.lock.store_lock`).
     """
     out = Path(out)
+    # held until the new store is in place: a concurrent run into `out` is refused
+    with store_lock(out, log=log):
+        return _run_locked(inp, out, overwrite, prep_cfg, model_cfg, train_cfg, map_cfg,
+                           analyze_cfg, client, progress, log)
+
+
+def _run_locked(inp: str | Path, out: Path, overwrite: bool, prep_cfg: PrepConfig | None,
+                model_cfg: ModelConfig | None, train_cfg: TrainConfig | None,
+                map_cfg: MapConfig | None, analyze_cfg: AnalyzeConfig | None,
+                client: Any | None, progress: bool | Callable[[dict], None],
+                log: Callable[[str], None]) -> Path:
     remove_stale_siblings(out, log)
     tmp = sibling(out, "tmp")
     t0 = time.perf_counter()

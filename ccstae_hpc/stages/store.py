@@ -48,6 +48,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ccstae_hpc.stages.lock import store_lock
+
 __all__ = [
     "stage_timings",
     "CODEC",
@@ -328,13 +330,19 @@ def commit(store: str | os.PathLike[str], *groups: str) -> None:
     An existing group is swapped out (:func:`swap_into_place`), the groups after the first
     one (made from what it replaces) are removed, and the root's consolidated metadata is
     refreshed.  Hidden siblings of the store left by killed runs are removed
-    (:func:`remove_stale_siblings`).
+    (:func:`remove_stale_siblings`).  The store's lock is held meanwhile
+    (:func:`ccstae_hpc.stages.lock.store_lock`): a concurrent run's commit is refused.
     """
     path = Path(store)
+    with store_lock(path, log=None):
+        _commit_locked(path, groups)
+
+
+def _commit_locked(path: Path, groups: tuple[str, ...]) -> None:
     remove_stale_siblings(path)
     for group in groups:
         staged = path / staging(group)
-        if not open_root(store)[staging(group)].attrs.get("complete"):
+        if not open_root(path)[staging(group)].attrs.get("complete"):
             raise RuntimeError(f"{staged} is not complete; it cannot replace {group}")
         dest = path / group
         if dest.exists():
