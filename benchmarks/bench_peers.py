@@ -6,6 +6,7 @@ as a user would, each timed by wall clock around the whole command:
 * ``ccstae run DATA --out STORE`` (ingest, preprocessing, training, mapping; Prefect embedded);
 * ``ccstae map STORE --workers 2 --overwrite`` on the trained store (mapping alone, the cost
   that dominates at terabyte scale; the stage's own patterns/s excludes process start-up);
+* ``ccstae map STORE --overwrite``: the same with the default, threads in this process;
 * ``ccstae map COPY --method com --workers 2``: the centre-of-mass baseline of the library;
 * py4DSTEM 0.14.18's Bragg-disk strain pipeline (``benchmarks/peers/py4dstem_strain.py``, 2
   processes) in its own environment (``make bench-peers`` creates ``.venv-peers``; without
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         t_map = _timed([*ccstae, "map", str(store), "--workers", str(WORKERS), "--overwrite",
                         "--quiet"])
         map_ds = xr.open_zarr(store, group="strain").load()
+        # the default command: threads in this process, no worker processes to start
+        t_thr = _timed([*ccstae, "map", str(store), "--overwrite", "--quiet"])
+        thr_ds = xr.open_zarr(store, group="strain").load()
         com_store = d / "com.zarr"
         shutil.copytree(store, com_store)
         t_com = _timed([*ccstae, "map", str(com_store), "--method", "com", "--workers",
@@ -100,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         out["ccstae_map"] = {"wall_s": t_map, "patterns_per_s": n / t_map,
                              "stage_patterns_per_s": float(map_ds.attrs["map_patterns_per_s"]),
                              "errors": _errors(map_ds, truth)}
+        out["ccstae_map_threads"] = {
+            "wall_s": t_thr, "patterns_per_s": n / t_thr,
+            "stage_patterns_per_s": float(thr_ds.attrs["map_patterns_per_s"]),
+            "errors": _errors(thr_ds, truth)}
         out["com_map"] = {"wall_s": t_com, "patterns_per_s": n / t_com,
                           "stage_patterns_per_s": float(com_ds.attrs["map_patterns_per_s"]),
                           "errors": _errors(com_ds, truth)}
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             out["py4dstem"]["pipeline_patterns_per_s"] = n / pipe_s
             out["ratios"] = {
                 "map_vs_py4dstem": out["ccstae_map"]["patterns_per_s"] / (n / pipe_s),
+                "map_threads_vs_py4dstem":
+                    out["ccstae_map_threads"]["patterns_per_s"] / (n / pipe_s),
                 "run_vs_py4dstem_end_to_end": t_peer / t_run,
                 "com_vs_py4dstem": out["com_map"]["patterns_per_s"] / (n / pipe_s),
             }
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                   "its environment)")
 
     print(f"{args.scan}x{args.scan} scan, {args.dose:g} e-/pattern, {WORKERS} workers")
-    for name in ("ccstae_run", "ccstae_map", "com_map", "py4dstem"):
+    for name in ("ccstae_run", "ccstae_map", "ccstae_map_threads", "com_map", "py4dstem"):
         if name in out:
             r = out[name]
             print(f"\n{name}: {r['wall_s']:.1f} s wall, {r['patterns_per_s']:.0f} patterns/s")
