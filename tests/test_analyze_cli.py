@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from cli_checks import fails as _fails
 from tree_digest import tree_digest
 
 from ccstae_hpc import cli
@@ -37,17 +38,6 @@ def _ok(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     out, err = capsys.readouterr()
     assert code == 0, (argv, out, err)
     return out
-
-
-def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w.lower() in err.lower(), (w, err)
-    return err
 
 
 def _ingest(tmp: Path, cfg: SimConfig, capsys: pytest.CaptureFixture[str]) -> Path:

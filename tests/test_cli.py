@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from cli_checks import fails as _fails
 from tree_digest import tree_digest
 
 from ccstae_hpc import cli
@@ -17,17 +18,6 @@ def _good_input(tmp_path: Path) -> Path:
     path = tmp_path / "good.npy"
     np.save(path, np.ones((4, 5, 32, 32), np.float32))
     return path
-
-
-def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w.lower() in err.lower(), (w, err)
-    return err
 
 
 def test_3d_array(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
