@@ -329,7 +329,7 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.embedded import embedded_prefect
     from flows.params import PipelineConfig
-    from flows.pipeline import run_pipeline_embedded
+    from flows.pipeline import resumable_build, run_pipeline_embedded
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
                          map=map_cfg or MapConfig())
@@ -337,9 +337,17 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
 
     note = None if quiet else (lambda s: print(f"  {s}"))
     with store_lock(out, log=note):
-        # a run killed before it published left its sibling store (and figures) behind
-        store.remove_stale_siblings(out, note)
         tmp = store.sibling(out, "tmp")
+        # a run of this input killed before it published: continue its build store (the
+        # flows skip the stages it finished) instead of starting over
+        prev = resumable_build(out, inp, cfg)
+        if prev is not None:
+            os.rename(prev, tmp)
+            if note is not None:
+                note(f"continuing the run that was killed ({prev.name}): its finished stages "
+                     "are kept")
+        # anything else such runs left behind (other builds, figures) goes
+        store.remove_stale_siblings(out, note)
         try:
             with _flow_logging(quiet, verbose), embedded_prefect():
                 run_pipeline_embedded(inp, tmp, config=cfg)

@@ -213,6 +213,34 @@ def test_a_run_killed_or_interrupted_leaves_the_previous_store(data: dict[str, P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.zarr"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_run_is_continued_at_its_last_finished_stage(data: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """`ccstae run` (Prefect engine) killed with its whole process group, as a batch system
+    ends a job, while training: the rerun continues the hidden build store, keeping the
+    ingest and the preprocessing it had finished."""
+    out = tmp_path / "o.zarr"
+    argv = [*CCSTAE, "run", str(data["npy"]), "--out", str(out), "--epochs", "3"]
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        _wait_for(lambda: _sibling_has(out, child.pid, "model.partial"), "training", child)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the run, its Prefect server and its workers
+        child.wait(timeout=60)
+    [build] = [p for p in out.parent.glob(f".{out.name}.tmp-*-{child.pid}-*") if p.is_dir()
+               and not p.name.endswith("_figures")]
+    done = {g: (build / g / "zarr.json").stat().st_mtime_ns for g in ("raw", "prep")}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "continuing the run that was killed" in r.stdout, r.stdout
+    for g, mtime in done.items():  # the finished stages were kept, not redone
+        assert (out / g / "zarr.json").stat().st_mtime_ns == mtime, g
+    assert store_mod.group_state(out, "analysis") == "complete"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 # --------------------------------------------------------------------------- SIGKILL in training
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "reconsolidate",
     "remove_stale_siblings",
     "sibling",
+    "stale_siblings",
     "staging",
     "swap_into_place",
     "with_pixel_coords",
@@ -168,6 +169,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def stale_siblings(dest: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """``(tag, path)`` of the hidden siblings of ``dest`` (:func:`sibling`, and files named
+    after them) whose creating process on this host is dead."""
+    dest = Path(dest)
+    pat = re.compile(rf"^\.{re.escape(dest.name)}\.(?P<tag>{'|'.join(_SIBLING_TAGS)})-"
+                     r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}(?:[._].*)?$")
+    try:
+        names = sorted(os.listdir(dest.parent))
+    except OSError:
+        return []
+    host, stale = _host(), []
+    for name in names:
+        m = pat.match(name)
+        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
+            stale.append((m["tag"], dest.parent / name))
+    return stale
+
+
 def remove_stale_siblings(dest: str | os.PathLike[str],
                           log: Callable[[str], None] | None = None) -> list[Path]:
     """Remove the hidden siblings of ``dest`` (:func:`sibling`, and files named after them
@@ -179,17 +198,7 @@ def remove_stale_siblings(dest: str | os.PathLike[str],
     store, so nothing is removed (``log`` says how to recover it).
     """
     dest = Path(dest)
-    pat = re.compile(rf"^\.{re.escape(dest.name)}\.(?P<tag>{'|'.join(_SIBLING_TAGS)})-"
-                     r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}(?:[._].*)?$")
-    try:
-        names = os.listdir(dest.parent)
-    except OSError:
-        return []
-    host, stale = _host(), []
-    for name in names:
-        m = pat.match(name)
-        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
-            stale.append((m["tag"], dest.parent / name))
+    stale = stale_siblings(dest)
     if not os.path.lexists(dest) and any(tag == "old" for tag, _ in stale):
         if log is not None:
             old = [str(p) for tag, p in stale if tag == "old"]
