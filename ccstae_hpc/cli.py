@@ -770,6 +770,14 @@ def _local_client(n: int):  # noqa: ANN202 - distributed is imported lazily
                                dashboard_address=None))
 
 
+def _locked(p: Path) -> contextlib.AbstractContextManager:
+    """The store's lock for a whole stage command: a second command on the store is refused
+    at its start, naming the holder, not after its work (every commit takes it anyway)."""
+    from ccstae_hpc.stages.lock import store_lock
+
+    return store_lock(p, log=lambda s: print(f"  {s}"))
+
+
 def _check_workers(n: int) -> None:
     if n < 0:
         raise CliError(f"--workers {n} is negative", "Give 0 (threads in this process) or more.")
@@ -853,7 +861,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     _check_not_done(p, overwrite=True)  # preprocess_store decides about an existing prep
     client = _local_client(args.workers)
     try:
-        preprocess_store(p, cfg, client=client, overwrite=args.overwrite, log=print)
+        with _locked(p):
+            preprocess_store(p, cfg, client=client, overwrite=args.overwrite, log=print)
     except (PrepError, StageExistsError) as e:
         raise CliError.of(e) from e
     finally:
@@ -928,7 +937,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
     had_analysis = store.group_state(p, "analysis") != "absent"
     try:
         # the workers start while the map stage analyses the dictionary and calibrates
-        with dask_client_soon(args.workers, args.scheduler) as client:
+        with _locked(p), dask_client_soon(args.workers, args.scheduler) as client:
             map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
                       progress=not args.quiet, overwrite=args.overwrite)
     except (PrepError, FileNotFoundError, ReferenceRegionError, StageExistsError) as e:
@@ -1002,7 +1011,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     _check_not_done(p, ANALYSIS, overwrite=args.overwrite)
     t0 = time.perf_counter()
     try:
-        ds = analyze_store(p, cfg, overwrite=args.overwrite)
+        with _locked(p):
+            ds = analyze_store(p, cfg, overwrite=args.overwrite)
     except (FileNotFoundError, StageExistsError) as e:
         raise CliError.of(e, f"Run `ccstae map {p}` first.") from e
     if not args.quiet:

@@ -125,6 +125,25 @@ def test_a_live_holder_refuses_others_and_a_killed_ones_lock_is_taken_over(
     assert not list(tmp_path.iterdir())  # no temporary lock files left
 
 
+def test_stage_commands_on_a_store_in_use_are_refused_at_their_start(
+        data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "t.zarr"
+    shutil.copytree(data["trained"], store)
+    before = tree_digest(store)
+    child = _holder(store)
+    try:
+        for argv in (["preprocess", str(store), "--overwrite"],
+                     ["map", str(store), "--overwrite", "--quiet"]):
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "in use by holder-of-the-test" in err[0], err
+            assert f"pid {child.pid}" in err[0]
+        assert tree_digest(store) == before
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+
+
 def test_another_hosts_lock_is_kept_until_it_is_very_old(tmp_path: Path) -> None:
     out = tmp_path / "a.zarr"
     lk = lock_path(out)
