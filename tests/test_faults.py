@@ -358,6 +358,57 @@ def test_map_survives_a_killed_worker(data: dict[str, Path], tmp_path: Path) -> 
             assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), (group, k)
 
 
+def _prep_on_cluster_killing_a_worker(store: Path, cfg: PrepConfig) -> dict:
+    """``preprocess_store`` on two worker processes, one killed once patterns are written."""
+    from distributed import Client, LocalCluster
+
+    seen: dict = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        done = threading.Event()
+
+        def kill_one() -> None:
+            chunks = store / "prep.partial" / "patterns" / "c"
+            while not done.is_set():
+                if chunks.is_dir() and any(chunks.iterdir()):
+                    busy = [w for w, ts in client.processing().items() if ts]
+                    if busy:
+                        seen["victim"] = busy[0]
+                        os.kill(pids[busy[0]], signal.SIGKILL)
+                        return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_one, daemon=True)
+        killer.start()
+        try:
+            preprocess_store(store, cfg, client=client)
+        finally:
+            done.set()
+            killer.join(timeout=60)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_preprocessing_survives_a_killed_worker(tmp_path: Path) -> None:
+    # a scan big enough (one scan row per block, 64 blocks per pass) to kill a worker while
+    # blocks are being written
+    save_simulation(tmp_path / "s.npy", SimConfig(scan=(64, 64), detector=64, dose=1000, seed=2))
+    ref = tmp_path / "ref.zarr"
+    ingest(tmp_path / "s.npy", ref)
+    hit = shutil.copytree(ref, tmp_path / "hit.zarr")
+    cfg = PrepConfig(rows_per_block=1)
+    preprocess_store(ref, cfg)
+    seen = _prep_on_cluster_killing_a_worker(hit, cfg)
+    assert "victim" in seen, "no worker was killed while preprocessing ran"
+    assert _attrs(hit, "prep")["complete"]
+    a, b = _arrays(ref, "prep"), _arrays(hit, "prep")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+
+
 # --------------------------------------------------------------------------- a full disk
 
 
