@@ -62,6 +62,10 @@ def test_loopback_address_rules() -> None:
     assert slurm["scheduler_options"]["dashboard_address"] == "127.0.0.1:8787"
     kept = bind_loopback("slurm", {"scheduler_options": {"dashboard_address": ":0", "x": 1}})
     assert kept["scheduler_options"] == {"dashboard_address": "127.0.0.1:0", "x": 1}
+    # the workers' dashboards on the compute nodes too, unless the section chose one
+    assert slurm["worker_extra_args"] == ["--dashboard-address", "127.0.0.1:0"]
+    own = bind_loopback("pbs", {"worker_extra_args": ["--preload", "m", "--no-dashboard"]})
+    assert own["worker_extra_args"] == ["--preload", "m", "--no-dashboard"]
 
 
 def test_flow_local_cluster_listens_on_loopback_only() -> None:

@@ -64,6 +64,9 @@ LOOPBACK = "127.0.0.1"
 # dask-jobqueue's usual port (a taken port makes distributed pick another)
 LOCAL_DASHBOARD = f"{LOOPBACK}:0"
 JOBQUEUE_DASHBOARD = f"{LOOPBACK}:8787"
+# the dashboards of workers on compute nodes: loopback, any free port (`dask worker` would
+# serve them on every interface of the node)
+WORKER_DASHBOARD = f"{LOOPBACK}:0"
 # JobQueueCluster keywords that belong to the cluster/scheduler, not to the Job (job script)
 _CLUSTER_ONLY_KEYS = frozenset(
     {
@@ -336,7 +339,9 @@ def bind_loopback(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     scheduler), but the dashboard goes to ``scheduler_options.dashboard_address =
     127.0.0.1:8787`` unless given.  In both, a dashboard address without a host (``":8787"``,
     which distributed would serve on every interface) gets the loopback host; write
-    ``0.0.0.0:8787`` to serve it on every interface on purpose.
+    ``0.0.0.0:8787`` to serve it on every interface on purpose.  The workers' own
+    dashboards on the compute nodes get ``--dashboard-address 127.0.0.1:0`` unless
+    ``worker_extra_args`` sets one (or ``--no-dashboard``).
     """
     opts = dict(options)
     if kind == "local":
@@ -350,6 +355,9 @@ def bind_loopback(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     sched["dashboard_address"] = loopback_address(
         sched.get("dashboard_address", JOBQUEUE_DASHBOARD), JOBQUEUE_DASHBOARD)
     opts["scheduler_options"] = sched
+    args = [str(a) for a in opts.get("worker_extra_args") or []]
+    if not any(a.startswith("--dashboard-address") or a == "--no-dashboard" for a in args):
+        opts["worker_extra_args"] = [*args, "--dashboard-address", WORKER_DASHBOARD]
     return opts
 
 
