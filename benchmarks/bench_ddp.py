@@ -52,6 +52,7 @@ def main() -> None:
         src = build_store(Path(tmp), args.scan)
         print(f"store: {args.scan} x {args.scan} scan, 128 px ({time.perf_counter() - t:.0f} s)")
         clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1",
                                     dashboard_address=None) for n in (1, 2)}
         clients = {n: Client(c) for n, c in clusters.items()}
         best = {1: float("inf"), 2: float("inf")}

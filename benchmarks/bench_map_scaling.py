@@ -67,7 +67,7 @@ def _stop_sampler(dask_worker: Any) -> list[int]:
 
 
 def _warm(dask_worker: Any) -> None:
-    import ccstae_hpc.pipeline  # noqa: F401  (imports dominate a cold worker's first block)
+    import ccstae_hpc.stages.map  # noqa: F401  (imports dominate a cold worker's first block)
 
 
 def _cpu_seconds() -> float:
@@ -81,7 +81,7 @@ def timed_map(client: Client, store: Path, rows: int) -> tuple[float, float]:
     """Map the whole store once; the blockwise phase's patterns/s and the workers' CPU
     seconds per 1000 patterns (what the map costs whatever else runs on the machine)."""
     c0 = client.run(_cpu_seconds)
-    map_stage.map_store(store, client=client, rows_per_block=rows)
+    map_stage.map_store(store, client=client, rows_per_block=rows, overwrite=True)
     c1 = client.run(_cpu_seconds)
     a = zarr.open_group(str(store), mode="r", use_consolidated=False)["affine"].attrs
     n = zarr.open_array(str(store), path="affine/phase", mode="r").size
@@ -96,7 +96,7 @@ def memory_map(client: Client, store: Path, rows: int) -> tuple[float, float]:
     not growing with the patterns mapped).
     """
     base = client.run(_start_sampler)
-    map_stage.map_store(store, client=client, rows_per_block=rows)
+    map_stage.map_store(store, client=client, rows_per_block=rows, overwrite=True)
     series = client.run(_stop_sampler)
     q1 = max(max(s[:max(1, len(s) // 4)]) - base[w] for w, s in series.items()) / 2**20
     rise = max(max(s) - base[w] for w, s in series.items()) / 2**20
@@ -117,6 +117,7 @@ def main() -> None:
         ny, nx, Q, _ = zarr.open_array(str(store), path="prep/patterns", mode="r").shape
         print(f"store: {ny} x {nx} scan, {Q} px patterns ({time.perf_counter() - t:.0f} s)")
         clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1",
                                     dashboard_address=None) for n in (1, 2)}
         clients = {n: Client(c) for n, c in clusters.items()}
         try:
@@ -148,7 +149,7 @@ def main() -> None:
         # memory on a fresh worker per block size: freed memory stays in a used process's RSS
         scan_mb = ny * nx * Q * Q * 4 / 2**20
         for rows in (2, 4 * args.rows_per_block):
-            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                               dashboard_address=None) as cluster, Client(cluster) as c:
                 c.run(_warm)
                 q1, rise = memory_map(c, store, rows)

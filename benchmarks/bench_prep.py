@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--dose", type=float, default=DOSE, help=f"e-/pattern ({DOSE:g})")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = ap.parse_args()
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench_prep_"))
     try:
         npy = make_counts(d / "data.npy", args.scan, args.dose)
