@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ccstae_hpc.core.config import MapConfig, ModelConfig, TrainConfig
+from ccstae_hpc.core.config import AnalyzeConfig, MapConfig, ModelConfig, TrainConfig
 from ccstae_hpc.stages.ingest import IngestConfig
 from ccstae_hpc.stages.prep import PrepConfig
 
@@ -166,6 +166,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "map": MapConfig,
+    "analyze": AnalyzeConfig,
 }
 
 
@@ -190,10 +191,10 @@ class PipelineConfig(BaseModel):
 
     Pass a dict such as ``{"train": {"epochs": 2}, "prep": {"max_train": 256}}``: each
     section overrides fields of the stage's dataclass (``PrepConfig``, ``ModelConfig``,
-    ``TrainConfig``, ``MapConfig``, ``ingest.config`` = ``IngestConfig``), the rest keep
-    their defaults.  ``cluster`` holds keyword arguments replacing those of the cluster
-    section (e.g. ``{"n_workers": 2}``), and ``workers`` the number of Dask workers to start
-    and wait for (batch-queue clusters start none by themselves; 1 when not given).
+    ``TrainConfig``, ``MapConfig``, ``AnalyzeConfig``, ``ingest.config`` = ``IngestConfig``),
+    the rest keep their defaults.  ``cluster`` holds keyword arguments replacing those of the
+    cluster section (e.g. ``{"n_workers": 2}``), and ``workers`` the number of Dask workers
+    to start and wait for (batch-queue clusters start none by themselves; 1 when not given).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -203,6 +204,7 @@ class PipelineConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     map: MapConfig = Field(default_factory=MapConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     cluster: dict[str, Any] = Field(default_factory=dict,
                                     description="overrides of the cluster section")
     workers: Annotated[int, Field(ge=1, le=100_000)] | None = Field(

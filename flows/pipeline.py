@@ -31,9 +31,7 @@ __all__ = ["FLOWS", "analyze", "ingest", "map_strain", "pipeline", "preprocess",
 
 
 def _analyze_config(cfg: PipelineConfig) -> AnalyzeConfig:
-    # PipelineConfig has no `analyze` section (yet): the defaults, which take their detection
-    # levels from each map's own noise
-    return getattr(cfg, "analyze", None) or AnalyzeConfig()
+    return cfg.analyze
 
 
 def _cluster(name: str, cfg: PipelineConfig) -> DaskCluster:

@@ -192,6 +192,7 @@ def test_embedded_runner(done: dict[str, Any], calls: Calls) -> None:
     {"config": {"prep": {"max_train": "many"}}},
     {"config": {"map": {"reference": [0, 4, 0]}}},
     {"config": {"bogus": {}}},
+    {"config": {"analyze": {"false_alarms": 2}}},
     {"config": {"workers": 0}},
 ])
 def test_bad_parameters_are_rejected(prefect_server: None, tmp_path: Path, calls: Calls,
