@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,8 +309,10 @@ def test_training_killed_with_sigkill_resumes_from_its_checkpoint(
 # --------------------------------------------------------------------------- a worker killed
 
 
-def _map_on_cluster_killing_a_worker(store: Path) -> dict:
-    """``map_store`` on two worker processes, one of them killed while blocks run."""
+def _run_killing_a_worker(run: Callable[[Any], None], written: Callable[[], bool],
+                          task: str = "", poll_s: float = POLL_S) -> dict:
+    """``run(client)`` on two worker processes; once ``written()`` is true (the first block
+    is on disk), a worker processing a task whose key holds ``task`` is SIGKILLed."""
     from distributed import Client, LocalCluster
 
     seen: dict = {}
@@ -319,27 +322,34 @@ def _map_on_cluster_killing_a_worker(store: Path) -> dict:
         done = threading.Event()
 
         def kill_one() -> None:
-            # once the first block is written, kill a worker that has blocks assigned
-            chunk_dir = store / "affine.partial"
             while not done.is_set():
-                if chunk_dir.is_dir() and any(p.is_file() and "/c/" in str(p)
-                                              for p in chunk_dir.rglob("*")):
+                if written():
                     busy = [w for w, ts in client.processing().items()
-                            if any("map_rows" in t for t in ts)]
+                            if any(task in t for t in ts)]
                     if busy:
                         seen["victim"] = busy[0]
                         os.kill(pids[busy[0]], signal.SIGKILL)
                         return
-                time.sleep(POLL_S)
+                time.sleep(poll_s)
 
         killer = threading.Thread(target=kill_one, daemon=True)
         killer.start()
         try:
-            map_stage.map_store(store, client=client, rows_per_block=1)
+            run(client)
         finally:
             done.set()
             killer.join(timeout=60)
     return seen
+
+
+def _map_on_cluster_killing_a_worker(store: Path) -> dict:
+    """``map_store`` on two worker processes, one of them killed while blocks run."""
+    chunk_dir = store / "affine.partial"
+    return _run_killing_a_worker(
+        lambda client: map_stage.map_store(store, client=client, rows_per_block=1),
+        lambda: chunk_dir.is_dir() and any(p.is_file() and "/c/" in str(p)
+                                           for p in chunk_dir.rglob("*")),
+        task="map_rows")
 
 
 @pytest.mark.slow
@@ -360,33 +370,10 @@ def test_map_survives_a_killed_worker(data: dict[str, Path], tmp_path: Path) -> 
 
 def _prep_on_cluster_killing_a_worker(store: Path, cfg: PrepConfig) -> dict:
     """``preprocess_store`` on two worker processes, one killed once patterns are written."""
-    from distributed import Client, LocalCluster
-
-    seen: dict = {}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        pids = client.run(os.getpid)
-        done = threading.Event()
-
-        def kill_one() -> None:
-            chunks = store / "prep.partial" / "patterns" / "c"
-            while not done.is_set():
-                if chunks.is_dir() and any(chunks.iterdir()):
-                    busy = [w for w, ts in client.processing().items() if ts]
-                    if busy:
-                        seen["victim"] = busy[0]
-                        os.kill(pids[busy[0]], signal.SIGKILL)
-                        return
-                time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_one, daemon=True)
-        killer.start()
-        try:
-            preprocess_store(store, cfg, client=client)
-        finally:
-            done.set()
-            killer.join(timeout=60)
-    return seen
+    chunks = store / "prep.partial" / "patterns" / "c"
+    return _run_killing_a_worker(
+        lambda client: preprocess_store(store, cfg, client=client),
+        lambda: chunks.is_dir() and any(chunks.iterdir()), poll_s=0.01)
 
 
 @pytest.mark.slow
