@@ -902,8 +902,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_scan(p)
     _check_not_done(p, "model", overwrite=args.overwrite)
     main_rank = launcher != "env" or env_from_environ().rank == 0
+    # the whole run holds the store's lock, from before the ranks start to after the commit
+    # (taken again inside, nested).  It is held by the process that outlives the ranks: this
+    # one, alone or as the client of the Dask ranks (its local cluster's workers are its
+    # descendants, those of --scheduler join it by its token: see train_store).  Under
+    # --launcher env every rank runs this command: only rank 0 (RANK, else SLURM_PROCID, PMI,
+    # Open MPI: env_from_environ) takes it; it is the one that commits, and waits for the
+    # others at its final barrier, while a lock taken by each rank would refuse all but one
+    lock = _locked(p) if main_rank else contextlib.nullcontext()
     try:
-        with dask_client(args.workers, args.scheduler) as client:
+        with lock, dask_client(args.workers, args.scheduler) as client:
             hist = train_store(p, mcfg, tcfg, progress=not args.quiet, client=client,
                                launcher=launcher, restart=args.restart, checkpoint=ckpt,
                                overwrite=args.overwrite)

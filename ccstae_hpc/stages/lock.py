@@ -6,18 +6,28 @@ hard-linked to the lock's name: ``link`` fails atomically when the lock exists, 
 NFS file systems alike (``flock``/``fcntl`` locks are not reliable there), and a reader never
 sees a half-written lock.  Where hard links are not supported, ``O_CREAT | O_EXCL`` is used.
 
+The lock also records, where Linux ``/proc`` is readable, the holder's process start time
+(``pid_start``: field 22 of ``/proc/PID/stat``, clock ticks since boot) and the host's boot
+id (``boot_id``): together with the pid they name one process, whereas a pid alone is
+reused by the system once its process is gone.
+
 A second process gets :class:`StoreLockedError` naming the holder.  A lock is **stale**,
 and taken over with a note, when
 
-* its holder ran on this host and no process with its pid exists (killed, crashed), or
+* its holder ran on this host and is gone: no process has its pid, that process is a zombie
+  (dead, not yet reaped), the host was restarted since (another boot id), or the pid now
+  belongs to another process (another start time).  Without ``/proc`` (macOS), and for
+  locks written before these fields existed, only the pid is checked; or
 * it was made on another host more than :data:`FOREIGN_STALE_AGE_S` (7 days) ago: a pid of
   another host cannot be checked from here, so such a lock is otherwise left alone (remove
   it by hand once that run is known to be gone).
 
 The holding process may take the lock again (nested :func:`store_lock`, e.g. a stage's
 commit inside ``ccstae run``), and so may its descendants on the same host (the worker
-processes of a local Dask cluster it started); it is released when the outermost holder
-exits.
+processes of a local Dask cluster it started; an ancestor is matched by pid and start
+time), and processes it hands its token to (``store_lock(..., join=held_lock_token(...))``:
+the workers of an external Dask scheduler, which are no descendants).  It is released when
+the outermost holder exits.
 """
 
 from __future__ import annotations
@@ -37,7 +47,8 @@ from pathlib import Path
 
 from ccstae_hpc.stages.readers import IngestError
 
-__all__ = ["FOREIGN_STALE_AGE_S", "StoreLockedError", "lock_path", "read_lock", "store_lock"]
+__all__ = ["FOREIGN_STALE_AGE_S", "StoreLockedError", "boot_id", "held_lock_token", "lock_path",
+           "parse_stat", "process_start_time", "read_lock", "store_lock"]
 
 # a lock made on another host is taken over only after this long: its pid cannot be checked
 # from here, and one run (training on a large scan) may last days
@@ -50,8 +61,19 @@ _RETRY_S = 0.05
 # parent processes looked at for a lock held by an ancestor (a Dask worker's nanny, its client)
 _MAX_ANCESTRY = 8
 
+# /proc/PID/stat after the ")" closing the command name: field 3 (state) is index 0, so
+# field N is index N - 3
+_STAT_FIRST_FIELD = 3
+_STAT_PPID = 4
+_STAT_STARTTIME = 22
+# process states of a process that has ended (zombie: not yet reaped by its parent; dead)
+_ENDED_STATES = frozenset("ZX")
+_BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
 # locks this process holds: lock path -> nesting depth
 _held: dict[Path, int] = {}
+# ... and the token of the lock each runs under (its own, an ancestor's or a joined one)
+_held_tokens: dict[Path, str] = {}
 _held_guard = threading.Lock()
 
 
@@ -105,19 +127,88 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _ancestors() -> set[int]:
-    """Pids of this process's ancestors (Linux ``/proc``; just the parent elsewhere)."""
-    out, pid = set(), os.getppid()
+def parse_stat(text: str) -> tuple[str, int, int]:
+    """State, parent pid and start time (clock ticks since boot) from the text of a Linux
+    ``/proc/PID/stat``.
+
+    The command name (field 2, in parentheses) may hold spaces and parentheses: the fields
+    are counted after the last ``)``.  ValueError when ``text`` is not such a line.
+    """
+    head, sep, tail = text.rpartition(")")
+    fields = tail.split()
+    if not sep or "(" not in head or len(fields) <= _STAT_STARTTIME - _STAT_FIRST_FIELD:
+        raise ValueError(f"not a /proc/PID/stat line: {text[:80]!r}")
+    return (fields[0], int(fields[_STAT_PPID - _STAT_FIRST_FIELD]),
+            int(fields[_STAT_STARTTIME - _STAT_FIRST_FIELD]))
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """:func:`parse_stat` of process ``pid``; None where it cannot be read (no such process,
+    no ``/proc``: macOS)."""
+    try:
+        return parse_stat(Path(f"/proc/{pid}/stat").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux); None where unknown
+    (no such process, no ``/proc``)."""
+    st = _proc_stat(pid)
+    return None if st is None else st[2]
+
+
+def boot_id() -> str | None:
+    """This host's boot id (Linux; a new one at every boot), None where unknown."""
+    try:
+        return _BOOT_ID_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _ancestors() -> dict[int, int | None]:
+    """This process's ancestors: pid -> start time (Linux ``/proc``; just the parent, start
+    time None, elsewhere)."""
+    out: dict[int, int | None] = {}
+    pid = os.getppid()
     for _ in range(_MAX_ANCESTRY):
         if pid <= 1:
             break
-        out.add(pid)
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        st = _proc_stat(pid)
+        out[pid] = None if st is None else st[2]
+        if st is None:
             break
+        pid = st[1]
     return out
+
+
+def _same_process(info: dict, pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` of this host, started at ``start`` (None: unknown), is the
+    holder that wrote ``info``.  A field missing on either side (an old lock, no ``/proc``)
+    is not held against it: the pid decides, as before these fields existed."""
+    if info.get("pid") != pid:
+        return False
+    boot, now = info.get("boot_id"), boot_id()
+    if isinstance(boot, str) and now is not None and boot != now:
+        return False
+    recorded = info.get("pid_start")
+    return not (isinstance(recorded, int) and start is not None and recorded != start)
+
+
+def _holder_gone(info: dict, pid: int) -> str | None:
+    """Why the holder ``pid`` of this host named by ``info`` is gone, or None if it may run."""
+    if not _pid_alive(pid):
+        return f"its process {pid} on this host is gone"
+    st = _proc_stat(pid)
+    if st is not None and st[0] in _ENDED_STATES:
+        return f"its process {pid} on this host has ended (a zombie not yet reaped)"
+    boot, now = info.get("boot_id"), boot_id()
+    if isinstance(boot, str) and now is not None and boot != now:
+        return f"this host was restarted since it was taken by process {pid}"
+    if st is not None and not _same_process(info, pid, st[2]):
+        return (f"its process {pid} on this host is gone: that pid now belongs to another "
+                f"process (started at tick {st[2]}, not {info.get('pid_start')})")
+    return None
 
 
 def _stale(info: dict, lock: Path) -> str | None:
@@ -130,9 +221,9 @@ def _stale(info: dict, lock: Path) -> str | None:
         return "it is empty or unreadable"
     if info.get("host") == _host():
         pid = info.get("pid")
-        if isinstance(pid, int) and not _pid_alive(pid):
-            return f"its process {pid} on this host is gone"
-        if not isinstance(pid, int) and age > _BREAK_STALE_S:
+        if isinstance(pid, int):
+            return _holder_gone(info, pid)
+        if age > _BREAK_STALE_S:
             return "it names no process"
         return None
     if age > FOREIGN_STALE_AGE_S:
@@ -201,14 +292,26 @@ def _message(store: Path, lock: Path, info: dict) -> str:
             "process is gone")
 
 
+def held_lock_token(store: str | os.PathLike[str]) -> str | None:
+    """The token of the lock on ``store`` under which this process runs inside
+    :func:`store_lock` (its own, an ancestor's or a joined one); None outside, or when the
+    store could not be locked.  Hand it to a process that is no descendant of this one and
+    works for it (``store_lock(store, join=token)``)."""
+    with _held_guard:
+        return _held_tokens.get(lock_path(store))
+
+
 @contextlib.contextmanager
 def store_lock(store: str | os.PathLike[str], what: str | None = None, *,
-               log: Callable[[str], None] | None = print) -> Iterator[Path]:
+               log: Callable[[str], None] | None = print,
+               join: str | None = None) -> Iterator[Path]:
     """Hold ``store``'s lock for the ``with`` block; yields the lock file's path.
 
     ``what`` names the holder for others (default: this process's command line).  A stale
     lock is taken over (``log`` gets a note); where the directory cannot hold a lock (read
-    only), the block runs unlocked with a note.
+    only), the block runs unlocked with a note.  ``join``: the token of a lock held by the
+    process this one works for (:func:`held_lock_token`); while the lock holds that token,
+    the block runs under it, else the lock is taken as usual.
 
     Raises
     ------
@@ -233,10 +336,14 @@ def store_lock(store: str | os.PathLike[str], what: str | None = None, *,
     info = {"host": _host(), "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": what or _command(), "token": uuid.uuid4().hex}
+    # the process, not just its pid (which is reused once it is gone): see _same_process
+    extra = {"pid_start": process_start_time(os.getpid()), "boot_id": boot_id()}
+    info.update({k: v for k, v in extra.items() if v is not None})
     got = False
     try:
+        token: str | None = None
         try:
-            got = _acquire(store, lock, info, log)
+            got, token = _acquire(store, lock, info, log, join)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
@@ -245,24 +352,41 @@ def store_lock(store: str | os.PathLike[str], what: str | None = None, *,
                     "against a concurrent run")
         with _held_guard:
             _held[lock] = 1
+            if token is not None:
+                _held_tokens[lock] = token
         yield lock
     finally:  # also on Ctrl-C (KeyboardInterrupt) and SystemExit
         with _held_guard:
             _held.pop(lock, None)
+            _held_tokens.pop(lock, None)
         if got:
             _release(lock, info)
 
 
-def _acquire(store: Path, lock: Path, info: dict, log: Callable[[str], None] | None) -> bool:
-    """Take the lock: True when made, False when an ancestor of this process holds it."""
+def _covers_us(holder: dict, host: str, join: str | None) -> bool:
+    """Whether ``holder``'s lock covers this process: it was handed its token (``join``), or
+    the holder is an ancestor on this host (e.g. the run that started this Dask worker),
+    the same process by pid and start time (not a reused pid)."""
+    if join is not None and holder.get("token") == join:
+        return True
+    if holder.get("host") != host:
+        return False
+    return any(_same_process(holder, pid, start) for pid, start in _ancestors().items())
+
+
+def _acquire(store: Path, lock: Path, info: dict, log: Callable[[str], None] | None,
+             join: str | None) -> tuple[bool, str | None]:
+    """Take the lock: ``(True, our token)`` when made, ``(False, its token)`` when a lock
+    that covers this process (:func:`_covers_us`) holds it."""
     for _ in range(_ATTEMPTS):
         if _create(lock, info):
-            return True
+            return True, info["token"]
         holder = _read(lock)
         if holder is None:
             continue  # released meanwhile
-        if holder.get("host") == info["host"] and holder.get("pid") in _ancestors():
-            return False  # e.g. the run that started this Dask worker: its lock covers us
+        if _covers_us(holder, info["host"], join):
+            token = holder.get("token")
+            return False, token if isinstance(token, str) else None
         why = _stale(holder, lock)
         if why is None:
             raise StoreLockedError(_message(store, lock, holder))

@@ -46,6 +46,7 @@ from ccstae_hpc.runtime.ddp import (
     run_on_dask,
 )
 from ccstae_hpc.runtime.memory import keep_work_memory
+from ccstae_hpc.stages.lock import held_lock_token, store_lock
 from ccstae_hpc.stages.prep import open_prep, prep_geometry
 from ccstae_hpc.stages.store import check_stage, commit, discard_staging, open_root, staging
 
@@ -390,12 +391,15 @@ def train_rank(
     checkpoint: CheckpointConfig | None = None,
     restart: bool = False,
     progress: bool | Callable[[dict], None] = False,
+    lock_token: str | None = None,
 ) -> list[dict]:
     """One rank of store-based training (single process, Dask rank or ``--launcher env``).
 
     Reads this rank's shards of ``prep/train``, resumes an incomplete checkpoint in
     ``model/`` unless ``restart``, trains, and (rank 0) writes checkpoints and the final
-    model.  Returns the loss curve on rank 0 and ``[]`` elsewhere.
+    model.  ``lock_token``: the store lock held by the process that started this rank
+    (:func:`~ccstae_hpc.stages.lock.held_lock_token`), under which rank 0 commits the model.
+    Returns the loss curve on rank 0 and ``[]`` elsewhere.
     """
     keep_work_memory()
     ckpt_cfg = checkpoint or CheckpointConfig()
@@ -431,14 +435,17 @@ def train_rank(
                 bar.close()
         _check_finite(model, history, store, train_cfg.lr, env.is_main)
         if writer is not None:
-            writer.final(model, history, {"world_size": env.world_size,
-                                          "steps_run": len(history),
-                                          "converged_at_step": next(
-                                              (h["step"] for h in history
-                                               if h.get("converged")), None),
-                                          "device": device.type,
-                                          "elapsed_s": time.perf_counter() - t0,
-                                          "resumed_from_step": int(ck["step"]) if ck else 0})
+            # the commit takes the store lock: a Dask worker of an external scheduler is no
+            # descendant of the `ccstae train` holding it, so it joins that lock by its token
+            with store_lock(store, join=lock_token, log=None):
+                writer.final(model, history, {"world_size": env.world_size,
+                                              "steps_run": len(history),
+                                              "converged_at_step": next(
+                                                  (h["step"] for h in history
+                                                   if h.get("converged")), None),
+                                              "device": device.type,
+                                              "elapsed_s": time.perf_counter() - t0,
+                                              "resumed_from_step": int(ck["step"]) if ck else 0})
         comm.barrier()  # the model is complete before any rank returns
     return history if env.is_main else []
 
@@ -479,8 +486,9 @@ def train_store(store: str | Path, model_cfg: ModelConfig | None = None,
         if client is None:
             raise ValueError("launcher 'dask' needs a distributed.Client")
         # workers resolve the path themselves: make it absolute (shared file system)
+        # the ranks run in the workers: rank 0 commits under this process's lock, if any
         return run_on_dask(client, train_rank, str(Path(store).resolve()), model_cfg,
-                           train_cfg, **kw)[0]
+                           train_cfg, lock_token=held_lock_token(store), **kw)[0]
     if launcher == "env":
         return train_rank(env_from_environ(), store, model_cfg, train_cfg, **kw)
     if launcher == "single":
