@@ -39,6 +39,7 @@ from ccstae_hpc.stages import store
 from ccstae_hpc.stages.ingest import OneLineParser, check_store_location
 from ccstae_hpc.stages.prep import MIN_DETECTOR, MIN_PATTERNS
 from ccstae_hpc.stages.readers import IngestError, read_npy_header
+from ccstae_hpc.stages.resume import continue_build
 from ccstae_hpc.stages.store import StageExistsError
 
 __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "CliError", "check_content",
@@ -329,7 +330,7 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.embedded import embedded_prefect
     from flows.params import PipelineConfig
-    from flows.pipeline import resumable_build, run_pipeline_embedded
+    from flows.pipeline import run_pipeline_embedded
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
                          map=map_cfg or MapConfig())
@@ -337,17 +338,9 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
 
     note = None if quiet else (lambda s: print(f"  {s}"))
     with store_lock(out, log=note):
-        tmp = store.sibling(out, "tmp")
         # a run of this input killed before it published: continue its build store (the
         # flows skip the stages it finished) instead of starting over
-        prev = resumable_build(out, inp, cfg)
-        if prev is not None:
-            os.rename(prev, tmp)
-            if note is not None:
-                note(f"continuing the run that was killed ({prev.name}): its finished stages "
-                     "are kept")
-        # anything else such runs left behind (other builds, figures) goes
-        store.remove_stale_siblings(out, note)
+        tmp = continue_build(out, inp, cfg.ingest.identity(), note)
         try:
             with _flow_logging(quiet, verbose), embedded_prefect():
                 run_pipeline_embedded(inp, tmp, config=cfg)

@@ -14,7 +14,6 @@ own (Prefect's ephemeral mode) unless ``PREFECT_API_URL`` points at one.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from .dask_cluster import DaskCluster
 from .params import ClusterName, InputPath, OptionalPath, PipelineConfig, StorePath
 from .tasks import analyze_task, ingest_task, map_task, preprocess_task, report_task, train_task
 
-__all__ = ["FLOWS", "analyze", "ingest", "map_strain", "pipeline", "preprocess", "resumable_build",
+__all__ = ["FLOWS", "analyze", "ingest", "map_strain", "pipeline", "preprocess",
            "run_pipeline_embedded", "train"]
 
 
@@ -148,30 +147,6 @@ FLOWS = {"ingest": ingest, "preprocess": preprocess, "train": train, "map_strain
 # a fresh Prefect database takes ~25 s to migrate on a small machine; Prefect's default wait
 # for the ephemeral server is shorter than that
 _EPHEMERAL_TIMEOUT_S = 120
-
-
-def resumable_build(out: str | os.PathLike[str], input_path: str | os.PathLike[str],
-                    config: PipelineConfig | None = None) -> Path | None:
-    """The hidden build store a killed ``ccstae run`` into ``out`` left behind, if the
-    pipeline can continue it: made by a dead process of this host, and holding a complete
-    ingest of this very input with these ingest options (its finished stages are then
-    skipped by the flows' stage keys; anything else in it is redone).  The newest such
-    store, or None."""
-    from ccstae_hpc.stages.store import stale_siblings
-
-    from .state import expected_key, file_identity, is_done
-
-    cfg = config or PipelineConfig()
-    try:
-        ident = file_identity(input_path)
-    except OSError:
-        return None
-    key = expected_key("ingest", None, {"input": ident, "options": cfg.ingest.identity()})
-    # the build store itself, not the files named after it (figures: NAME.tmp-...png, _figures)
-    builds = [p for tag, p in stale_siblings(out)
-              if tag == "tmp" and re.search(r"-[0-9a-f]{8}$", p.name) and p.is_dir()
-              and not p.is_symlink() and is_done(p, "ingest", key)]
-    return max(builds, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 def run_pipeline_embedded(

@@ -13,14 +13,11 @@ workers, I/O hiccups).  Bad input, bad options and stores that must not be repla
 
 from __future__ import annotations
 
-import datetime as dt
-import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import zarr
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -29,7 +26,6 @@ from ccstae_hpc.core.config import AnalyzeConfig, MapConfig, ModelConfig, TrainC
 from ccstae_hpc.stages import analyze as analyze_stage
 from ccstae_hpc.stages import map as map_stage
 from ccstae_hpc.stages import prep as cprep
-from ccstae_hpc.stages import train as train_stage
 from ccstae_hpc.stages.prep import PrepConfig
 
 from . import report, state
@@ -82,8 +78,9 @@ def ingest_task(input_path: str, store_path: str, options: IngestOptions,
     replaced only with ``overwrite`` (the library refuses otherwise).  Returns the stage key.
     """
     log = get_run_logger()
-    ident = state.file_identity(input_path)
-    key = state.expected_key("ingest", None, {"input": ident, "options": options.identity()})
+    cfg = state.ingest_config(input_path, options.identity())
+    ident = cfg["input"]
+    key = state.stage_key(store_path, "ingest", cfg)
     if state.is_done(store_path, "ingest", key):
         log.info("ingest: %s already holds %s; skipped", store_path, ident["path"])
         return key
@@ -103,22 +100,20 @@ def ingest_task(input_path: str, store_path: str, options: IngestOptions,
     return key
 
 
-def _run_stage(log: Any, store_path: str, stage: str, upstream: str, config: dict[str, Any],
-               name: str, group: str, run: Callable[[], str]) -> str:
+def _run_stage(log: Any, store_path: str, stage: str, config: dict[str, Any], name: str,
+               group: str, run: Callable[[], str]) -> str:
     """The skip-or-run shape of the chunked and training stages.
 
-    Skipped when ``stage``'s marker matches ``config`` and the ``upstream`` stage; else
+    Skipped when ``stage``'s marker matches ``config`` and the stage before it; else
     ``run()`` (whose return is appended to the log line) and then the marker, both with the
     consolidated metadata set aside.
     """
-    key = state.expected_key(stage, state.identity(store_path, upstream), config)
+    key = state.stage_key(store_path, stage, config)
     if state.is_done(store_path, stage, key):
         log.info("%s: %s/%s is up to date; skipped", name, store_path, group)
         return key
     t0 = time.perf_counter()
-    with state.unconsolidated(store_path):
-        detail = run()
-        state.write_marker(store_path, stage, key)
+    detail = state.run_marked(store_path, stage, key, run)
     log.info("%s: %s/%s written in %.1f s%s", name, store_path, group,
              time.perf_counter() - t0, detail)
     return key
@@ -136,7 +131,7 @@ def preprocess_task(store_path: str, config: PrepConfig, cluster: DaskCluster,
                                log=lambda s: log.info("preprocess %s", s))
         return ""
 
-    return _run_stage(log, store_path, "prep", "ingest", config.to_dict(), "preprocess",
+    return _run_stage(log, store_path, "prep", config.to_dict(), "preprocess",
                       "prep", run)
 
 
@@ -149,26 +144,6 @@ def _train_logger(log: Any) -> Callable[[dict], None]:
     return cb
 
 
-def _train(store_path: str, model_config: ModelConfig, train_config: TrainConfig,
-           log: Any) -> list[dict]:
-    """``train_store``; an interrupted run of the same settings resumes from its checkpoint.
-
-    A checkpoint that cannot be resumed (other settings or training data: the stage key
-    changed) makes ``train_store`` raise ``TrainError``; the stage then starts over, which
-    is what the new key asks for.
-    """
-    cb = _train_logger(log)
-    try:
-        return train_stage.train_store(store_path, model_config, train_config, cb, overwrite=True)
-    except ValueError as e:
-        restartable = "restart" in inspect.signature(train_stage.train_store).parameters
-        if type(e).__name__ != "TrainError" or not restartable:
-            raise
-        log.warning("train: %s; starting over", e)
-        return train_stage.train_store(store_path, model_config, train_config, cb, restart=True,
-                                       overwrite=True)
-
-
 @task(name="train", **_TASK_OPTIONS)
 def train_task(store_path: str, model_config: ModelConfig, train_config: TrainConfig,
                upstream: str | None = None) -> str:
@@ -176,12 +151,13 @@ def train_task(store_path: str, model_config: ModelConfig, train_config: TrainCo
     log = get_run_logger()
 
     def run() -> str:
-        history = _train(store_path, model_config, train_config, log)
+        history = state.train_resuming(store_path, model_config, train_config,
+                                       _train_logger(log), log.warning)
         final = f"{history[-1]['loss']:.4g}" if history else "n/a"
         return f" ({len(history)} steps, final loss {final})"
 
-    return _run_stage(log, store_path, "train", "prep",
-                      {"model": model_config.to_dict(), "train": train_config.to_dict()},
+    return _run_stage(log, store_path, "train",
+                      state.train_config(model_config, train_config),
                       "train", "model", run)
 
 
@@ -196,37 +172,7 @@ def map_task(store_path: str, config: MapConfig, cluster: DaskCluster,
         map_stage.map_store(store_path, config, client=cluster.client(), overwrite=True)
         return ""
 
-    return _run_stage(log, store_path, "map", "train", config.to_dict(), "map", "strain", run)
-
-
-# the analyze stage keeps its marker in its own group, like the others (flows.state), keyed on
-# the map stage's identity and the AnalyzeConfig
-_ANALYZE = "analyze"
-
-
-def _analysis_attrs(store_path: str) -> dict[str, Any] | None:
-    """The analysis group's attributes from its own metadata; None when there is none."""
-    path = Path(store_path) / analyze_stage.ANALYSIS
-    if not (path / "zarr.json").is_file():
-        return None
-    return dict(zarr.open_group(str(path), mode="r", zarr_format=3,
-                                use_consolidated=False).attrs)
-
-
-def _analysis_done(store_path: str, key: str) -> bool:
-    attrs = _analysis_attrs(store_path)
-    mark = (attrs or {}).get(state.MARK)
-    return bool(attrs and attrs.get("complete") and isinstance(mark, dict)
-                and mark.get("key") == key)
-
-
-def _mark_analysis(store_path: str, key: str) -> None:
-    """Record the key on the analysis group (inside :func:`state.unconsolidated`, which
-    rewrites the root's consolidated metadata afterwards)."""
-    g = zarr.open_group(str(Path(store_path) / analyze_stage.ANALYSIS), mode="r+",
-                        zarr_format=3, use_consolidated=False)
-    g.attrs[state.MARK] = {"key": key, "stage": _ANALYZE,
-                           "finished": dt.datetime.now(dt.timezone.utc).isoformat()}
+    return _run_stage(log, store_path, "map", config.to_dict(), "map", "strain", run)
 
 
 @task(name="analyze", **_TASK_OPTIONS)
@@ -236,15 +182,16 @@ def analyze_task(store_path: str, config: AnalyzeConfig | None = None,
     config on these maps."""
     log = get_run_logger()
     config = config or AnalyzeConfig()
-    key = state.expected_key(_ANALYZE, state.identity(store_path, "map"), config.to_dict())
-    if _analysis_done(store_path, key):
+    # the marker is in the analysis group, like the other stages' (flows.state), keyed on
+    # the map stage's identity and the AnalyzeConfig
+    key = state.stage_key(store_path, "analyze", config.to_dict())
+    if state.is_done(store_path, "analyze", key):
         log.info("analyze: %s/%s is up to date; skipped", store_path, analyze_stage.ANALYSIS)
         return key
     t0 = time.perf_counter()
-    with state.unconsolidated(store_path):
-        # overwrite: the key differs, so an existing analysis is stale (other maps or config)
-        ds = analyze_stage.analyze_store(store_path, config, overwrite=True)
-        _mark_analysis(store_path, key)
+    # overwrite: the key differs, so an existing analysis is stale (other maps or config)
+    ds = state.run_marked(store_path, "analyze", key,
+                          lambda: analyze_stage.analyze_store(store_path, config, overwrite=True))
     log.info("analyze: %s/%s written in %.1f s (%d dislocations, ripple %s)", store_path,
              analyze_stage.ANALYSIS, time.perf_counter() - t0, ds.sizes.get("dislocation", 0),
              "found" if bool(ds["ripple_wavelength_px"].notnull()) else "none")

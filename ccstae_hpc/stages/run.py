@@ -20,8 +20,17 @@ from ccstae_hpc.stages.ingest import ingest
 from ccstae_hpc.stages.lock import store_lock
 from ccstae_hpc.stages.map import map_store
 from ccstae_hpc.stages.prep import PrepConfig, preprocess_store
-from ccstae_hpc.stages.store import publish, remove_stale_siblings, sibling
-from ccstae_hpc.stages.train import train_store
+from ccstae_hpc.stages.resume import (
+    continue_build,
+    ingest_config,
+    ingest_options,
+    is_done,
+    run_marked,
+    stage_key,
+    train_config,
+    train_resuming,
+)
+from ccstae_hpc.stages.store import publish
 
 __all__ = ["run_store"]
 
@@ -43,8 +52,14 @@ def run_store(
     """All stages into a new store, built beside ``out`` and renamed into place at the end.
 
     An existing ``out`` is replaced only with ``overwrite`` and only once the new store is
-    complete: a failure at any stage leaves ``out`` as it was.  Hidden siblings of ``out``
-    left by runs that were killed are removed first (a concurrent run's are kept).
+    complete: a failure at any stage leaves ``out`` as it was.
+
+    A run killed outright (SIGKILL, walltime) before it published leaves its build store
+    behind; this run continues it when it holds a complete ingest of this very input
+    (:func:`~ccstae_hpc.stages.resume.continue_build`), keeping each stage already done
+    with the key these configs give (:mod:`~ccstae_hpc.stages.resume`) and redoing the
+    first stage whose config differs and everything after it.  Every other hidden sibling
+    of ``out`` left by runs that were killed is removed (a concurrent run's are kept).
 
     Raises
     ------
@@ -63,20 +78,40 @@ def _run_locked(inp: str | Path, out: Path, overwrite: bool, prep_cfg: PrepConfi
                 map_cfg: MapConfig | None, analyze_cfg: AnalyzeConfig | None,
                 client: Any | None, progress: bool | Callable[[dict], None],
                 log: Callable[[str], None]) -> Path:
-    remove_stale_siblings(out, log)
-    tmp = sibling(out, "tmp")
+    # every config explicit: the stage keys describe what the stages ran with
+    prep_cfg, map_cfg = prep_cfg or PrepConfig(), map_cfg or MapConfig()
+    model_cfg, train_cfg = model_cfg or ModelConfig(), train_cfg or TrainConfig()
+    analyze_cfg = analyze_cfg or AnalyzeConfig()
+    options = ingest_options()  # a plain ingest(inp, tmp)
+    tmp = continue_build(out, inp, options, log)
     t0 = time.perf_counter()
+
+    def prep() -> None:
+        # overwrite: the stage is not done, so a prep group there is stale (other config)
+        preprocess_store(tmp, prep_cfg, client=client, overwrite=True,
+                         log=lambda s: log(f"  prep {s}"))
+
+    # (name in the log, stage, config, the library call); in order, each keyed on the last
+    stages: list[tuple[str, str, Callable[[], Any], Callable[[], Any]]] = [
+        ("ingest", "ingest", lambda: ingest_config(inp, options), lambda: ingest(inp, tmp)),
+        ("preprocess", "prep", prep_cfg.to_dict, prep),
+        ("train", "train", lambda: train_config(model_cfg, train_cfg),
+         lambda: train_resuming(tmp, model_cfg, train_cfg, progress, log)),
+        ("map", "map", map_cfg.to_dict,
+         lambda: map_store(tmp, map_cfg, client=client, overwrite=True)),
+        ("analyze", "analyze", analyze_cfg.to_dict,
+         lambda: analyze_store(tmp, analyze_cfg, overwrite=True)),
+    ]
     try:
-        ingest(inp, tmp)
-        log(f"ingest: {time.perf_counter() - t0:.1f} s")
-        preprocess_store(tmp, prep_cfg, client=client, log=lambda s: log(f"  prep {s}"))
-        log(f"preprocess: {time.perf_counter() - t0:.1f} s")
-        train_store(tmp, model_cfg, train_cfg, progress)
-        log(f"train: {time.perf_counter() - t0:.1f} s")
-        map_store(tmp, map_cfg, client=client)
-        log(f"map: {time.perf_counter() - t0:.1f} s")
-        analyze_store(tmp, analyze_cfg)
-        log(f"analyze: {time.perf_counter() - t0:.1f} s")
+        for name, stage, config, call in stages:
+            cfg = config()
+            key = stage_key(tmp, stage, cfg)
+            if is_done(tmp, stage, key):
+                log(f"{name}: done by an earlier run, kept")
+                continue
+            extra = {"input": cfg["input"]} if stage == "ingest" else None
+            run_marked(tmp, stage, key, call, extra)
+            log(f"{name}: {time.perf_counter() - t0:.1f} s")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
