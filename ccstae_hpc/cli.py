@@ -193,6 +193,7 @@ def map_config(args: argparse.Namespace) -> MapConfig:
     kw: dict = {"reference": None if args.reference is None else tuple(args.reference),
                 "reference_mode": args.reference_mode}
     kw["pool_sigma"] = _pool_sigma(args.pool_sigma)
+    kw["forward_model"] = args.forward_model
     if getattr(args, "method", None):
         kw["method"] = args.method
     return MapConfig(**kw)
@@ -216,6 +217,13 @@ def _add_map_options(p: argparse.ArgumentParser) -> None:
              "error from each fit's own uncertainty against the field's variation (none on "
              "noise-free data); 0 turns pooling off (single-pattern fits, e.g. for defect "
              "cores); a number fixes the width")
+    p.add_argument(
+        "--forward-model", choices=("auto", "disks", "dictionary"), default="auto",
+        help="what the final registration fits to each pattern: disks (the entry's Bragg "
+             "disks redrawn with the disk profile measured on the data's central disks, sharp "
+             "at any sub-pixel position), dictionary (the learned entry image) or auto "
+             "(default: both on a few central scan rows, keeping the one whose fits scatter "
+             "less between neighbouring probe positions)")
 
 
 def _pool_sigma(text: str) -> float | None:

@@ -202,9 +202,17 @@ class MapConfig(Config):
     # "ccstae": the trained model and per-pattern refinement; "com": the centre-of-mass
     # lattice-fit baseline (ccstae_hpc.core.com, no model needed), same strain contract
     method: str = "ccstae"
+    # what the last registration steps fit to each pattern: "disks", the dictionary entry's
+    # Bragg disks redrawn with the disk profile measured on the data's own central disks
+    # (sharp at any sub-pixel position, ccstae_hpc.core.disks); "dictionary", the learned
+    # entry image, interpolated; "auto" (default) fits a few central scan rows both ways
+    # and keeps the model whose fits scatter less between neighbouring probe positions
+    forward_model: str = "auto"
 
     def __post_init__(self) -> None:
         check(self.refine_iters >= 0, "refine_iters must be >= 0")
+        check(self.forward_model in ("auto", "disks", "dictionary"),
+              "forward_model must be 'auto', 'disks' or 'dictionary'")
         check(self.method in ("ccstae", "com"), "method must be 'ccstae' or 'com'")
         if self.reference is not None:
             check(len(self.reference) == 4, "reference must be (y0, y1, x0, x1)")

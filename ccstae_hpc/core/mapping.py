@@ -15,9 +15,10 @@ import xarray as xr
 
 from ccstae_hpc import __version__
 from ccstae_hpc.core.config import MapConfig
+from ccstae_hpc.core.disks import DiskModel
 from ccstae_hpc.core.model import CCSTAE
 from ccstae_hpc.core.phases import DictionaryInfo, PhaseMap, decide_phase
-from ccstae_hpc.core.refine import compose_affine, disk_templates, encode, refine
+from ccstae_hpc.core.refine import DiskEntries, compose_affine, disk_templates, encode, refine
 from ccstae_hpc.core.strain import (
     affine_to_deformation,
     choose_pool_sigma,
@@ -32,8 +33,8 @@ from ccstae_hpc.core.strain import (
     stretch_determinant,
 )
 
-__all__ = ["CONVENTIONS", "MapInputs", "ReferenceRegionError", "assemble_strain", "map_block",
-           "rereference"]
+__all__ = ["neighbour_scatter", "CONVENTIONS", "MapInputs", "ReferenceRegionError",
+           "assemble_strain", "map_block", "rereference"]
 
 CONVENTIONS = (
     "axes (scan_y, scan_x, k_y, k_x), detector axes parallel to scan axes; "
@@ -55,9 +56,16 @@ class ReferenceRegionError(ValueError):
 class MapInputs:
     """What a worker needs besides the model: the dictionary analysis and the phase map."""
 
-    def __init__(self, info: DictionaryInfo, phases: PhaseMap) -> None:
+    def __init__(self, info: DictionaryInfo, phases: PhaseMap,
+                 disks: DiskModel | None = None) -> None:
         self.info = info
         self.phases = phases
+        self.disks = disks
+        # the sharp-disk model of the roots, for the final registration (None: the entries)
+        self.disk_entries = (DiskEntries.from_model(disks, info.labels)
+                             if disks is not None else None)
+        # how the forward model was chosen (stages.map.phase_inputs), for the record
+        self.forward_model: dict = {"chosen": "disks" if disks is not None else "dictionary"}
         K = len(info.patterns)
         roots = np.unique(phases.root_of_entry[phases.phase_of_entry > 0])
         rel = np.full_like(phases.relations, np.nan)
@@ -76,11 +84,13 @@ class MapInputs:
         """Plain arrays (for a Dask payload)."""
         i, p = self.info, self.phases
         return {"info": {k: getattr(i, k) for k in i.__dataclass_fields__},
-                "phases": {k: getattr(p, k) for k in p.__dataclass_fields__}}
+                "phases": {k: getattr(p, k) for k in p.__dataclass_fields__},
+                "disks": None if self.disks is None else self.disks.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> MapInputs:
-        return cls(DictionaryInfo(**d["info"]), PhaseMap(**d["phases"]))
+        disks = DiskModel.from_dict(d["disks"]) if d.get("disks") is not None else None
+        return cls(DictionaryInfo(**d["info"]), PhaseMap(**d["phases"]), disks)
 
 
 def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
@@ -120,7 +130,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         if inputs.templates is not None:
             kw = {"labels": inputs.labels, "templates": inputs.templates, "scale": st[sl]}
         fit = refine(xt[sl], root, theta, info.patterns, info.masks, ring,
-                     map_cfg.refine_iters, **kw)
+                     map_cfg.refine_iters, disks=inputs.disk_entries, **kw)
         entry = root.numpy()
         out["theta"][sl], out["entry"][sl] = fit.theta.numpy(), entry
         out["residual"][sl], out["cov"][sl] = fit.residual.numpy(), fit.cov.numpy()
@@ -132,6 +142,25 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         else:
             out["phase"][sl] = ph.phase_of_entry[entry]
     return out
+
+
+def neighbour_scatter(theta: np.ndarray, entry: np.ndarray, phase: np.ndarray) -> float:
+    """Noise of a map's fits: the median absolute difference of the affines' linear parts
+    between neighbouring probe positions of the same entry (sample only), summed over the
+    four components.  The true field changes little from one position to the next, so this
+    is mostly the fits' own scatter; NaN without a neighbouring pair.
+
+    theta ``(ny, nx, 2, 3)``, entry and phase ``(ny, nx)``.
+    """
+    lin = theta[..., :2].reshape(*theta.shape[:2], 4)
+    ok = (phase > 0) & np.isfinite(lin).all(-1)
+    diffs = []
+    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        pair = ok[a] & ok[b] & (entry[a] == entry[b])
+        diffs.append((lin[a] - lin[b])[pair])
+    d = np.concatenate(diffs)
+    return float(np.median(np.abs(d), 0).sum()) if len(d) else float("nan")
 
 
 def _deformation(theta: np.ndarray, entry: np.ndarray, frames: np.ndarray) -> np.ndarray:

@@ -35,7 +35,14 @@ import torch
 from scipy import ndimage
 
 from ccstae_hpc.core.patterns import disk_contrast, disk_mask
-from ccstae_hpc.core.refine import compose_affine, disk_templates, encode, refine, relate_entries
+from ccstae_hpc.core.refine import (
+    DiskEntries,
+    compose_affine,
+    disk_templates,
+    encode,
+    refine,
+    relate_entries,
+)
 from ccstae_hpc.core.strain import affine_to_deformation, polar_decompose
 
 __all__ = [
@@ -181,7 +188,7 @@ def _median_linear(A_own: torch.Tensor, A_other: torch.Tensor) -> np.ndarray:
 
 
 def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale: np.ndarray,
-              ring: np.ndarray, iters: int) -> PhaseMap:
+              ring: np.ndarray, iters: int, disks: DiskEntries | None = None) -> PhaseMap:
     """Group the entries into phases and calibrate their frames on a sample of patterns.
 
     Parameters
@@ -191,6 +198,8 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     x : (n, Q, Q) normalised patterns, a random sample of the data.
     scale : (n,) normalised value of one count per pattern (for Poisson weights).
     iters : Gauss-Newton iterations of the refinement.
+    disks : the sharp-disk model the map's registrations fit (``refine(disks=...)``): the
+        frames are calibrated with the same model, so that its fits and theirs agree.
     """
     K = len(info.patterns)
     sample_entries = np.nonzero(~info.vacuum)[0]
@@ -206,7 +215,7 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     labels = torch.from_numpy(info.labels)
     templates = disk_templates(info.patterns, info.labels, info.relations)
     fit = refine(xt, cls, theta0, info.patterns, info.masks, ring, iters,
-                 labels=labels, templates=templates, scale=st)
+                 labels=labels, templates=templates, scale=st, disks=disks)
     theta, chi2 = fit.theta, fit.composition.numpy()
     c_np = cls.numpy()
     misfit = np.full((K, K), np.nan)
@@ -228,7 +237,7 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
                 continue
             start = compose_affine(theta[idx], rel[c, j].expand(len(idx), -1, -1))
             th_j = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
-                          info.masks, ring, iters, coarse_iters=0).theta
+                          info.masks, ring, iters, coarse_iters=0, disks=disks).theta
             calibrated[c, j, :, :2] = _median_linear(theta[idx, :, :2], th_j[:, :, :2])
     # how noisy the data really are: the chi-square of each pattern against its own entry
     # per degree of freedom (disks - scale - offset) is ~1 for Poisson counts, far less for

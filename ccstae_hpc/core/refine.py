@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from ccstae_hpc.core.model import CCSTAE, affine_matrix
 
-__all__ = ["encode", "refine", "Registration", "relate_entries", "compose_affine",
+__all__ = ["encode", "refine", "Registration", "DiskEntries", "relate_entries", "compose_affine",
            "disk_templates", "pixel_grid", "LINEAR_PARAMS"]
 
 # Rotations tried when one dictionary entry is fitted onto another: the learned entries may
@@ -57,6 +57,9 @@ N_PARAMS = 8
 # simulator at 1e4 and 1e3 e-/pattern and on abTEM multislice data at 1e5 e-/pattern:
 # variances are scaled by 1.7^2 (README, "Uncertainty and pooling")
 COVARIANCE_CALIBRATION = 1.7 ** 2
+# The same for fits of the sharp-disk model (refine(disks=...)) to the unsmoothed counts,
+# whose pixels are independent: see README, "Uncertainty and pooling"
+DISK_COVARIANCE_CALIBRATION = 1.0
 
 
 class Registration(NamedTuple):
@@ -127,9 +130,9 @@ def _points(u: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.einsum("pj,nij->npi", u, B) + s[:, None, :]
 
 
-def _normal_equations(xi, W, u, B, s, g, b, ch, mode, floor_frac):
+def _normal_equations(xi, W, u, B, s, g, b, sample, floor_frac):
     """Gauss-Newton normal equations ``(H, grad)`` ``(N, 8, 8), (N, 8, 1)`` of patterns of
-    one class (``ch`` ``(1, 3, Q, Q)``: the entry and its gradients) on pixels ``u``.
+    one class on pixels ``u`` (``sample(pts)``: the entry and its gradients at ``pts``).
 
     The Jacobian is ``[g Gx phi, g Gy phi, D, 1]`` with ``phi = (u_x, u_y, 1)`` per pixel, so
     the normal equations reduce to ``(N, P) x (P, 9)`` and ``(N, P) x (P, 3)`` products and
@@ -137,8 +140,7 @@ def _normal_equations(xi, W, u, B, s, g, b, ch, mode, floor_frac):
     intensity scale ``g`` multiplies the products afterwards, per pattern.
     """
     N, P = xi.shape
-    pts = _points(u, B, s)
-    Ds, Gx, Gy = _sample(ch, pts, mode).unbind(0)
+    Ds, Gx, Gy = sample(_points(u, B, s), B)
     w, r = _weights(xi, W, Ds, g, b, floor_frac)
     wr = w * r
     phi = torch.cat([u, torch.ones(P, 1)], 1)
@@ -162,10 +164,10 @@ def _normal_equations(xi, W, u, B, s, g, b, ch, mode, floor_frac):
     return H, grad
 
 
-def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
+def _gn_step(xi, W, u, B, s, g, b, sample, damping, floor_frac):
     """One damped Gauss-Newton step (see :func:`_normal_equations`); returns the updated
     ``B, s, g, b`` and the undamped curvature ``H`` at the step's start."""
-    H0, grad = _normal_equations(xi, W, u, B, s, g, b, ch, mode, floor_frac)
+    H0, grad = _normal_equations(xi, W, u, B, s, g, b, sample, floor_frac)
     eye = torch.eye(8)
     H = H0 + damping * torch.diagonal(H0, dim1=1, dim2=2).unsqueeze(-1) * eye + 1e-9 * eye
     d = torch.linalg.solve(H, grad)
@@ -179,10 +181,12 @@ def _gn_step(xi, W, u, B, s, g, b, ch, mode, damping, floor_frac):
     return B, s, g + d[:, 6], b + d[:, 7], H0
 
 
-def _covariance(H: torch.Tensor, chi2: torch.Tensor, n_pix: torch.Tensor) -> torch.Tensor:
+def _covariance(H: torch.Tensor, chi2: torch.Tensor, n_pix: torch.Tensor,
+                calibration: float) -> torch.Tensor:
     """Covariance ``(N, 4, 4)`` of the linear parameters: ``phi H^-1`` with the dispersion
-    ``phi = chi2 / (n_pix - N_PARAMS)`` of the pattern's own weighted residual."""
-    phi = COVARIANCE_CALIBRATION * chi2 / (n_pix - N_PARAMS).clamp(min=1.0)
+    ``phi = calibration * chi2 / (n_pix - N_PARAMS)`` of the pattern's own weighted
+    residual."""
+    phi = calibration * chi2 / (n_pix - N_PARAMS).clamp(min=1.0)
     eye = torch.eye(H.shape[-1])
     # a relative ridge keeps singular curvatures (empty or flat patterns) finite and huge
     Hr = H.double() + 1e-9 * torch.diagonal(H, dim1=1, dim2=2).sum(-1)[:, None, None] * eye
@@ -198,11 +202,10 @@ def _weights(xi, W, Ds, g, b, floor_frac):
     return W / torch.maximum(mu, floor), xi - mu
 
 
-def _residual(xi, W, u, B, s, g, b, ch, mode, floor_frac):
+def _residual(xi, W, u, B, s, g, b, sample, floor_frac):
     """Weighted residual ``sum w r^2`` and relative residual ``sum w r^2 / sum w x^2`` of
     the fit, per pattern."""
-    pts = _points(u, B, s)
-    w, r = _weights(xi, W, _sample(ch[:, :1], pts, mode)[0], g, b, floor_frac)
+    w, r = _weights(xi, W, sample(_points(u, B, s), B, values_only=True)[0], g, b, floor_frac)
     chi2 = (w * r * r).sum(1)
     return chi2, chi2 / (w * xi * xi).sum(1).clamp(min=1e-12)
 
@@ -347,15 +350,101 @@ def relate_entries(dictionary: np.ndarray, masks: np.ndarray, ring: np.ndarray,
     return rel.numpy(), res.numpy()
 
 
+class _ImageSampler:
+    """An entry image and its gradients (``(1, 3, Q, Q)`` from :func:`_channels`),
+    interpolated at the sampling points."""
+
+    def __init__(self, ch: torch.Tensor, mode: str) -> None:
+        self.ch, self.mode = ch, mode
+
+    def __call__(self, pts: torch.Tensor, B: torch.Tensor, values_only: bool = False
+                 ) -> tuple[torch.Tensor, ...]:
+        if values_only:
+            return (_sample(self.ch[:, :1], pts, self.mode)[0],)
+        return tuple(_sample(self.ch, pts, self.mode).unbind(0))
+
+
+class DiskEntries(NamedTuple):
+    """The sharp-disk model of the dictionary (:class:`ccstae_hpc.core.disks.DiskModel`) as
+    tensors, for :func:`refine`."""
+
+    centers: torch.Tensor  # (K, n + 1, 2) disk centres (x, y), px of the entry
+    amps: torch.Tensor  # (K, n + 1)
+    background: torch.Tensor  # (K, 3, Q, Q) smooth background and its gradients
+    labels: torch.Tensor  # (K, 1, Q, Q) float: the disk each entry pixel belongs to
+    profile: torch.Tensor  # (m,) radial profile at r = i * step px
+    step: float
+
+    @classmethod
+    def from_model(cls, model, labels: np.ndarray) -> DiskEntries:
+        """From a :class:`~ccstae_hpc.core.disks.DiskModel` and the entries' disk labels."""
+        K, Q, _ = model.background.shape
+        bg = _channels(np.asarray(model.background), np.zeros((K, Q, Q)), 0.0)
+        return cls(torch.from_numpy(np.asarray(model.centers, np.float32)),
+                   torch.from_numpy(np.asarray(model.amps, np.float32)), bg,
+                   torch.from_numpy(np.asarray(labels, np.float32)).unsqueeze(1),
+                   torch.from_numpy(np.append(np.asarray(model.profile.values, np.float32),
+                                              np.float32(0.0))),
+                   float(model.profile.step))
+
+
+class _DiskSampler:
+    """Entry ``k`` of a :class:`DiskEntries` model at the sampling points: each point's disk
+    is the entry's label at the point's start position (fixed during the fit, as the mask
+    weights are); the disk term and its gradient are exact at any sub-pixel position.
+
+    The lattice moves the disks, not their size (the probe's aperture sets it): the profile
+    is evaluated at the distance in the pattern's pixels, ``|A (p - c)|`` with ``A = B^-1``.
+    Were the disks warped with the lattice, a fit onto another phase's entry (3-4 % apart)
+    would meet disks of the wrong size, which the Bragg annulus's edge turns into a false
+    lattice scale (0.06 % measured).  The gradient takes ``A`` as fixed: exact for the
+    translation, and for the linear part it differs only in the disk's own breathing, which
+    averages out over a disk.  The smooth background is taken at the start positions: a fit
+    moves a pattern by a pixel or two, over which it does not change.
+    """
+
+    def __init__(self, disks: DiskEntries, k: int, pts0: torch.Tensor) -> None:
+        lab = _sample(disks.labels[k:k + 1], pts0, "nearest")[0].long()
+        self.cx, self.cy = disks.centers[k, :, 0][lab], disks.centers[k, :, 1][lab]
+        self.a = disks.amps[k][lab]
+        self.bg = _sample(disks.background[k:k + 1, :1], pts0, "bilinear")[0]
+        prof, step = disks.profile, disks.step
+        # f(r) = intercept[i] + slope[i] r on [i step, (i + 1) step): one gather each
+        self.slope = torch.diff(prof, append=prof[-1:]) / step
+        self.intercept = prof - self.slope * (torch.arange(len(prof)) * step)
+        self.inv_step, self.last = 1.0 / step, len(prof) - 1
+        self.half = disks.background.shape[-1] / 2.0
+
+    def __call__(self, pts: torch.Tensor, B: torch.Tensor, values_only: bool = False
+                 ) -> tuple[torch.Tensor, ...]:
+        # normalised coordinates (align_corners=False) -> px of the entry -> of the pattern
+        px = pts * self.half + (self.half - 0.5)
+        ex, ey = px[..., 0] - self.cx, px[..., 1] - self.cy
+        A = torch.linalg.inv(B)
+        a00, a01, a10, a11 = (A[:, i, j, None] for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+        dx, dy = a00 * ex + a01 * ey, a10 * ex + a11 * ey
+        r = torch.sqrt(dx * dx + dy * dy).clamp_(min=1e-6)
+        i = (r * self.inv_step).long().clamp_(max=self.last)
+        slope = self.slope[i]
+        f = torch.addcmul(self.intercept[i], slope, r)
+        D = torch.addcmul(self.bg, self.a, f)
+        if values_only:
+            return (D,)
+        # d/d(normalised coordinate) = A^T d/d(pattern px) * Q/2
+        g = self.a * slope * self.half / r
+        gx, gy = g * dx, g * dy
+        return D, a00 * gx + a10 * gy, a01 * gx + a11 * gy
+
+
 class _ClassFit:
     """The registration of chunks of patterns of one class (the body of :func:`refine`)."""
 
-    def __init__(self, x, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
-                 coarse_iters, mode, damping, floor) -> None:
-        self.x, self.ring_px, self.coarse_grid = x, ring_px, coarse_grid
+    def __init__(self, x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
+                 coarse_iters, mode, damping, floor, disks) -> None:
+        self.x, self.x_raw, self.ring_px, self.coarse_grid = x, x_raw, ring_px, coarse_grid
         self.mask_stack, self.stacks, self.coarse_sigma = mask_stack, stacks, coarse_sigma
         self.iters, self.coarse_iters = iters, coarse_iters
-        self.mode, self.damping, self.floor = mode, damping, floor
+        self.mode, self.damping, self.floor, self.disks = mode, damping, floor, disks
         self.Q = mask_stack.shape[-1]
         self.u_ring = pixel_grid(self.Q)[ring_px]
 
@@ -366,28 +455,38 @@ class _ClassFit:
         # pixel or two at most, which the mask's 2-px dilation absorbs, and fixed weights give
         # the fit one well-defined objective.  Pixels where no pattern of the chunk has weight
         # add nothing to the fit and are left out (about half of the ring)
-        W = _sample(self.mask_stack[k:k + 1], _points(self.u_ring, B, s), "bilinear")[0]
+        pts0 = _points(self.u_ring, B, s)
+        W = _sample(self.mask_stack[k:k + 1], pts0, "bilinear")[0]
         keep = (W > 0).any(0)
-        sets = {}
-        for name, kk in (("fine", keep), ("coarse", keep & self.coarse_grid)):
-            sets[name] = (self.u_ring[kk], self.x[sl][:, self.ring_px[kk]].contiguous(),
+        # the sharp-disk model is fitted to the counts as recorded; the image model to the
+        # data smoothed as its dictionary is (see refine's ``smooth``)
+        fine_x = self.x if self.disks is None else self.x_raw
+        sets = {"fine": (self.u_ring[keep], fine_x[sl][:, self.ring_px[keep]].contiguous(),
+                         W[:, keep].contiguous())}
+        kk = keep & self.coarse_grid
+        sets["coarse"] = (self.u_ring[kk], self.x[sl][:, self.ring_px[kk]].contiguous(),
                           W[:, kk].contiguous())
+        coarse_sample = _ImageSampler(self.stacks[self.coarse_sigma][k:k + 1], self.mode)
+        if self.disks is None:
+            fine = _ImageSampler(self.stacks[0.0][k:k + 1], self.mode)
+            calibration = COVARIANCE_CALIBRATION
+        else:
+            fine = _DiskSampler(self.disks, k, pts0[:, keep])
+            calibration = DISK_COVARIANCE_CALIBRATION
         H = None
         for it in range(self.iters):
             coarse = it < self.coarse_iters
             uu, xi, Wk = sets["coarse" if coarse else "fine"]
-            ch = self.stacks[self.coarse_sigma if coarse else 0.0][k:k + 1]
-            B, s, g, b, H = _gn_step(xi, Wk, uu, B, s, g, b, ch, self.mode, self.damping,
-                                     self.floor)
+            B, s, g, b, H = _gn_step(xi, Wk, uu, B, s, g, b, coarse_sample if coarse else fine,
+                                     self.damping, self.floor)
             H = None if coarse else H
         uu, xi, Wk = sets["fine"]
-        fine = self.stacks[0.0][k:k + 1]
         if H is None:  # no fine step was taken: the curvature at the start
-            H, _ = _normal_equations(xi, Wk, uu, B, s, g, b, fine, self.mode, self.floor)
+            H, _ = _normal_equations(xi, Wk, uu, B, s, g, b, fine, self.floor)
         # the curvature of the last step is that of its start, one converged step away from
         # the end: the same to well within its own uncertainty, at no extra sampling cost
-        chi2, resid = _residual(xi, Wk, uu, B, s, g, b, fine, self.mode, self.floor)
-        cov = _covariance(H, chi2, (Wk > 0).sum(1))
+        chi2, resid = _residual(xi, Wk, uu, B, s, g, b, fine, self.floor)
+        cov = _covariance(H, chi2, (Wk > 0).sum(1), calibration)
         # whole disks (see disk_templates), ring or not: every pixel within
         # COMPOSITION_REACH_PX of a fitted one holds all of the class's labelled disks
         Q = self.Q
@@ -416,6 +515,7 @@ def refine(
     labels: torch.Tensor | None = None,
     templates: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: torch.Tensor | None = None,
+    disks: DiskEntries | None = None,
 ) -> Registration:
     """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
 
@@ -437,6 +537,11 @@ def refine(
         :func:`disk_templates`, ``scale`` ``(N,)`` (normalised value of one count per
         pattern).  Each pattern is then scored against every entry related to its own after
         its own registration (see :func:`_entry_residuals`).
+
+    disks : the sharp-disk model of the dictionary (:class:`DiskEntries`): the fine
+        iterations then fit it to the unsmoothed counts (``smooth`` applies to the coarse
+        ones only), which keeps the information of the disk edges (see
+        :mod:`ccstae_hpc.core.disks`).
 
     Returns
     -------
@@ -465,8 +570,8 @@ def refine(
     resid = torch.zeros(N)
     cov = torch.zeros(N, 4, 4)
     entry = torch.full((N, len(masks)), float("nan")) if templates is not None else None
-    fit = _ClassFit(x, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
-                    coarse_iters, mode, damping, floor)
+    fit = _ClassFit(x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
+                    coarse_iters, mode, damping, floor, disks)
     scale = scale[order] if scale is not None else None
     for k, a, z in groups:
         # chunks of a few dozen patterns: the work arrays stay in cache, and each chunk fits

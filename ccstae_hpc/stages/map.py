@@ -27,16 +27,18 @@ import zarr
 from ccstae_hpc.core import com
 from ccstae_hpc.core.com import ComLattice
 from ccstae_hpc.core.config import MapConfig, ModelConfig
+from ccstae_hpc.core.disks import fit_entries, measure_profile
 from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
-from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block
+from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block, neighbour_scatter
 from ccstae_hpc.core.model import CCSTAE
-from ccstae_hpc.core.patterns import fit_lattice
+from ccstae_hpc.core.patterns import fit_lattice, normalised
 from ccstae_hpc.core.phases import (
     analyse_dictionary,
     calibrate,
     entry_relations,
     single_phase_map,
 )
+from ccstae_hpc.core.refine import DiskEntries
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_block
@@ -53,11 +55,16 @@ from ccstae_hpc.stages.store import (
 )
 from ccstae_hpc.stages.train import load_model
 
-__all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "map_payload", "map_rows",
-           "cached_models", "com_reference", "com_payload", "com_rows"]
+__all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "choose_forward_model",
+           "map_payload", "map_rows", "cached_models", "com_reference", "com_payload", "com_rows"]
 
 # training-set patterns used to group the dictionary into phases and calibrate their frames
 CALIBRATION_SAMPLE = 1024
+# patterns (whole central scan rows, at least CHOICE_MIN_ROWS) fitted with each forward model
+# when it is chosen from the data: ~250 neighbouring pairs give each scatter to ~8 %, and the
+# models' scatters differed by 1.4x and more where measured
+CHOICE_PATTERNS = 512
+CHOICE_MIN_ROWS = 2
 AFFINE = "affine"
 
 
@@ -115,6 +122,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         attrs = {"model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
                  "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
                  "entry_relations": json.dumps(entry_relations(inputs.info, inputs.phases))}
+        attrs["forward_model"] = json.dumps(inputs.forward_model)
         base = _base_lattice(root, prep, geom, inputs)
     aff = _create_affine(store, (ny, nx), rows_per_block, K)
     t0 = time.perf_counter()
@@ -209,14 +217,66 @@ def _cpus(workers: int | None) -> int:
 
 def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig
                  ) -> MapInputs:
-    """Analyse the dictionary and calibrate its phases on the training sample of ``prep``."""
+    """Analyse the dictionary and calibrate its phases on the training sample of ``prep``,
+    with the forward model of ``map_cfg.forward_model`` ("auto": chosen on the data, see
+    :func:`choose_forward_model`; the choice is in the result's ``forward_model``)."""
     info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring, map_cfg.symmetry)
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
     x = train_input(prep["train"][:n], scale, bg).numpy()
-    phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
-    return MapInputs(info, phases)
+    candidates: dict[str, MapInputs] = {}
+    profile = None
+    if map_cfg.forward_model in ("auto", "disks"):
+        profile = measure_profile(x, geom.center, geom.radius)
+        disks = fit_entries(info.patterns, info.labels, np.flatnonzero(~info.vacuum), profile,
+                            geom.center)
+        # the frames are calibrated with the model the map fits (its fits and theirs agree)
+        phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
+                           DiskEntries.from_model(disks, info.labels))
+        candidates["disks"] = MapInputs(info, phases, disks)
+    if map_cfg.forward_model in ("auto", "dictionary"):
+        phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
+        candidates["dictionary"] = MapInputs(info, phases)
+    if len(candidates) == 1:
+        (name, inputs), = candidates.items()
+        inputs.forward_model = {"chosen": name}
+    else:
+        inputs = choose_forward_model(prep, model, geom, map_cfg, candidates)
+    if profile is not None:
+        inputs.forward_model["disk_profile"] = {"radius_px": profile.radius,
+                                                "edge_10_90_px": profile.edge_px}
+    return inputs
+
+
+def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
+                         candidates: dict[str, MapInputs]) -> MapInputs:
+    """The candidate whose fits of a few central scan rows (about :data:`CHOICE_PATTERNS`
+    patterns) scatter least between neighbouring probe positions
+    (:func:`ccstae_hpc.core.mapping.neighbour_scatter`): the better forward model for these
+    data, judged by the precision it reaches on them, not by the model's own assumptions.
+    The sharp-disk model wins on flat, aperture-shaped disks; the learned entry where the
+    disks have inner structure (measured: multislice WS2 with dynamical disks)."""
+    ny, nx = prep["patterns"].shape[:2]
+    rows = min(ny, max(CHOICE_MIN_ROWS, -(-CHOICE_PATTERNS // nx)))
+    y0 = (ny - rows) // 2
+    bg = prep["background"][...] if "background" in prep else None
+    scale = prep["scale"][y0:y0 + rows]
+    x = normalised(prep["patterns"][y0:y0 + rows], scale, background=bg)
+    x = x.reshape(-1, *x.shape[2:])
+    scatter = {}
+    for name, inputs in candidates.items():
+        out = map_block(model, x, scale, geom.ring, map_cfg, inputs)
+        scatter[name] = neighbour_scatter(out["theta"].reshape(rows, nx, 2, 3),
+                                          out["entry"].reshape(rows, nx),
+                                          out["phase"].reshape(rows, nx))
+    finite = {k: v for k, v in scatter.items() if np.isfinite(v)}
+    # without neighbouring sample fits to judge by, the learned entries (the method's own)
+    best = min(finite, key=finite.get) if finite else "dictionary"
+    inputs = candidates[best]
+    inputs.forward_model = {"chosen": best, "scan_rows": [int(y0), int(y0 + rows)],
+                            "neighbour_scatter": scatter}
+    return inputs
 
 
 def _base_lattice(root: zarr.Group, prep: zarr.Group, geom: Geometry, inputs: MapInputs

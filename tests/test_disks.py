@@ -1,0 +1,152 @@
+"""The sharp-disk forward model (``ccstae_hpc.core.disks``) and its use in the refinement.
+
+Truth comes from the simulator's renderer: its disks are anti-aliased hard disks of radius
+``R`` (a linear ramp in the distance over one pixel, 90 % to 10 % over 0.8 px), so the
+measured profile, the fitted disk centres and the fits' precision are checked against known
+numbers and against the Cramer-Rao floor of the same pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ccstae_hpc.core.config import SimConfig
+from ccstae_hpc.core.disks import fit_entries, measure_profile, render_entry
+from ccstae_hpc.core.geometry import ring_inner_radius
+from ccstae_hpc.core.mapping import neighbour_scatter
+from ccstae_hpc.core.patterns import central_disk, disk_mask, ring_mask
+from ccstae_hpc.core.phases import disk_labels
+from ccstae_hpc.core.refine import DiskEntries, refine
+from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.sim import crb
+from ccstae_hpc.sim.simulate import base_origin, reflections, render_pattern
+
+DOSE = 1e4
+N = 160
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def sim() -> dict:
+    """Noisy WS2 patterns with random small strains, rotations and sub-pixel shifts."""
+    cfg = SimConfig(scan=(16, 16), dose=DOSE, seed=SEED, heterostructure=False)
+    Q, tg, o = cfg.detector, cfg.global_rotation_deg, base_origin(cfg)
+    template = render_pattern(cfg, rotation_matrix(tg), o, 1, total=DOSE)
+    rng = np.random.default_rng(0)
+    eps = rng.normal(0, 0.003, (N, 3))
+    dth = rng.normal(0, 0.2, N)
+    shift = rng.uniform(-0.5, 0.5, (N, 2))
+    x = np.empty((N, Q, Q))
+    for i in range(N):
+        F = rotation_matrix(tg + dth[i]) @ (np.eye(2) + np.array([[eps[i, 0], eps[i, 2]],
+                                                                   [eps[i, 2], eps[i, 1]]]))
+        x[i] = rng.poisson(render_pattern(cfg, F, o + shift[i], 1, total=DOSE))
+    cy, cx, rad = central_disk(template)
+    ring = ring_mask((Q, Q), (cy, cx), ring_inner_radius(rad))
+    return {"cfg": cfg, "template": template, "x": x / DOSE, "eps": eps, "dth": dth,
+            "center": (cy, cx), "radius": rad, "ring": ring, "origin": o}
+
+
+def test_measured_profile_is_the_simulators_disk(sim: dict) -> None:
+    prof = measure_profile(sim["x"], sim["center"], sim["radius"])
+    R = sim["cfg"].disk_radius
+    assert abs(prof.radius - R) < 0.05, prof.radius
+    # the renderer's ramp: 90 % at R - 0.4, 10 % at R + 0.4
+    assert abs(prof.edge_px - 0.8) < 0.1, prof.edge_px
+    np.testing.assert_allclose(prof(np.array([0.0, R - 1.0, R + 1.0])), [1, 1, 0], atol=0.03)
+    assert np.all(np.diff(prof.values) <= 1e-12)  # non-increasing
+
+
+@pytest.mark.parametrize("blur", [0.0, 0.7])
+def test_entry_disk_centres_are_the_true_ones(sim: dict, blur: float) -> None:
+    """Centres of the disks of an entry, sharp or blurred as a learned average is."""
+    cfg = sim["cfg"]
+    d = ndimage.gaussian_filter(sim["template"], blur) if blur else sim["template"]
+    mask = disk_mask(d, sim["ring"])
+    labels = disk_labels(d, mask)[None]
+    prof = measure_profile(sim["x"], sim["center"], sim["radius"])
+    model = fit_entries(d[None], labels, np.array([0]), prof, sim["center"])
+    n = int(labels.max())
+    got = model.centers[0, 1:n + 1]
+    refl = reflections(cfg, 1)
+    F = rotation_matrix(cfg.global_rotation_deg)
+    true = sim["origin"][::-1] + (np.linalg.inv(F).T @ refl["g"].T).T / cfg.pixel_size
+    err = np.hypot(got[:, None, 0] - true[None, :, 0], got[:, None, 1] - true[None, :, 1]).min(1)
+    assert n >= 12
+    assert np.mean(err) < (0.02 if blur == 0 else 0.05), err
+    # the model redraws the sharp entry to within a few per cent of its disk pixels
+    if blur == 0:
+        m = render_entry(model, 0, labels)
+        inside = labels[0] > 0
+        assert np.abs(m - d)[inside].sum() / d[inside].sum() < 0.05
+
+
+def _errors(fit, sim: dict) -> np.ndarray:
+    """Errors of the fitted (exx, eyy, exy, theta) against the truth, median removed."""
+    B = np.linalg.inv(fit.theta[:, :, :2].double().numpy())
+    R0 = rotation_matrix(sim["cfg"].global_rotation_deg)
+    M = np.einsum("ij,njk,kl->nil", R0.T, B, R0)  # (I + eps) R(-dtheta)
+    got = np.stack([M[:, 0, 0] - 1, M[:, 1, 1] - 1, (M[:, 0, 1] + M[:, 1, 0]) / 2,
+                    np.rad2deg((M[:, 0, 1] - M[:, 1, 0]) / 2)], 1)
+    err = got - np.c_[sim["eps"], sim["dth"]]
+    return err - np.median(err, 0)
+
+
+def _floor(sim: dict, pixels: np.ndarray) -> np.ndarray:
+    """Cramer-Rao standard deviations of (exx, eyy, exy, theta) on ``pixels``."""
+    cfg = sim["cfg"]
+    o = sim["origin"]
+    p0 = np.array([0, 0, 0, cfg.global_rotation_deg, o[1], o[0]])
+    mu = crb.pattern_from_params(cfg, p0, 1, DOSE)[pixels]
+    J = []
+    for i, h in enumerate((1e-4, 1e-4, 1e-4, 1e-2, 1e-2, 1e-2)):
+        e = np.zeros(6)
+        e[i] = h
+        J.append((crb.pattern_from_params(cfg, p0 + e, 1, DOSE)[pixels]
+                  - crb.pattern_from_params(cfg, p0 - e, 1, DOSE)[pixels]) / (2 * h))
+    J = np.array(J)
+    return np.sqrt(np.diag(np.linalg.inv((J / (mu + 1e-12)) @ J.T)))[:4]
+
+
+def test_disk_model_fits_reach_near_the_floor_of_their_pixels(sim: dict) -> None:
+    """With the sharp-disk model the fits come within 1.35x of the Cramer-Rao floor of the
+    pixels they use; the interpolated entry image stays near 1.6x."""
+    d, ring = sim["template"], sim["ring"]
+    mask = disk_mask(d, ring)
+    labels = disk_labels(d, mask)
+    D = (d / d.sum())[None].astype(np.float32)
+    prof = measure_profile(sim["x"], sim["center"], sim["radius"])
+    model = fit_entries(D, labels[None], np.array([0]), prof, sim["center"])
+    x = torch.from_numpy(sim["x"].astype(np.float32))
+    th0 = torch.zeros(N, 2, 3)
+    th0[:, 0, 0] = th0[:, 1, 1] = 1
+    cls = torch.zeros(N, dtype=torch.long)
+    floor = _floor(sim, ring > 0)
+    sd_disk = _errors(refine(x, cls, th0, D, mask[None], ring,
+                             disks=DiskEntries.from_model(model, labels[None])), sim).std(0)
+    sd_image = _errors(refine(x, cls, th0, D, mask[None], ring), sim).std(0)
+    ratio_disk, ratio_image = sd_disk / floor, sd_image / floor
+    assert np.all(ratio_disk < 1.35), ratio_disk
+    assert np.all(ratio_disk < 0.85 * ratio_image), (ratio_disk, ratio_image)
+
+
+def test_neighbour_scatter_measures_the_fits_noise() -> None:
+    rng = np.random.default_rng(1)
+    ny, nx, sd = 20, 24, 0.002
+    theta = np.zeros((ny, nx, 2, 3))
+    yy, xx = np.mgrid[:ny, :nx]
+    theta[..., 0, 0] = 1 + 1e-4 * xx  # a smooth field: next to nothing between neighbours
+    theta[..., 1, 1] = 1
+    theta[..., :2] += rng.normal(0, sd, (ny, nx, 2, 2))
+    phase = np.ones((ny, nx), int)
+    entry = np.zeros((ny, nx), int)
+    got = neighbour_scatter(theta, entry, phase)
+    # the difference of two N(0, sd) has median |.| = 0.6745 sqrt(2) sd; four components
+    assert abs(got / (4 * 0.6745 * np.sqrt(2) * sd) - 1) < 0.1, got
+    # vacuum and pairs across entries do not count
+    assert np.isnan(neighbour_scatter(theta, entry, np.zeros_like(phase)))
+    checker = (yy + xx) % 2
+    assert np.isnan(neighbour_scatter(theta, checker, phase))
