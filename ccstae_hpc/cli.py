@@ -222,8 +222,8 @@ def _add_map_options(p: argparse.ArgumentParser) -> None:
         help="what the final registration fits to each pattern: disks (the entry's Bragg "
              "disks redrawn with the disk profile measured on the data's central disks, sharp "
              "at any sub-pixel position), dictionary (the learned entry image) or auto "
-             "(default: both on a few central scan rows, keeping the one whose fits scatter "
-             "less between neighbouring probe positions)")
+             "(default: with --pool-sigma 0 both on a few central scan rows, keeping the one "
+             "whose fits scatter less between neighbouring probe positions; else dictionary)")
 
 
 def _pool_sigma(text: str) -> float | None:

@@ -205,8 +205,10 @@ class MapConfig(Config):
     # what the last registration steps fit to each pattern: "disks", the dictionary entry's
     # Bragg disks redrawn with the disk profile measured on the data's own central disks
     # (sharp at any sub-pixel position, ccstae_hpc.core.disks); "dictionary", the learned
-    # entry image, interpolated; "auto" (default) fits a few central scan rows both ways
-    # and keeps the model whose fits scatter less between neighbouring probe positions
+    # entry image, interpolated; "auto" (default): for single-pattern fits (pool_sigma 0)
+    # fits a few central scan rows both ways and keeps the model whose fits scatter less
+    # between neighbouring probe positions; for pooled maps the learned entries (they pooled
+    # to the lower error, measured: README "The forward model of the fine iterations")
     forward_model: str = "auto"
 
     def __post_init__(self) -> None:

@@ -235,8 +235,8 @@ def _create(lock: Path, info: dict) -> bool:
     """Make ``lock`` holding ``info`` if it does not exist; False when it does."""
     text = json.dumps(info)
     tmp = lock.with_name(f"{lock.name}.{info['token']}")
-    tmp.write_text(text)
     try:
+        tmp.write_text(text)  # inside the try: a failed write (ENOSPC) leaves no empty file
         try:
             os.link(tmp, lock)
             return True
@@ -253,8 +253,12 @@ def _create(lock: Path, info: dict) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except BaseException:
+            lock.unlink(missing_ok=True)  # ours and empty: not a holder being born
+            raise
         return True
     finally:
         tmp.unlink(missing_ok=True)

@@ -218,7 +218,8 @@ def _cpus(workers: int | None) -> int:
 def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig
                  ) -> MapInputs:
     """Analyse the dictionary and calibrate its phases on the training sample of ``prep``,
-    with the forward model of ``map_cfg.forward_model`` ("auto": chosen on the data, see
+    with the forward model of ``map_cfg.forward_model`` ("auto": the learned entries for
+    pooled maps; for single-pattern fits chosen on the data, see
     :func:`choose_forward_model`; the choice is in the result's ``forward_model``)."""
     info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring, map_cfg.symmetry)
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
@@ -227,7 +228,11 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     x = train_input(prep["train"][:n], scale, bg).numpy()
     candidates: dict[str, MapInputs] = {}
     profile = None
-    if map_cfg.forward_model in ("auto", "disks"):
+    wanted = map_cfg.forward_model
+    if wanted == "auto" and map_cfg.pool_sigma != 0:
+        # pooled maps: the learned entries (the sharp-disk fits pooled to a larger error)
+        wanted = "dictionary"
+    if wanted in ("auto", "disks"):
         profile = measure_profile(x, geom.center, geom.radius)
         disks = fit_entries(info.patterns, info.labels, np.flatnonzero(~info.vacuum), profile,
                             geom.center)
@@ -235,12 +240,12 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
                            DiskEntries.from_model(disks, info.labels))
         candidates["disks"] = MapInputs(info, phases, disks)
-    if map_cfg.forward_model in ("auto", "dictionary"):
+    if wanted in ("auto", "dictionary"):
         phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
         candidates["dictionary"] = MapInputs(info, phases)
     if len(candidates) == 1:
         (name, inputs), = candidates.items()
-        inputs.forward_model = {"chosen": name}
+        inputs.forward_model = {"chosen": name, "asked": map_cfg.forward_model}
     else:
         inputs = choose_forward_model(prep, model, geom, map_cfg, candidates)
     if profile is not None:
