@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import zarr
@@ -120,7 +121,8 @@ def _argv(stage: str, npy: Path, store: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ref(disk: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The undisturbed pipeline on the tmpfs, stage by stage (in this process): the input,
+    """The undisturbed pipeline on the tmpfs, stage by stage (each in a fresh process, as the
+    reruns compared with it: same environment, same thread count): the input,
     a snapshot of the store after each stage (on ordinary disk), and how many bytes of the
     tmpfs each stage took."""
     d = tmp_path_factory.mktemp("full_disk_ref")
@@ -131,7 +133,8 @@ def ref(disk: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     grew: dict[str, int] = {}
     for stage in STAGES:
         used = _used(disk)
-        assert cli.main(_argv(stage, npy, store)) == 0, stage
+        r = _run(_argv(stage, npy, store))
+        assert r.returncode == 0, (stage, r.stderr)
         grew[stage] = _used(disk) - used
         snaps[stage] = shutil.copytree(store, d / f"after_{stage}.zarr")
     for stage in STAGES:
@@ -198,7 +201,14 @@ def _complete_part(store: Path) -> dict[str, str]:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*CCSTAE, *argv], capture_output=True, text=True, timeout=TIMEOUT_S)
+    """One ``ccstae`` command in a fresh process, in the environment a user's shell has: an
+    earlier test's LocalCluster leaves distributed's pre-spawn variables (OMP_NUM_THREADS=1,
+    ...) in this process's environment, and training on another thread count rounds
+    differently (the reruns are compared bit for bit with the reference)."""
+    spawned = dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}
+    env = {k: v for k, v in os.environ.items() if k not in spawned}
+    return subprocess.run([*CCSTAE, *argv], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=env)
 
 
 def _assert_full_disk_reported(r: subprocess.CompletedProcess) -> None:
