@@ -25,9 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 __all__ = ["DiskProfile", "DiskModel", "measure_profile", "fit_entries", "render_entry",
+           "registered_mean", "lattice_labels", "LatticeLabels", "extend_model", "bragg_region",
            "PROFILE_STEP_PX"]
 
 # radial bin of the measured profile: a tenth of a pixel resolves a one-pixel edge
@@ -51,6 +54,20 @@ ENTRY_BLURS_PX = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 # smooth background between the disks: normalised convolution of the entry's non-disk
 # pixels with a Gaussian of this many disk radii
 BACKGROUND_SIGMA_RADII = 2.0
+# a lattice point's label is a disc this many px wider than the disk (its edge and blur,
+# and the few-per-cent strain of the patterns that the fit's start leaves)
+LABEL_MARGIN_PX = 2.0
+# lattice indices from the labelled disks: every disk within this (px) of its lattice point,
+# else the entry's lattice is not trusted and the model keeps the annulus
+LATTICE_TOLERANCE_PX = 1.0
+# a lattice point joins the model when this fraction of its label disc lies on pixels that
+# at least REGISTERED_COVERAGE of the registered patterns reach; it is whole (its fitted
+# centre places the lattice) from WHOLE_DISC on
+DISC_ON_DETECTOR = 0.25
+WHOLE_DISC = 0.99
+REGISTERED_COVERAGE = 0.5
+# detector border (px) left out of the fit region (edge pixels of real detectors misbehave)
+DETECTOR_MARGIN_PX = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,17 +113,24 @@ class DiskModel:
     amps: np.ndarray  # (K, n + 1) disk amplitudes (profile plateau), 0 in row 0
     background: np.ndarray  # (K, Q, Q) smooth remainder between the disks
     profile: DiskProfile
+    # the model's own disk labels (K, Q, Q) and the detector pixels its fits use (Q, Q bool)
+    # when it reaches beyond the Bragg annulus (:func:`extend_model`); None: the dictionary
+    # analysis' labels and the annulus
+    labels: np.ndarray | None = None
+    region: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         """Plain arrays (for a Dask payload)."""
         p = self.profile
         return {"centers": self.centers, "amps": self.amps, "background": self.background,
                 "profile": {"values": p.values, "step": p.step, "radius": p.radius,
-                            "edge_px": p.edge_px}}
+                            "edge_px": p.edge_px},
+                "labels": self.labels, "region": self.region}
 
     @classmethod
     def from_dict(cls, d: dict) -> DiskModel:
-        return cls(d["centers"], d["amps"], d["background"], DiskProfile(**d["profile"]))
+        return cls(d["centers"], d["amps"], d["background"], DiskProfile(**d["profile"]),
+                   d.get("labels"), d.get("region"))
 
 
 def _non_increasing(v: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -346,3 +370,199 @@ def render_entry(model: DiskModel, k: int, labels: np.ndarray) -> np.ndarray:
     c = model.centers[k][lab]
     r = np.hypot(xx - c[..., 0], yy - c[..., 1])
     return model.background[k] + model.amps[k][lab] * model.profile(r)
+
+
+def bragg_region(shape: tuple[int, int], center: tuple[float, float], r_in: float,
+                 margin: float = DETECTOR_MARGIN_PX) -> np.ndarray:
+    """Detector pixels beyond the Bragg annulus' inner radius ``r_in`` about ``center``
+    (row, col), up to ``margin`` px from the detector's edge: the annulus and the corners.
+    The corners hold the outermost disks, whose positions move most with strain (the
+    Cramer-Rao floor of the annulus alone is 1.15-1.19x that of the whole detector on the
+    project's simulator)."""
+    yy, xx = np.indices(shape, dtype=np.float64)
+    r = np.hypot(yy - center[0], xx - center[1])
+    inside = ((yy >= margin) & (yy <= shape[0] - 1 - margin)
+              & (xx >= margin) & (xx <= shape[1] - 1 - margin))
+    return (r >= r_in) & inside
+
+
+@torch.no_grad()
+def registered_mean(x: torch.Tensor, theta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Patterns ``x`` ``(n, Q, Q)`` carried into their entry's frame by their fitted affines
+    ``theta`` ``(n, 2, 3)`` (``refine``'s convention: the entry at ``k`` is the pattern at
+    ``A k + t``) and averaged: the entry as the data show it, sharp where the learned entry
+    is blurred and defined where it was never trained (beyond the Bragg annulus).
+
+    Returns the mean ``(Q, Q)`` and the fraction of patterns that reach each pixel.
+    """
+    n, Q, _ = x.shape
+    grid = F.affine_grid(theta.float(), [n, 1, Q, Q], align_corners=False)
+    total = torch.zeros(Q, Q)
+    reach = torch.zeros(Q, Q)
+    ones = torch.ones(1, 1, Q, Q)
+    for i in range(0, n, 64):  # bounded work arrays
+        g = grid[i:i + 64]
+        total += F.grid_sample(x[i:i + 64, None].float(), g, mode="bilinear",
+                               padding_mode="zeros", align_corners=False).sum((0, 1))
+        # a pixel counts as reached where its whole bilinear footprint lies on the detector
+        w = F.grid_sample(ones.expand(len(g), -1, -1, -1), g, mode="bilinear",
+                          padding_mode="zeros", align_corners=False)
+        reach += (w > 0.999).float().sum((0, 1))
+    mean = (total / reach.clamp(min=1.0)).numpy()
+    return mean, (reach / max(n, 1)).numpy()
+
+
+def _lattice(cents: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The 2-D lattice through disk centres ``cents`` ``(m, 2)`` (x, y) near ``origin``:
+    ``coef`` ``(3, 2)`` (rows a, b, origin; least squares on the centres' integer indices)
+    and the indices ``(m, 2)``; None when some centre is off its lattice point (a lattice
+    the two shortest vectors do not span)."""
+    if len(cents) < 4:
+        return None
+    rel = cents - origin
+    order = np.argsort(np.hypot(rel[:, 0], rel[:, 1]))
+    a = rel[order[0]]
+    b = None
+    for j in order[1:]:
+        v = rel[j]
+        if abs(a[0] * v[1] - a[1] * v[0]) > 0.5 * np.hypot(*a) * np.hypot(*v):
+            b = v
+            break
+    if b is None:
+        return None
+    hk = np.rint(np.linalg.solve(np.stack([a, b], 1), rel.T).T)
+    X = np.column_stack([hk, np.ones(len(hk))])
+    coef, *_ = np.linalg.lstsq(X, cents, rcond=None)
+    if np.hypot(*(X @ coef - cents).T).max() > LATTICE_TOLERANCE_PX:
+        return None
+    return coef, hk.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class LatticeLabels:
+    """Disk labels drawn from an entry's lattice (:func:`lattice_labels`)."""
+
+    labels: np.ndarray  # (Q, Q) int: label j on the pixels of lattice point hk[j - 1]
+    hk: np.ndarray  # (n, 2) lattice indices of labels 1..n
+    whole: np.ndarray  # (n,) bool: the disk's whole disc lies on the allowed pixels
+
+
+def lattice_labels(labels: np.ndarray, centers: np.ndarray, amps: np.ndarray,
+                   center: tuple[float, float], radius: float, allowed: np.ndarray
+                   ) -> LatticeLabels | None:
+    """An entry's disk labels ``(Q, Q)`` drawn from its lattice.
+
+    The lattice is fitted to the centres ``centers`` ``(n + 1, 2)`` (x, y; row 0 unused)
+    of the labelled disks (``labels``) with ``amps > 0``; every lattice point whose disc
+    (``radius`` + :data:`LABEL_MARGIN_PX`) lies at least :data:`DISC_ON_DETECTOR` on
+    ``allowed`` pixels gets a label: the pixels of the disc nearer to it than to any other
+    point, on ``allowed``.  Whole discs, also for the disks that the annulus' outer edge
+    cuts (their labels stop there), and the outermost disks that the detector's edge cuts.
+    None when the lattice cannot be fitted.
+    """
+    n = int(labels.max())
+    ok = amps[1:n + 1] > 0
+    lat = _lattice(np.asarray(centers[1:n + 1], np.float64)[ok],
+                   np.array([center[1], center[0]], np.float64))
+    if lat is None:
+        return None
+    coef, _ = lat
+    Q0, Q1 = labels.shape
+    step = min(np.hypot(*coef[0]), np.hypot(*coef[1]))
+    reach = int(np.ceil(np.hypot(Q0, Q1) / max(step, 1.0))) + 1
+    h, k = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1))
+    hk = np.column_stack([h.ravel(), k.ravel()])
+    pts = np.column_stack([hk, np.ones(len(hk))]) @ coef
+    r_lab = radius + LABEL_MARGIN_PX
+    inside = ((pts[:, 0] >= -r_lab) & (pts[:, 0] <= Q1 - 1 + r_lab)
+              & (pts[:, 1] >= -r_lab) & (pts[:, 1] <= Q0 - 1 + r_lab))
+    pts, hk = pts[inside], hk[inside]
+    yy, xx = np.indices(labels.shape, dtype=np.float64)
+    dist = np.hypot(xx[None] - pts[:, 0, None, None], yy[None] - pts[:, 1, None, None])
+    nearest = dist.argmin(0)
+    out = np.zeros_like(labels)
+    kept, whole = [], []
+    for j in range(len(pts)):
+        disc = dist[j] <= r_lab
+        on = (disc & allowed).sum() / max(disc.sum(), 1)
+        if on < DISC_ON_DETECTOR:
+            continue
+        kept.append(j)
+        whole.append(on >= WHOLE_DISC)
+        out[disc & (nearest == j) & allowed] = len(kept)
+    return LatticeLabels(out, hk[kept], np.array(whole, bool))
+
+
+def _amplitudes(d: np.ndarray, labels: np.ndarray, centers: np.ndarray, prof: DiskProfile
+                ) -> np.ndarray:
+    """Amplitudes ``(n,)`` of ``a f(|k - c|) + b`` on each labelled disk of ``d`` with its
+    centre fixed (least squares, ``a >= 0``)."""
+    n = len(centers)
+    amps = np.zeros(n)
+    yy, xx = np.indices(d.shape, dtype=np.float64)
+    for j in range(1, n + 1):
+        m = labels == j
+        if m.sum() < 4:
+            continue
+        f = prof(np.hypot(xx[m] - centers[j - 1, 0], yy[m] - centers[j - 1, 1]))
+        X = np.column_stack([f, np.ones_like(f)])
+        (a, _), *_ = np.linalg.lstsq(X, d[m].astype(np.float64), rcond=None)
+        amps[j - 1] = max(float(a), 0.0)
+    return amps
+
+
+def extend_model(x: torch.Tensor, theta: torch.Tensor, cls: np.ndarray, ring_model: DiskModel,
+                 labels: np.ndarray, entries: np.ndarray, center: tuple[float, float],
+                 r_in: float) -> DiskModel:
+    """The disk model re-fitted on the data and grown over the whole detector.
+
+    For each listed entry, the patterns registered onto it (``x``, their affines ``theta``
+    from fits with ``ring_model``, ``cls`` their entries) are averaged in its frame
+    (:func:`registered_mean`); the entry's lattice, fitted to its labelled disks, labels
+    its disks over the detector pixels the registered patterns reach
+    (:func:`lattice_labels`).  The disks are fitted to the registered mean
+    (:func:`fit_entries`); the lattice fitted again to the centres of the whole ones places
+    every disk (Bragg disks lie on the reciprocal lattice; a disk the detector's edge cuts
+    would be pulled by its missing side), and each amplitude is fitted with its centre
+    there.  An entry with fewer than two registered patterns, or whose lattice cannot be
+    fitted, keeps the ring model's disks.  ``labels`` are the dictionary analysis' labels.
+    """
+    K, Q, _ = ring_model.background.shape
+    region = bragg_region((Q, Q), center, r_in)
+    fits: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for k in entries:
+        k = int(k)
+        sel = np.flatnonzero(cls == k)
+        if len(sel) < 2 or labels[k].max() == 0:
+            continue
+        mean, reach = registered_mean(x[sel], theta[sel])
+        lat = lattice_labels(labels[k], ring_model.centers[k], ring_model.amps[k], center,
+                             ring_model.profile.radius,
+                             region & (reach >= REGISTERED_COVERAGE))
+        if lat is None or not lat.whole.any():
+            continue
+        m = fit_entries(mean[None], lat.labels[None], np.array([0]), ring_model.profile, center)
+        n = len(lat.hk)
+        c_fit = np.asarray(m.centers[0, 1:n + 1], np.float64)
+        ok = lat.whole & (m.amps[0, 1:n + 1] > 0)
+        X = np.column_stack([lat.hk, np.ones(n)])
+        if ok.sum() < 3:
+            continue
+        coef, *_ = np.linalg.lstsq(X[ok], c_fit[ok], rcond=None)
+        centers = X @ coef
+        amps = _amplitudes(mean, lat.labels, centers, ring_model.profile)
+        fits[k] = (lat.labels, centers, amps, m.background[0])
+    if not fits:
+        return ring_model
+    width = max(ring_model.centers.shape[1], max(len(f[1]) for f in fits.values()) + 1)
+    centers = np.zeros((K, width, 2), np.float32)
+    amps = np.zeros((K, width), np.float32)
+    n_ring = ring_model.centers.shape[1]
+    centers[:, :n_ring], amps[:, :n_ring] = ring_model.centers, ring_model.amps
+    background = ring_model.background.copy()
+    out_labels = labels.copy()
+    for k, (lab, c, a, bg) in fits.items():
+        centers[k], amps[k] = 0.0, 0.0
+        centers[k, 1:len(c) + 1], amps[k, 1:len(a) + 1] = c, a
+        background[k], out_labels[k] = bg, lab
+    return DiskModel(centers, amps, background, ring_model.profile, out_labels, region)

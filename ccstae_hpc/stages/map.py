@@ -27,18 +27,19 @@ import zarr
 from ccstae_hpc.core import com
 from ccstae_hpc.core.com import ComLattice
 from ccstae_hpc.core.config import MapConfig, ModelConfig
-from ccstae_hpc.core.disks import fit_entries, measure_profile
+from ccstae_hpc.core.disks import DiskModel, extend_model, fit_entries, measure_profile
 from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block, neighbour_scatter
 from ccstae_hpc.core.model import CCSTAE
 from ccstae_hpc.core.patterns import fit_lattice, normalised
 from ccstae_hpc.core.phases import (
+    DictionaryInfo,
     analyse_dictionary,
     calibrate,
     entry_relations,
     single_phase_map,
 )
-from ccstae_hpc.core.refine import DiskEntries
+from ccstae_hpc.core.refine import DiskEntries, encode, refine
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_block
@@ -56,10 +57,15 @@ from ccstae_hpc.stages.store import (
 from ccstae_hpc.stages.train import load_model
 
 __all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "choose_forward_model",
+           "whole_detector_disks",
            "map_payload", "map_rows", "cached_models", "com_reference", "com_payload", "com_rows"]
 
 # training-set patterns used to group the dictionary into phases and calibrate their frames
 CALIBRATION_SAMPLE = 1024
+# patterns averaged into an entry's registered mean (whole_detector_disks) have every linear
+# coefficient of their fit within this of their entry's median (a strain of 10 %: far beyond
+# any real field, well inside a fit thrown off by noise or a misclassification)
+REGISTERED_MAX_DEVIATION = 0.1
 # patterns (whole central scan rows, at least CHOICE_MIN_ROWS) fitted with each forward model
 # when it is chosen from the data: ~250 neighbouring pairs give each scatter to ~8 %, and the
 # models' scatters differed by 1.4x and more where measured
@@ -236,6 +242,7 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         profile = measure_profile(x, geom.center, geom.radius)
         disks = fit_entries(info.patterns, info.labels, np.flatnonzero(~info.vacuum), profile,
                             geom.center)
+        disks = whole_detector_disks(model, info, x, disks, geom, map_cfg.refine_iters)
         # the frames are calibrated with the model the map fits (its fits and theirs agree)
         phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
                            DiskEntries.from_model(disks, info.labels))
@@ -252,6 +259,38 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         inputs.forward_model["disk_profile"] = {"radius_px": profile.radius,
                                                 "edge_10_90_px": profile.edge_px}
     return inputs
+
+
+def whole_detector_disks(model: CCSTAE, info: DictionaryInfo, x: np.ndarray,
+                         ring_model: DiskModel, geom: Geometry, iters: int) -> DiskModel:
+    """The sharp-disk model re-fitted on the calibration sample ``x`` and grown over the
+    whole detector (:func:`ccstae_hpc.core.disks.extend_model`): the sample is registered
+    onto its encoder entries with ``ring_model`` (fitted to the learned entries, which were
+    trained on the Bragg annulus only), and each entry's registered mean gives the disks'
+    amplitudes, the corner disks and the background."""
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    entries = np.flatnonzero(~info.vacuum)
+    cls, theta0 = encode(model, xt)
+    sel = torch.from_numpy(np.isin(cls.numpy(), entries))
+    if int(sel.sum()) == 0:
+        return ring_model
+    xt, cls, theta0 = xt[sel], cls[sel], theta0[sel]
+    fit = refine(xt, cls, theta0, info.patterns, info.masks, geom.ring, iters,
+                 disks=DiskEntries.from_model(ring_model, info.labels))
+    theta = fit.theta
+    c = cls.numpy()
+    # fits thrown off (a few at low dose) would blur the mean: keep the linear parts near
+    # their entry's median
+    lin = theta[:, :, :2].reshape(-1, 4).numpy()
+    good = np.isfinite(lin).all(1)
+    for k in entries:
+        m = (c == k) & good
+        if m.any():
+            dev = np.abs(lin[m] - np.median(lin[m], 0)).max(1)
+            good[np.flatnonzero(m)[dev > REGISTERED_MAX_DEVIATION]] = False
+    keep = torch.from_numpy(good)
+    return extend_model(xt[keep], theta[keep], c[good], ring_model, info.labels, entries,
+                        geom.center, ring_inner_radius(geom.radius))
 
 
 def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
