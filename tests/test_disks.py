@@ -178,6 +178,28 @@ def test_whole_detector_model_from_the_registered_patterns(sim: dict) -> None:
     assert np.all(sd_whole < 0.95 * sd_ring), (sd_whole, sd_ring)
 
 
+def test_whole_detector_model_fits_patterns_of_an_entry_without_disks(sim: dict) -> None:
+    """Patterns registered onto an entry the model has no disks for (vacuum) are fitted on
+    the annulus, as before the model grew, without failing the others' fits."""
+    d, ring = sim["template"], sim["ring"]
+    mask = disk_mask(d, ring)
+    labels = np.stack([disk_labels(d, mask), np.zeros_like(mask, dtype=np.int32)])
+    D = np.stack([d / d.sum(), np.full_like(d, 1.0 / d.size)]).astype(np.float32)
+    masks = np.stack([mask, np.zeros_like(mask)])
+    prof = measure_profile(sim["x"], sim["center"], sim["radius"])
+    ring_model = fit_entries(D, labels, np.array([0]), prof, sim["center"])
+    n = 32
+    x = torch.from_numpy(sim["x"][:n].astype(np.float32))
+    th0 = torch.zeros(n, 2, 3)
+    th0[:, 0, 0] = th0[:, 1, 1] = 1
+    model = extend_model(x, th0, np.zeros(n, int), ring_model, labels, np.array([0]),
+                         sim["center"], ring_inner_radius(sim["radius"]))
+    cls = torch.tensor([0, 1] * (n // 2))
+    fit = refine(x, cls, th0, D, masks, ring, disks=DiskEntries.from_model(model, labels))
+    assert torch.isfinite(fit.theta[cls == 0]).all()
+    assert torch.isfinite(fit.cov[cls == 0]).all()
+
+
 def test_neighbour_scatter_measures_the_fits_noise() -> None:
     rng = np.random.default_rng(1)
     ny, nx, sd = 20, 24, 0.002

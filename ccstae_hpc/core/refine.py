@@ -197,7 +197,8 @@ def _covariance(H: torch.Tensor, chi2: torch.Tensor, n_pix: torch.Tensor,
     phi = calibration * chi2 / (n_pix - N_PARAMS).clamp(min=1.0)
     eye = torch.eye(H.shape[-1])
     # a relative ridge keeps singular curvatures (empty or flat patterns) finite and huge
-    Hr = H.double() + 1e-9 * torch.diagonal(H, dim1=1, dim2=2).sum(-1)[:, None, None] * eye
+    ridge = 1e-9 * torch.diagonal(H, dim1=1, dim2=2).sum(-1).double() + 1e-30
+    Hr = H.double() + ridge[:, None, None] * eye
     C = torch.linalg.inv(Hr)[:, LINEAR_PARAMS][:, :, LINEAR_PARAMS]
     return (C * phi.double()[:, None, None]).float()
 
@@ -492,6 +493,14 @@ class _ClassFit:
         pts = _points(u, B, s)
         Wd = _sample(self.disks.mask[k:k + 1], pts, "bilinear")[0]
         kd = (Wd > 0).any(0)
+        if not kd.any():
+            # an entry without disks of its own (vacuum, or one the model was not grown
+            # for): the annulus and the dictionary's masks, placed here
+            pts = _points(self.u_ring, B, s)
+            W = _sample(self.mask_stack[k:k + 1], pts, "bilinear")[0]
+            keep = (W > 0).any(0)
+            return ((self.u_ring[keep], self.x_raw[sl][:, self.ring_px[keep]].contiguous(),
+                     W[:, keep].contiguous()), _DiskSampler(self.disks, k, pts[:, keep]))
         return ((u[kd], self.x_raw[sl][:, region[kd]].contiguous(), Wd[:, kd].contiguous()),
                 _DiskSampler(self.disks, k, pts[:, kd]))
 

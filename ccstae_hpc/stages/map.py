@@ -258,6 +258,13 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     if profile is not None:
         inputs.forward_model["disk_profile"] = {"radius_px": profile.radius,
                                                 "edge_10_90_px": profile.edge_px}
+        dm = candidates["disks"].disks
+        if dm is not None and dm.labels is not None:
+            # what the disk model covers: the disks of each sample entry, the fitted pixels
+            inputs.forward_model["disk_model"] = {
+                "disks_per_entry": {str(int(k)): int(dm.labels[k].max())
+                                    for k in np.flatnonzero(~inputs.info.vacuum)},
+                "region_px": int(np.asarray(dm.region).sum())}
     return inputs
 
 
