@@ -925,6 +925,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
+    from ccstae_hpc.core.com import ComLatticeError
     from ccstae_hpc.core.mapping import ReferenceRegionError
     from ccstae_hpc.runtime.ddp import dask_client_soon
     from ccstae_hpc.stages.map import map_store
@@ -951,6 +952,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
                       progress=not args.quiet, overwrite=args.overwrite)
     except (PrepError, FileNotFoundError, ReferenceRegionError, StageExistsError) as e:
         raise CliError.of(e) from e
+    except ComLatticeError as e:
+        raise CliError(str(e), "Map with the default method (CC-ST-AE), which needs no "
+                       "visible peak in the mean pattern.") from e
     print(f"strain maps in {p} (group 'strain'); read with xarray.open_zarr(\"{p}\", "
           "group=\"strain\")")
     if had_analysis:  # commit removed it: it was made from the maps just replaced
@@ -1047,7 +1051,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The stages' user-error classes, from the modules this run has imported (importing one
     here could load torch just to report an error)."""
     names = {"ccstae_hpc.stages.prep": "PrepError", "ccstae_hpc.stages.train": "TrainError",
-             "ccstae_hpc.core.mapping": "ReferenceRegionError"}
+             "ccstae_hpc.core.mapping": "ReferenceRegionError",
+             "ccstae_hpc.core.com": "ComLatticeError"}
     found: list[type[BaseException]] = [IngestError, StageExistsError]
     for mod, name in names.items():
         cls = getattr(sys.modules.get(mod), name, None)

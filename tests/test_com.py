@@ -180,3 +180,14 @@ def test_empty_and_integer_patterns() -> None:
     assert np.allclose(fit["Gp"][0] @ np.linalg.inv(lat.G), np.eye(2), atol=A_TOL)
     assert np.all(np.isnan(fit["Gp"][1]))  # no Bragg signal, no lattice
     assert fit["intensity"][1] == 0.0
+
+
+def test_a_mean_pattern_without_bragg_peaks_is_a_data_error() -> None:
+    """Only the central disk (vacuum, or too few counts in the Bragg disks): a data error of
+    its own class (``ccstae map --method com`` reports it in one line, exit code 2; it was
+    an internal error, exit 1, on abTEM data at 100 e-/pattern)."""
+    Q = 64
+    yy, xx = np.indices((Q, Q))
+    mean = (np.hypot(yy - 32, xx - 32) <= 5).astype(np.float64) + 0.01
+    with pytest.raises(com.ComLatticeError, match="fewer than two Bragg peaks"):
+        com.reference_lattice(mean, 5.0)

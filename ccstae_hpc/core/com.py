@@ -37,7 +37,13 @@ from scipy import ndimage
 from ccstae_hpc.core.patterns import central_disk, find_hot_pixels, repair_hot_pixels
 from ccstae_hpc.core.strain import affine_to_deformation
 
-__all__ = ["ComLattice", "reference_lattice", "fit_patterns", "deformation"]
+__all__ = ["ComLattice", "ComLatticeError", "reference_lattice", "fit_patterns", "deformation"]
+
+
+class ComLatticeError(ValueError):
+    """The data hold no lattice the centre-of-mass baseline can index (too few counts in the
+    Bragg disks of the mean pattern)."""
+
 
 WINDOW_FACTOR = 1.5  # CoM window radius / disk radius
 EDGE_SOFTNESS = 0.5  # px: window weight falls linearly from 1 to 0 over +-this at its rim
@@ -406,13 +412,15 @@ def reference_lattice(mean_pattern: np.ndarray, disk_radius: float | None = None
     origin = np.array([oy[0, 0], ox[0, 0]])
     vec = _peaks(m, origin, radius)
     if len(vec) < 2:
-        raise ValueError("fewer than two Bragg peaks found in the mean pattern")
+        raise ComLatticeError("the centre-of-mass baseline found fewer than two Bragg peaks "
+                              "in the mean pattern (too few counts in the Bragg disks)")
     G = _basis_from_peaks(vec)
     H = _geometry(WINDOW_FACTOR * radius, Q).H
     margin = H + DESCAN_MARGIN
     hk = _indices(G, origin, Q, margin)
     if len(hk) < 2:
-        raise ValueError("fewer than two reflections fit inside the detector")
+        raise ComLatticeError("the centre-of-mass baseline found fewer than two reflections "
+                              "inside the detector")
     lat = ComLattice(origin, G, hk, radius)
     fit = fit_patterns(m[None], lat, iterations=3)
     if np.all(np.isfinite(fit["Gp"][0])):
