@@ -18,6 +18,12 @@ therefore fits each pattern with a model rendered at any sub-pixel position:
   that profile (:func:`fit_entries`); a symmetric blur of the entry moves no centre, so the
   model keeps the entry's geometry and its relations to the other entries;
 * ``background`` is the entry's smooth remainder between the disks.
+
+The learned entries were trained on the Bragg annulus only; the model then grows over the
+whole detector (:func:`extend_model`): patterns registered onto an entry are averaged in its
+frame (:func:`registered_mean`), the entry's lattice labels every disk the registered
+patterns reach (:func:`lattice_labels`: the corners, the disks cut by the annulus or by the
+detector's edge), and the disks are fitted there, each centred on its lattice point.
 """
 
 from __future__ import annotations
