@@ -5,7 +5,7 @@ Data:
 
 * the project's simulator (:mod:`ccstae_hpc.sim.simulate`, seed 3): the WS2/WSe2
   heterostructure (core, shell, vacuum) and a single phase (``heterostructure=False``, WS2
-  only), noise-free and at 1e4, 3e3, 1e3, 300 and 100 e-/pattern; and the heterostructure at
+  only), noise-free and at 1e4, 3e3, 1e3, 500, 300 and 100 e-/pattern; and the heterostructure at
   1e3 e- with the original paper's diffuse background, weights 0, 0.25, 0.5 and 0.7; 32x32
   scan, 128 px detector;
 * the abTEM multislice sets of ``tests/data`` (:mod:`ccstae_hpc.sim.multislice`, as in
@@ -44,8 +44,9 @@ the heterostructure 16x16 noise-free and at 1e3 e-, the abTEM single phase at 1e
 background sweep (``dose_quick.*``).
 
 Run: ``python benchmarks/bench_dose.py [--quick] [--scan 32] [--results DIR]``.  On a quiet
-2-core machine a case takes ~29 s at 32x32 (`ccstae run` 19 s, the unpooled map 3 s, com
-0.5 s, py4DSTEM 6 s) and ~16 s for an abTEM set, ~10 min for the 25 cases (``--scan 24``:
+2-core machine a case takes ~35 s at 32x32 (`ccstae run` 15-18 s, the unpooled map 9-12 s
+with the whole-detector disk model, com 0.5 s, py4DSTEM 6 s) and ~20 s for an abTEM set,
+~13 min for the 27 cases (``--scan 24``:
 ~19 s a case, ~7.5 min; each `ccstae run` trains for at least 150 steps whatever the scan);
 other jobs on the cores can make a `ccstae run` several times slower.
 """
@@ -89,7 +90,7 @@ POISSON_SEED = 1  # Poisson noise of the abTEM sets, as bench_multislice.py
 # data sets: own simulator (heterostructure flag) and abTEM (bench_multislice.SETS key)
 SIM_SETS = {"sim_heterostructure": True, "sim_single_phase": False}
 ABTEM_SETS = {"abtem_single": "single", "abtem_interface": "interface"}
-SIM_DOSES: tuple[float | None, ...] = (None, 1e4, 3e3, 1e3, 300.0, 100.0)
+SIM_DOSES: tuple[float | None, ...] = (None, 1e4, 3e3, 1e3, 500.0, 300.0, 100.0)
 ABTEM_DOSES: dict[str, tuple[float | None, ...]] = {
     "abtem_single": (None, 1e6, 1e5, 1e4, 1e3, 100.0),
     "abtem_interface": (None, 1e6, 1e5, 1e4),
