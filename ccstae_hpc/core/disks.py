@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["DiskProfile", "DiskModel", "measure_profile", "fit_entries", "render_entry",
+__all__ = ["DiskProfile", "DiskModel", "blur_profile", "measure_profile", "fit_entries",
+           "render_entry",
            "registered_mean", "lattice_labels", "LatticeLabels", "extend_model", "bragg_region",
            "PROFILE_STEP_PX"]
 
@@ -76,6 +77,18 @@ REGISTERED_COVERAGE = 0.5
 DETECTOR_MARGIN_PX = 2.0
 
 
+def blur_profile(values: np.ndarray, step: float, sigma: float) -> np.ndarray:
+    """A radial profile sampled every ``step`` px with its edge blurred by a Gaussian of
+    ``sigma`` px along ``r`` (the disks are many pixels wide), plateau kept."""
+    v = np.asarray(values)
+    if sigma <= 0:
+        return v
+    pad = int(np.ceil(4 * sigma / step))
+    # even about r = 0, zero beyond the end
+    ext = np.concatenate([v[pad:0:-1], v, np.zeros(pad)])
+    return ndimage.gaussian_filter1d(ext, sigma / step, mode="nearest")[pad:pad + len(v)]
+
+
 @dataclass(frozen=True)
 class DiskProfile:
     """Radial profile ``f(r)`` of one disk: ``values[i]`` at ``r = i * step`` px, 1 on the
@@ -91,16 +104,11 @@ class DiskProfile:
         return np.interp(r, grid, self.values, right=0.0)
 
     def blurred(self, sigma: float) -> DiskProfile:
-        """The profile with its edge blurred by a Gaussian of ``sigma`` px (along ``r``: the
-        disks are many pixels wide), plateau kept."""
+        """The profile with its edge blurred by a Gaussian of ``sigma`` px (see
+        :func:`blur_profile`)."""
         if sigma <= 0:
             return self
-        v = self.values
-        pad = int(np.ceil(4 * sigma / self.step))
-        # even about r = 0, zero beyond the end
-        ext = np.concatenate([v[pad:0:-1], v, np.zeros(pad)])
-        out = ndimage.gaussian_filter1d(ext, sigma / self.step, mode="nearest")
-        return DiskProfile(out[pad:pad + len(v) + pad - 1][:len(v)], self.step, self.radius,
+        return DiskProfile(blur_profile(self.values, self.step, sigma), self.step, self.radius,
                            float(np.hypot(self.edge_px, 2.56 * sigma)))
 
     def derivative(self, r: np.ndarray) -> np.ndarray:
@@ -436,12 +444,23 @@ def _lattice(cents: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndar
             break
     if b is None:
         return None
-    hk = np.rint(np.linalg.solve(np.stack([a, b], 1), rel.T).T)
-    X = np.column_stack([hk, np.ones(len(hk))])
-    coef, *_ = np.linalg.lstsq(X, cents, rcond=None)
-    if np.hypot(*(X @ coef - cents).T).max() > LATTICE_TOLERANCE_PX:
+    hk = np.rint(np.linalg.solve(np.stack([a, b], 1), rel.T).T).astype(np.int64)
+    coef = _lattice_through(hk, cents)
+    if np.hypot(*(_lattice_points(hk, coef) - cents).T).max() > LATTICE_TOLERANCE_PX:
         return None
-    return coef, hk.astype(np.int64)
+    return coef, hk
+
+
+def _lattice_points(hk: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """Points ``(m, 2)`` (x, y) of lattice indices ``hk`` ``(m, 2)`` on lattice ``coef``."""
+    return np.column_stack([hk, np.ones(len(hk))]) @ coef
+
+
+def _lattice_through(hk: np.ndarray, cents: np.ndarray) -> np.ndarray:
+    """The lattice ``coef`` ``(3, 2)`` (rows a, b, origin) of least squares through centres
+    ``cents`` ``(m, 2)`` with indices ``hk``."""
+    coef, *_ = np.linalg.lstsq(np.column_stack([hk, np.ones(len(hk))]), cents, rcond=None)
+    return coef
 
 
 @dataclass(frozen=True)
@@ -478,7 +497,7 @@ def lattice_labels(labels: np.ndarray, centers: np.ndarray, amps: np.ndarray,
     reach = int(np.ceil(np.hypot(Q0, Q1) / max(step, 1.0))) + 1
     h, k = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1))
     hk = np.column_stack([h.ravel(), k.ravel()])
-    pts = np.column_stack([hk, np.ones(len(hk))]) @ coef
+    pts = _lattice_points(hk, coef)
     r_lab = radius + LABEL_MARGIN_PX
     inside = ((pts[:, 0] >= -r_lab) & (pts[:, 0] <= Q1 - 1 + r_lab)
               & (pts[:, 1] >= -r_lab) & (pts[:, 1] <= Q0 - 1 + r_lab))
@@ -551,11 +570,9 @@ def extend_model(x: torch.Tensor, theta: torch.Tensor, cls: np.ndarray, ring_mod
         n = len(lat.hk)
         c_fit = np.asarray(m.centers[0, 1:n + 1], np.float64)
         ok = lat.whole & (m.amps[0, 1:n + 1] > 0)
-        X = np.column_stack([lat.hk, np.ones(n)])
         if ok.sum() < 3:
             continue
-        coef, *_ = np.linalg.lstsq(X[ok], c_fit[ok], rcond=None)
-        centers = X @ coef
+        centers = _lattice_points(lat.hk, _lattice_through(lat.hk[ok], c_fit[ok]))
         amps = _amplitudes(mean, lat.labels, centers, ring_model.profile)
         fits[k] = (lat.labels, centers, amps, m.background[0])
     if not fits:

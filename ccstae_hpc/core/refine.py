@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ccstae_hpc.core.disks import blur_profile
 from ccstae_hpc.core.model import CCSTAE, affine_matrix
 
 __all__ = ["encode", "refine", "Registration", "DiskEntries", "relate_entries", "compose_affine",
@@ -429,26 +430,23 @@ class _DiskSampler:
         self.cx, self.cy = disks.centers[k, :, 0][lab], disks.centers[k, :, 1][lab]
         self.a = disks.amps[k][lab]
         self.bg = _sample(disks.background[k:k + 1, :1], pts0, "bilinear")[0]
-        prof, step = disks.profile, disks.step
-        # f(r) = intercept[i] + slope[i] r on [i step, (i + 1) step): one gather each
-        self.slope = torch.diff(prof, append=prof[-1:]) / step
-        self.intercept = prof - self.slope * (torch.arange(len(prof)) * step)
-        self.inv_step, self.last = 1.0 / step, len(prof) - 1
+        self.step, self.last = disks.step, len(disks.profile) - 1
+        self.inv_step = 1.0 / self.step
+        self._set_profile(disks.profile)
         self.half = disks.background.shape[-1] / 2.0
+
+    def _set_profile(self, prof: torch.Tensor) -> None:
+        # f(r) = intercept[i] + slope[i] r on [i step, (i + 1) step): one gather each
+        self.slope = torch.diff(prof, append=prof[-1:]) / self.step
+        self.intercept = prof - self.slope * (torch.arange(len(prof)) * self.step)
 
     def blurred(self, sigma: float) -> _DiskSampler:
         """The same disks with their edge blurred by a Gaussian of ``sigma`` px (along r)."""
         out = copy.copy(self)
         if sigma <= 0:
             return out
-        step = 1.0 / self.inv_step
-        v = (self.intercept + self.slope * (torch.arange(self.last + 1) * step)).numpy()
-        pad = int(np.ceil(4 * sigma / step))
-        ext = np.concatenate([v[pad:0:-1], v, np.zeros(pad)])
-        w = ndimage.gaussian_filter1d(ext, sigma / step, mode="nearest")[pad:pad + len(v)]
-        prof = torch.from_numpy(w.astype(np.float32))
-        out.slope = torch.diff(prof, append=prof[-1:]) / step
-        out.intercept = prof - out.slope * (torch.arange(len(prof)) * step)
+        v = (self.intercept + self.slope * (torch.arange(self.last + 1) * self.step)).numpy()
+        out._set_profile(torch.from_numpy(blur_profile(v, self.step, sigma).astype(np.float32)))
         return out
 
     def __call__(self, pts: torch.Tensor, B: torch.Tensor, values_only: bool = False
@@ -488,21 +486,27 @@ class _ClassFit:
     def _whole_detector(self, k, sl, B, s):
         """The fine pixel set of a whole-detector disk model (``DiskEntries.region``) for
         patterns ``sl`` at ``B, s``, and its sampler."""
-        region = self.disks.region
-        u = self.u_all[region]
-        pts = _points(u, B, s)
-        Wd = _sample(self.disks.mask[k:k + 1], pts, "bilinear")[0]
-        kd = (Wd > 0).any(0)
-        if not kd.any():
+        placed = self._placed(self.disks.region, self.disks.mask, k, sl, B, s)
+        if placed is None:
             # an entry without disks of its own (vacuum, or one the model was not grown
             # for): the annulus and the dictionary's masks, placed here
-            pts = _points(self.u_ring, B, s)
-            W = _sample(self.mask_stack[k:k + 1], pts, "bilinear")[0]
-            keep = (W > 0).any(0)
-            return ((self.u_ring[keep], self.x_raw[sl][:, self.ring_px[keep]].contiguous(),
-                     W[:, keep].contiguous()), _DiskSampler(self.disks, k, pts[:, keep]))
-        return ((u[kd], self.x_raw[sl][:, region[kd]].contiguous(), Wd[:, kd].contiguous()),
-                _DiskSampler(self.disks, k, pts[:, kd]))
+            placed = self._placed(self.ring_px, self.mask_stack, k, sl, B, s,
+                                  allow_empty=True)
+        pixels, pts = placed
+        return pixels, _DiskSampler(self.disks, k, pts)
+
+    def _placed(self, px, masks, k, sl, B, s, allow_empty=False):
+        """Detector pixels ``px`` where ``masks[k]``, placed at ``B, s``, weighs any pattern
+        of ``sl`` (None if none does and not ``allow_empty``): the set ``(u, counts, W)`` and
+        its sampling points."""
+        u = self.u_all[px]
+        pts = _points(u, B, s)
+        W = _sample(masks[k:k + 1], pts, "bilinear")[0]
+        keep = (W > 0).any(0)
+        if not (keep.any() or allow_empty):
+            return None
+        return ((u[keep], self.x_raw[sl][:, px[keep]].contiguous(), W[:, keep].contiguous()),
+                pts[:, keep])
 
     def __call__(self, k, sl, B, s, g, b):
         """Refine patterns ``sl`` of class ``k``: ``B, s``, the residual, the covariance of
