@@ -1088,6 +1088,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback only with ``--verbose``.
     """
     verbose, args_list = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
+    if not verbose:
+        # zarr writes chunks and metadata on its own event loop; when one write fails (a
+        # full disk), the concurrent ones that fail after it are logged by asyncio as
+        # "Future exception was never retrieved" with a traceback, after our one-line error.
+        # The first failure is the one reported; the rest are library logs (--verbose).
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         if args_list and args_list[0] == "ingest":
             return _cmd_ingest(args_list[1:], verbose)

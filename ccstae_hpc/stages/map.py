@@ -117,11 +117,13 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         base = _with_calibration(dict(prep.attrs["lattice"]), root, prep)
     else:
         model, mcfg, tcfg = load_model(store)
-        # calibration on the tasks' torch threads when workers start meanwhile: torch's
-        # spinning threads slowed it 15x (2.3 -> 35 s) on a core shared with another
-        # process; mapping in this process, nothing else runs yet and it gets every core
+        # calibration on the tasks' torch threads, here as on a cluster: the same numbers
+        # everywhere.  On two threads torch 2.13's first vectorised sqrt on its second
+        # OpenMP thread was sometimes off by 7e-5 (relative; seen in 1 of 7 fresh processes),
+        # and the map moved by 4e-5 with it.  (Worker threads starting meanwhile also
+        # slowed a multi-threaded calibration 15x, 2.3 -> 35 s, on a shared core.)
         before = torch.get_num_threads()
-        torch.set_num_threads(threads if client is not None else max(threads, _cpus(workers)))
+        torch.set_num_threads(threads)
         try:
             inputs = phase_inputs(prep, model, geom, map_cfg)
         finally:
