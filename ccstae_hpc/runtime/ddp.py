@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ccstae_hpc.runtime.threads import set_torch_threads
+
 __all__ = [
     "DistEnv",
     "Comm",
@@ -220,11 +222,11 @@ def _rank_task(fn: Callable[..., Any], env: DistEnv, args: tuple, kwargs: dict) 
     """Body of one pinned Dask task: run ``fn(env, *args, **kwargs)`` as one rank."""
     before = torch.get_num_threads()
     # one torch thread per worker thread: ranks sharing a host must not oversubscribe it
-    torch.set_num_threads(_worker_threads())
+    set_torch_threads(_worker_threads())
     try:
         return fn(env, *args, **kwargs)
     finally:
-        torch.set_num_threads(before)
+        set_torch_threads(before)
 
 
 def _peer_failure(e: BaseException | None) -> bool:

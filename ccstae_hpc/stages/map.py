@@ -42,6 +42,7 @@ from ccstae_hpc.core.phases import (
 from ccstae_hpc.core.refine import DiskEntries, encode, refine
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.runtime.memory import keep_work_memory
+from ccstae_hpc.runtime.threads import set_torch_threads
 from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_block
 from ccstae_hpc.stages.store import (
     CODEC,
@@ -117,17 +118,15 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         base = _with_calibration(dict(prep.attrs["lattice"]), root, prep)
     else:
         model, mcfg, tcfg = load_model(store)
-        # calibration on the tasks' torch threads, here as on a cluster: the same numbers
-        # everywhere.  On two threads torch 2.13's first vectorised sqrt on its second
-        # OpenMP thread was sometimes off by 7e-5 (relative; seen in 1 of 7 fresh processes),
-        # and the map moved by 4e-5 with it.  (Worker threads starting meanwhile also
-        # slowed a multi-threaded calibration 15x, 2.3 -> 35 s, on a shared core.)
+        # calibration on the tasks' torch threads when workers start meanwhile: torch's
+        # spinning threads slowed it 15x (2.3 -> 35 s) on a core shared with another
+        # process; mapping in this process, nothing else runs yet and it gets every core
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        set_torch_threads(threads if client is not None else max(threads, _cpus(workers)))
         try:
             inputs = phase_inputs(prep, model, geom, map_cfg)
         finally:
-            torch.set_num_threads(before)
+            set_torch_threads(before)
         phases, K = inputs.phases, len(inputs.info.patterns)
         task, payload = map_rows, map_payload(str(store.resolve()), model, geom, map_cfg,
                                               (ny, nx), rows_per_block, threads,
@@ -215,7 +214,7 @@ def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | Non
                     if bar is not None:
                         bar.update(n)
         finally:
-            torch.set_num_threads(before)
+            set_torch_threads(before)
         return n_workers
     finally:
         if bar is not None:
@@ -431,7 +430,7 @@ def map_rows(y0: int, payload: dict) -> int:
     the result does not depend on where it runs, and returns only the number of patterns.
     """
     # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
-    torch.set_num_threads(payload["threads"])
+    set_torch_threads(payload["threads"])
     keep_work_memory()
     model, geom, cfg, inputs = _cached(payload)
     ny, nx = payload["shape"]

@@ -46,6 +46,7 @@ from ccstae_hpc.runtime.ddp import (
     run_on_dask,
 )
 from ccstae_hpc.runtime.memory import keep_work_memory
+from ccstae_hpc.runtime.threads import settle_torch_threads
 from ccstae_hpc.stages.lock import held_lock_token, store_lock
 from ccstae_hpc.stages.prep import open_prep, prep_geometry
 from ccstae_hpc.stages.store import check_stage, commit, discard_staging, open_root, staging
@@ -402,6 +403,7 @@ def train_rank(
     Returns the loss curve on rank 0 and ``[]`` elsewhere.
     """
     keep_work_memory()
+    settle_torch_threads()  # the same model from the same store, run after run
     ckpt_cfg = checkpoint or CheckpointConfig()
     device = device_for(env.local_rank)
     with process_group(env, device):
