@@ -46,6 +46,27 @@ def sim_small(make_sim: Callable[..., SimResult]) -> SimResult:
     return make_sim()
 
 
+# the default heterostructure at 1e3 e-/pattern through `ccstae run` (shared by
+# tests/test_pipeline.py and tests/test_analysis.py: training is most of its ~45 s)
+HETERO_1E3 = SimConfig(scan=(48, 48), dose=1000.0, seed=3)
+
+
+@pytest.fixture(scope="session")
+def hetero_1e3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SimConfig]:
+    """``ccstae run --num-base 4`` (one more entry than phases + vacuum) on
+    :data:`HETERO_1E3`: the store (raw ... strain, analysis) and the config.  Read it only;
+    a test that re-maps works on a copy."""
+    from ccstae_hpc import cli
+    from ccstae_hpc.sim.simulate import save_simulation
+
+    tmp = tmp_path_factory.mktemp("hetero_1e3")
+    npy, _ = save_simulation(tmp / "data.npy", HETERO_1E3)
+    store = tmp / "data.zarr"
+    assert cli.main(["run", str(npy), "--out", str(store), "--engine", "direct", "--quiet",
+                     "--num-base", "4"]) == 0
+    return store, HETERO_1E3
+
+
 MULTISLICE_DATA = Path(__file__).resolve().parent / "data"
 
 

@@ -334,11 +334,12 @@ def test_ripple_end_to_end_at_1e3(dislocated_store) -> None:
 
 
 @pytest.mark.slow
-def test_heterostructure_end_to_end_at_1e3(tmp_path: Path) -> None:
+def test_heterostructure_end_to_end_at_1e3(hetero_1e3_run) -> None:
     """The default WS2/WSe2 heterostructure (4 % misfit at the interface, vacuum, ripple) at
-    1e3 e-/pattern: no core anywhere, the ripple within the issue's tolerances."""
-    cfg = SimConfig(scan=(48, 48), dose=1000.0, seed=3)
-    ds = analyze_store(_pipeline(tmp_path, cfg))
+    1e3 e-/pattern, through `ccstae run`: no core anywhere, the ripple within the issue's
+    tolerances."""
+    store, cfg = hetero_1e3_run
+    ds = xr.open_zarr(store, group="analysis").load()
     assert ds.sizes["dislocation"] == 0, ds["confidence"].values
     lam = float(ds["ripple_wavelength_px"])
     amp = float(ds["ripple_amplitude_deg"])

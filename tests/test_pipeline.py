@@ -8,6 +8,7 @@ result's default; errors re-reference both on the same pixels (`evaluate.strain_
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +89,16 @@ def test_single_phase_is_one_phase_whatever_num_base(tmp_path: Path) -> None:
     assert err["mae_theta"] <= 0.03, err
 
 
-def test_heterostructure_at_1e3_with_a_larger_dictionary(tmp_path: Path) -> None:
+def test_heterostructure_at_1e3_with_a_larger_dictionary(hetero_1e3_run, tmp_path: Path
+                                                         ) -> None:
     """1e3 e-/pattern, --num-base 4 (one more entry than phases + vacuum): still two phases.
     With the default, data-chosen pooling the errors fall well below the single-pattern
     floor; the single-pattern fits (``ccstae map --pool-sigma 0`` on the same store) sit near
     the Cramer-Rao floor (0.14 % at this dose), and their standard errors match their scatter
     about the truth."""
-    cfg = SimConfig(scan=(48, 48), dose=1000.0, seed=3)
-    ds, truth = _run(tmp_path, cfg, "--num-base", "4")
+    shared, cfg = hetero_1e3_run
+    store = Path(shutil.copytree(shared, tmp_path / "data.zarr"))  # re-mapped below
+    ds, truth = xr.open_zarr(store, group="strain").load(), truth_rows(cfg)
     err = strain_errors(ds, truth)
     assert err["n_phases"] == 2, ds.attrs["phase_map"]
     assert err["acc_sample"] >= 0.98 and err["acc_phase"] >= 0.98, err
@@ -105,7 +108,6 @@ def test_heterostructure_at_1e3_with_a_larger_dictionary(tmp_path: Path) -> None
         assert err[f"mae_{k}"] <= 0.0018, (k, err)
     assert err["mae_theta"] <= 0.08, err
 
-    store = tmp_path / "data.zarr"
     assert cli.main(["map", str(store), "--pool-sigma", "0", "--overwrite", "--quiet"]) == 0
     single = xr.open_zarr(store, group="strain").load()
     err1 = strain_errors(single, truth)
