@@ -67,6 +67,22 @@ def hetero_1e3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SimC
     return store, HETERO_1E3
 
 
+@pytest.fixture(scope="session")
+def hetero_1e3_single(hetero_1e3_run: tuple[Path, SimConfig],
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of :func:`hetero_1e3_run`'s store re-mapped with single-pattern fits (``ccstae
+    map --pool-sigma 0 --overwrite``; shared by tests/test_pipeline.py and
+    tests/test_uncertainty.py).  Read it only."""
+    import shutil
+
+    from ccstae_hpc import cli
+
+    store, _ = hetero_1e3_run
+    out = Path(shutil.copytree(store, tmp_path_factory.mktemp("hetero_1e3_single") / "s.zarr"))
+    assert cli.main(["map", str(out), "--pool-sigma", "0", "--overwrite", "--quiet"]) == 0
+    return out
+
+
 MULTISLICE_DATA = Path(__file__).resolve().parent / "data"
 
 

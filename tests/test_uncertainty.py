@@ -3,7 +3,9 @@
 The issue asks that 68 +/- 5 % of true values fall within one standard error at 1e4, 1e3 and
 500 e-/pattern.  The slow tests take the path users take (``ccstae simulate``, ``ccstae run
 --engine direct``, then ``ccstae map --pool-sigma 0``), one trained model per dose, and
-measure the coverage ``mean(|error| / std <= 1)`` over the sample pixels with ``fit_ok``,
+measure the coverage ``mean(|error| / std <= 1)`` over the sample pixels with ``fit_ok``
+(at 1e3 e- on the session's 48x48 heterostructure run, ``conftest.hetero_1e3_run``, which
+tests/test_pipeline.py also checks),
 the truth re-referenced on the result's reference pixels (``sim.evaluate.truth_relative``).
 The fast tests check the pooling algebra of :mod:`ccstae_hpc.core.strain` on seeded
 synthetic fields.
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +34,7 @@ from ccstae_hpc.core.strain import (
     scatter_variance_factor,
 )
 from ccstae_hpc.sim.evaluate import COMPONENTS, load_truth, truth_relative
+from ccstae_hpc.sim.simulate import truth_rows
 
 # the issue's band: 68 +/- 5 % of true values within one standard error
 COVERAGE_BAND = (0.63, 0.73)
@@ -39,6 +44,8 @@ COVERAGE_BAND = (0.63, 0.73)
 # both phases, as seed 3 does at the higher doses
 DOSE_SEEDS = {1e4: 3, 1e3: 3, 500.0: 5}
 SCAN = 32
+# this dose comes from the session's 48x48 heterostructure run (seed 3, --num-base 4)
+SHARED_DOSE = 1e3
 
 
 def _coverage(ds: xr.Dataset, truth: dict) -> dict[str, float]:
@@ -49,7 +56,7 @@ def _coverage(ds: xr.Dataset, truth: dict) -> dict[str, float]:
         err = ds[k].values - tr[k]
         sd = ds[f"{k}_std"].values
         m = np.isfinite(err) & np.isfinite(sd) & ds["fit_ok"].values
-        assert m.sum() > 0.7 * SCAN * SCAN, (k, int(m.sum()))
+        assert m.sum() > 0.7 * ds.sizes["scan_y"] * ds.sizes["scan_x"], (k, int(m.sum()))
         out[k] = float(np.mean(np.abs(err[m]) <= sd[m]))
     return out
 
@@ -61,6 +68,8 @@ def dose_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     """One trained model per dose: the default (pooled) map and the single-pattern map."""
     dose = request.param
     tmp = tmp_path_factory.mktemp(f"dose{dose:g}")
+    if dose == SHARED_DOSE:
+        return _shared_run(request, tmp)
     npy, store = tmp / "data.npy", tmp / "data.zarr"
     assert cli.main(["simulate", str(npy), "--scan", str(SCAN), str(SCAN), "--dose", str(dose),
                      "--seed", str(DOSE_SEEDS[dose])]) == 0
@@ -96,6 +105,25 @@ def dose_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         same = xr.open_zarr(store, group="strain").load()
     return {"dose": dose, "truth": load_truth(npy.with_suffix(".truth.npz")),
             "pooled": pooled, "single": single, "single_same_model": same}
+
+
+def _shared_run(request: pytest.FixtureRequest, tmp: Path) -> dict:
+    """:data:`SHARED_DOSE` from the session's run (``conftest.hetero_1e3_run``: `ccstae run
+    --num-base 4`, then `ccstae map --pool-sigma 0` on a copy), with a single-pattern map of
+    the pooled map's forward model when "auto" chose another for single patterns."""
+    store, cfg = request.getfixturevalue("hetero_1e3_run")
+    single_store = request.getfixturevalue("hetero_1e3_single")
+    pooled = xr.open_zarr(store, group="strain").load()
+    single = xr.open_zarr(single_store, group="strain").load()
+    chosen = json.loads(pooled.attrs["forward_model"])["chosen"]
+    same = single
+    if json.loads(single.attrs["forward_model"])["chosen"] != chosen:
+        copy = shutil.copytree(store, tmp / "same.zarr")
+        assert cli.main(["map", str(copy), "--pool-sigma", "0", "--forward-model", chosen,
+                         "--overwrite", "--quiet"]) == 0
+        same = xr.open_zarr(copy, group="strain").load()
+    return {"dose": SHARED_DOSE, "truth": truth_rows(cfg), "pooled": pooled, "single": single,
+            "single_same_model": same}
 
 
 @pytest.mark.slow
