@@ -1080,6 +1080,10 @@ def _pop_verbose(args: list[str]) -> tuple[bool, list[str]]:
     return len(head) != end, head + args[end:]
 
 
+def _quiet_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` without ``--verbose``: errors in finalisers are not shown."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ccstae`` console script; returns the exit code.
 
@@ -1094,6 +1098,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # "Future exception was never retrieved" with a traceback, after our one-line error.
         # The first failure is the one reported; the rest are library logs (--verbose).
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        # an error inside a finaliser that runs whenever the garbage collector gets to it
+        # (a file or future of a library) is no outcome of the command: Python would print
+        # it with a traceback in the middle of its output
+        sys.unraisablehook = _quiet_unraisable
     try:
         if args_list and args_list[0] == "ingest":
             return _cmd_ingest(args_list[1:], verbose)

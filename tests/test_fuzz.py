@@ -51,6 +51,7 @@ EXTENSIONS = sorted({e for exts in FORMATS.values() for e in exts} | {"dat", "ra
 NPY_DTYPES = ["<u1", "<u2", ">u2", "<i2", "<i4", "<f2", "<f4", ">f8", "|b1", "<c8", "|O",
               "<U4", "|V8", "<m8", "<u8"]
 TRACEBACK = "Traceback (most recent call last)"
+STDERR_SHOWN = 1500  # characters of a bad result's stderr in the failure message
 
 
 # ---------------------------------------------------------------------------- the worker side
@@ -266,7 +267,7 @@ def _bad(res: dict[str, Any]) -> str | None:
     if res.get("escaped"):
         return "exception escaped main: " + res["escaped"].strip().splitlines()[-1]
     if TRACEBACK in res["stderr"]:
-        return "traceback on stderr"
+        return "traceback on stderr:\n" + res["stderr"][-STDERR_SHOWN:]
     if res["rc"] not in (0, 2):
         return f"exit code {res['rc']}: {res['stderr'].strip()[-300:]}"
     if res["rc"] == 2:
