@@ -47,7 +47,8 @@ def sim_small(make_sim: Callable[..., SimResult]) -> SimResult:
 
 
 # the default heterostructure at 1e3 e-/pattern through `ccstae run` (shared by
-# tests/test_pipeline.py and tests/test_analysis.py: training is most of its ~45 s)
+# tests/test_pipeline.py, tests/test_analysis.py and tests/test_uncertainty.py: training is
+# most of its ~45 s)
 HETERO_1E3 = SimConfig(scan=(48, 48), dose=1000.0, seed=3)
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,16 +96,26 @@ def dose_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     pooled = xr.open_zarr(store, group="strain").load()
     ccstae("map", str(store), "--pool-sigma", "0", "--overwrite", "--quiet")
     single = xr.open_zarr(store, group="strain").load()
-    # "auto" may fit single patterns with the sharp-disk model while pooled maps use the
-    # learned entries; the pooling algebra is checked on fits of one forward model
-    chosen = json.loads(pooled.attrs["forward_model"])["chosen"]
-    same = single
-    if json.loads(single.attrs["forward_model"])["chosen"] != chosen:
+
+    def remap(chosen: str) -> xr.Dataset:
         ccstae("map", str(store), "--pool-sigma", "0", "--forward-model", chosen,
                "--overwrite", "--quiet")
-        same = xr.open_zarr(store, group="strain").load()
+        return xr.open_zarr(store, group="strain").load()
+
     return {"dose": dose, "truth": load_truth(npy.with_suffix(".truth.npz")),
-            "pooled": pooled, "single": single, "single_same_model": same}
+            "pooled": pooled, "single": single,
+            "single_same_model": _same_model(pooled, single, remap)}
+
+
+def _same_model(pooled: xr.Dataset, single: xr.Dataset,
+                remap: Callable[[str], xr.Dataset]) -> xr.Dataset:
+    """Single-pattern fits of the pooled map's forward model: ``single``, or ``remap(name)``
+    when "auto" fitted single patterns with another (the sharp-disk model while pooled maps
+    use the learned entries): the pooling algebra is checked on fits of one forward model."""
+    chosen = json.loads(pooled.attrs["forward_model"])["chosen"]
+    if json.loads(single.attrs["forward_model"])["chosen"] == chosen:
+        return single
+    return remap(chosen)
 
 
 def _shared_run(request: pytest.FixtureRequest, tmp: Path) -> dict:
@@ -115,15 +126,15 @@ def _shared_run(request: pytest.FixtureRequest, tmp: Path) -> dict:
     single_store = request.getfixturevalue("hetero_1e3_single")
     pooled = xr.open_zarr(store, group="strain").load()
     single = xr.open_zarr(single_store, group="strain").load()
-    chosen = json.loads(pooled.attrs["forward_model"])["chosen"]
-    same = single
-    if json.loads(single.attrs["forward_model"])["chosen"] != chosen:
-        copy = shutil.copytree(store, tmp / "same.zarr")
+
+    def remap(chosen: str) -> xr.Dataset:
+        copy = shutil.copytree(store, tmp / "same.zarr")  # the shared store is read only
         assert cli.main(["map", str(copy), "--pool-sigma", "0", "--forward-model", chosen,
                          "--overwrite", "--quiet"]) == 0
-        same = xr.open_zarr(copy, group="strain").load()
+        return xr.open_zarr(copy, group="strain").load()
+
     return {"dose": SHARED_DOSE, "truth": truth_rows(cfg), "pooled": pooled, "single": single,
-            "single_same_model": same}
+            "single_same_model": _same_model(pooled, single, remap)}
 
 
 @pytest.mark.slow
