@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccstae_hpc.core.config import MapConfig, SimConfig
+from ccstae_hpc.core.config import MapConfig, SimConfig, TrainConfig
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain
 from ccstae_hpc.core.phases import decide_phase
 from ccstae_hpc.core.refine import compose_affine, encode, refine
@@ -72,6 +72,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scan", type=int, default=48)
     ap.add_argument("--doses", nargs="+", default=["none", "1000"])
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs (default: until converged); the tests pass 1 to "
+                    "check that the script runs")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
     rows = []
@@ -83,7 +86,7 @@ def main() -> None:
             store = Path(tmp) / "s.zarr"
             ingest(npy, store)
             preprocess_store(store)
-            train_store(store)
+            train_store(store, train_cfg=TrainConfig(epochs=args.epochs))
             affs, inputs = variants(store)
         truth = truth_rows(cfg)
         for name, aff in affs.items():

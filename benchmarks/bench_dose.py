@@ -249,8 +249,10 @@ def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
     return ds, score(ds, truth)
 
 
-def run_methods(npy: Path, truth: dict, tmp: Path) -> dict[str, dict[str, Any]]:
-    """Every method on one case, in the order ccstae, unpooled, com, py4DSTEM.
+def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None
+                ) -> dict[str, dict[str, Any]]:
+    """Every method on one case, in the order ccstae, unpooled, com, py4DSTEM; ``epochs``
+    fixes `ccstae run`'s training length (default: until converged).
 
     Returns
     -------
@@ -261,7 +263,8 @@ def run_methods(npy: Path, truth: dict, tmp: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     ds = None
     t = time.perf_counter()
-    err = run_cli(["run", str(npy), "--out", str(store), "--engine", "direct", "--quiet"])
+    err = run_cli(["run", str(npy), "--out", str(store), "--engine", "direct", "--quiet",
+                   *([] if epochs is None else ["--epochs", str(epochs)])])
     res: dict[str, Any] = {"time_s": time.perf_counter() - t}
     if err is None:
         try:
@@ -488,6 +491,9 @@ def main() -> None:
                     help=f"own-simulator scan side ({SCAN}; {QUICK_SCAN} with --quick)")
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="where the JSON and the PNGs go")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs of `ccstae run` (default: until converged); "
+                    "the tests pass 1 to check that the script runs")
     args = ap.parse_args()
     scan = args.scan or (QUICK_SCAN if args.quick else SCAN)
     cases = cases_for(args.quick)
@@ -498,7 +504,7 @@ def main() -> None:
             t = time.perf_counter()
             npy, truth, floor = make_case(case, scan, Path(tmp))
             shape = list(np.load(npy, mmap_mode="r").shape[:2])
-            res = run_methods(npy, truth, Path(tmp))
+            res = run_methods(npy, truth, Path(tmp), args.epochs)
             rows += case_rows(case, shape, floor, res)
             failed = [m for m, r in res.items() if r is not None and "error" in r]
             print(f"[{i}/{len(cases)}] {case.data} {dose_label(case.dose)} "

@@ -90,7 +90,7 @@ def py4dstem_errors(npy: Path, truth: dict, ds: xr.Dataset, tmp: Path) -> dict |
     return {f"mae_{k}": float(e[f"mae_{k}"]) for k in COMPONENTS}
 
 
-def run_case(name: str, dose: float | None, tmp: Path) -> dict:
+def run_case(name: str, dose: float | None, tmp: Path, epochs: int | None = None) -> dict:
     data, truth, _ = load_multislice(validation_set(DATA, SETS[name]))
     if dose is not None:
         data = add_poisson(data, dose, seed=1)
@@ -98,7 +98,8 @@ def run_case(name: str, dose: float | None, tmp: Path) -> dict:
     np.save(npy, data)
     out = tmp / f"{name}_{dose}.zarr"
     t = time.perf_counter()
-    assert cli.main(["run", str(npy), "--out", str(out), "--engine", "direct", "--quiet"]) == 0
+    assert cli.main(["run", str(npy), "--out", str(out), "--engine", "direct", "--quiet",
+                     *([] if epochs is None else ["--epochs", str(epochs)])]) == 0
     dt = time.perf_counter() - t
     ds = xr.open_zarr(out, group="strain").load()
     err = strain_errors(ds, truth)
@@ -123,13 +124,16 @@ def _fmt(v: float, k: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="noise-free single phase only")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs of `ccstae run` (default: until converged); "
+                    "the tests pass 1 to check that the script runs")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
     cases = [("single", None)] if args.quick else [(s, d) for s in SETS for d in DOSES[s]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, dose in cases:
-            rows.append(run_case(name, dose, Path(tmp)))
+            rows.append(run_case(name, dose, Path(tmp), args.epochs))
     print("MAE against the atom-position truth (strain in %, theta in deg); same patterns, "
           "same reference pixels")
     print(f"{'set':10} {'dose':>8} {'method':15} " + " ".join(f"{k:>7}" for k in COMPONENTS)

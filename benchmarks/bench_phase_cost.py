@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccstae_hpc.core.config import MapConfig, SimConfig
+from ccstae_hpc.core.config import MapConfig, SimConfig, TrainConfig
 from ccstae_hpc.core.mapping import MapInputs, map_block
 from ccstae_hpc.sim.simulate import save_simulation
 from ccstae_hpc.stages.ingest import ingest
@@ -36,6 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scan", type=int, default=48)
     ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs (default: until converged); the tests pass 1 to "
+                    "check that the script runs")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one worker's view: the map stage runs one thread per task
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +47,7 @@ def main() -> None:
         store = Path(tmp) / "s.zarr"
         ingest(npy, store)
         preprocess_store(store)
-        train_store(store)
+        train_store(store, train_cfg=TrainConfig(epochs=args.epochs))
         model, _, _ = load_model(store)
         prep = open_prep(store)
         geom = prep_geometry(prep)

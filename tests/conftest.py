@@ -96,6 +96,18 @@ def multislice_files() -> dict[str, Path]:
     return {name: validation_set(MULTISLICE_DATA, name) for name in VALIDATION_SETS}
 
 
+def _sqlite_copy(src: Path, dst: Path) -> None:
+    """A consistent copy of a live SQLite database (the backup API, not a file copy)."""
+    import sqlite3
+
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    try:
+        a.backup(b)
+    finally:
+        b.close()
+        a.close()
+
+
 PREFECT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -103,19 +115,25 @@ PREFECT_ENV = {
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """One temporary Prefect server (and database) for every flow test of the session.
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One temporary Prefect server (and database) for every flow test of the session; yields
+    a copy of its database taken right after the migration (see :func:`_sqlite_copy`).
 
     A fresh database takes ~25 s to migrate on two cores, and Prefect keeps one test harness
-    per process: tests/test_flows.py and tests/test_slurm.py share this one.
+    per process: tests/test_flows.py and tests/test_slurm.py share this one, and
+    tests/test_prefect_server.py starts its own server on the copy.
     """
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
     from prefect.testing.utilities import prefect_test_harness
 
     saved = {k: os.environ.get(k) for k in PREFECT_ENV}
     os.environ.update(PREFECT_ENV)
     try:
         with prefect_test_harness(server_startup_timeout=120):
-            yield
+            url = PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
+            copy = tmp_path_factory.mktemp("prefect_db") / "prefect.db"
+            _sqlite_copy(Path(url.split(":///", 1)[1]), copy)
+            yield copy
     finally:
         for k, v in saved.items():
             if v is None:

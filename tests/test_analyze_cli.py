@@ -203,7 +203,7 @@ def test_run_prefect_writes_analysis(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.timeout(900)
-def test_analyze_flow_skips_when_done(prefect_server: None, mapped: Path,
+def test_analyze_flow_skips_when_done(prefect_server: Path, mapped: Path,
                                       monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """The ``analyze`` flow runs once, is skipped on rerun, and runs again after the group

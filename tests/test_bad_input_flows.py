@@ -83,7 +83,7 @@ CASES = [
 
 @pytest.mark.parametrize(("kind", "words", "stage"), CASES, ids=[c[0] for c in CASES])
 def test_the_pipeline_refuses_bad_input_at_the_first_stage_that_can_tell(
-        prefect_server: None, tmp_path: Path, good: np.ndarray, kind: str, words: list[str],
+        prefect_server: Path, tmp_path: Path, good: np.ndarray, kind: str, words: list[str],
         stage: str) -> None:
     from flows.pipeline import pipeline
 
@@ -102,7 +102,7 @@ def test_the_pipeline_refuses_bad_input_at_the_first_stage_that_can_tell(
         assert not out.exists() or store_mod.group_state(out, g) != "complete", (kind, g)
 
 
-def test_bad_input_into_an_existing_store_leaves_it(prefect_server: None, tmp_path: Path,
+def test_bad_input_into_an_existing_store_leaves_it(prefect_server: Path, tmp_path: Path,
                                                      good: np.ndarray) -> None:
     from flows.pipeline import pipeline
 

@@ -86,7 +86,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def done(prefect_server: None, dataset: tuple[Path, Path]) -> dict[str, Any]:
+def done(prefect_server: Path, dataset: tuple[Path, Path]) -> dict[str, Any]:
     """The pipeline run once to completion: store, flow run id and library call counts."""
     from flows.pipeline import pipeline
 
@@ -195,7 +195,7 @@ def test_embedded_runner(done: dict[str, Any], calls: Calls) -> None:
     {"config": {"analyze": {"false_alarms": 2}}},
     {"config": {"workers": 0}},
 ])
-def test_bad_parameters_are_rejected(prefect_server: None, tmp_path: Path, calls: Calls,
+def test_bad_parameters_are_rejected(prefect_server: Path, tmp_path: Path, calls: Calls,
                                      bad: dict[str, Any]) -> None:
     from prefect.exceptions import ParameterTypeError
 
@@ -209,7 +209,7 @@ def test_bad_parameters_are_rejected(prefect_server: None, tmp_path: Path, calls
     assert calls.n == Counter()
 
 
-def test_unknown_cluster_fails_before_any_stage(prefect_server: None, dataset: tuple[Path, Path],
+def test_unknown_cluster_fails_before_any_stage(prefect_server: Path, dataset: tuple[Path, Path],
                                                 tmp_path: Path, calls: Calls) -> None:
     from flows.pipeline import pipeline
 

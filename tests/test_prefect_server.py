@@ -1,15 +1,16 @@
 """End to end with a real Prefect server: `ccstae serve` a schedule file, trigger, check results.
 
 Starts ``prefect server start`` on a free loopback port (its own PREFECT_HOME and database in a
-temporary directory), serves the ``pipeline`` deployment of a schedule file with
-``ccstae serve``, triggers a run through the API, waits for it and checks the strain maps
-against the simulator's truth.  Every process is started in its own process group and
-terminated in ``finally``.
+temporary directory; the database is a copy of the session's freshly migrated one), serves the
+``pipeline`` deployment of a schedule file with ``ccstae serve``, triggers a run through the
+API, waits for it and checks the strain maps against the simulator's truth.  Every process is
+started in its own process group and terminated in ``finally``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from ccstae_hpc.sim.simulate import save_simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
-SERVER_START_S = 180  # a fresh database migrates in ~25 s on two cores; CI may be slower
+SERVER_START_S = 180  # generous: a fresh database would migrate in 25-40 s on two cores
 REGISTER_S = 120
 RUN_S = 300
 
@@ -94,7 +95,7 @@ def _healthy(url: str) -> Callable[[], bool]:
     return check
 
 
-def test_served_pipeline_runs_on_a_real_server(tmp_path: Path) -> None:
+def test_served_pipeline_runs_on_a_real_server(prefect_server: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -107,6 +108,8 @@ def test_served_pipeline_runs_on_a_real_server(tmp_path: Path) -> None:
     store = tmp_path / "scan.zarr"
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
+    db = tmp_path / "prefect.db"
+    shutil.copyfile(prefect_server, db)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
         "PREFECT_HOME": str(tmp_path / "prefect_home"),
@@ -114,6 +117,10 @@ def test_served_pipeline_runs_on_a_real_server(tmp_path: Path) -> None:
         "PREFECT_UI_API_URL": url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
+        # a copy of the session's already migrated database: a fresh one takes 25-40 s
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+        # `ccstae serve` looks for due runs every second instead of every 10 s
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
     })
     schedule = tmp_path / "schedules.yaml"
     schedule.write_text(yaml.safe_dump({"deployments": [{

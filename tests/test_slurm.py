@@ -395,7 +395,7 @@ def _worker_executed() -> Callable[..., int]:
 
 @pytest.mark.timeout(420)
 def test_pipeline_flow_with_its_dask_cluster_on_slurm(
-    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_server: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Prefect ``pipeline`` flow, cluster ``slurm-test``: its workers are SLURM jobs."""
     import ccstae_hpc.runtime.jobqueue as site
