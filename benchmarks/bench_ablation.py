@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_options import add_epochs
 
 from ccstae_hpc.core.config import MapConfig, SimConfig, TrainConfig
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain
@@ -72,9 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scan", type=int, default=48)
     ap.add_argument("--doses", nargs="+", default=["none", "1000"])
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="training epochs (default: until converged); the tests pass 1 to "
-                    "check that the script runs")
+    add_epochs(ap)
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
     rows = []

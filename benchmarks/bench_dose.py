@@ -73,6 +73,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
+from train_options import add_epochs, run_epochs
 
 from ccstae_hpc import cli
 from ccstae_hpc.core.config import SimConfig
@@ -264,7 +265,7 @@ def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None
     ds = None
     t = time.perf_counter()
     err = run_cli(["run", str(npy), "--out", str(store), "--engine", "direct", "--quiet",
-                   *([] if epochs is None else ["--epochs", str(epochs)])])
+                   *run_epochs(epochs)])
     res: dict[str, Any] = {"time_s": time.perf_counter() - t}
     if err is None:
         try:
@@ -491,9 +492,7 @@ def main() -> None:
                     help=f"own-simulator scan side ({SCAN}; {QUICK_SCAN} with --quick)")
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="where the JSON and the PNGs go")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="training epochs of `ccstae run` (default: until converged); "
-                    "the tests pass 1 to check that the script runs")
+    add_epochs(ap)
     args = ap.parse_args()
     scan = args.scan or (QUICK_SCAN if args.quick else SCAN)
     cases = cases_for(args.quick)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from train_options import add_epochs, run_epochs
 
 from ccstae_hpc import cli
 from ccstae_hpc.core.com import deformation, fit_patterns, reference_lattice
@@ -99,7 +100,7 @@ def run_case(name: str, dose: float | None, tmp: Path, epochs: int | None = None
     out = tmp / f"{name}_{dose}.zarr"
     t = time.perf_counter()
     assert cli.main(["run", str(npy), "--out", str(out), "--engine", "direct", "--quiet",
-                     *([] if epochs is None else ["--epochs", str(epochs)])]) == 0
+                     *run_epochs(epochs)]) == 0
     dt = time.perf_counter() - t
     ds = xr.open_zarr(out, group="strain").load()
     err = strain_errors(ds, truth)
@@ -124,9 +125,7 @@ def _fmt(v: float, k: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="noise-free single phase only")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="training epochs of `ccstae run` (default: until converged); "
-                    "the tests pass 1 to check that the script runs")
+    add_epochs(ap)
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
     cases = [("single", None)] if args.quick else [(s, d) for s in SETS for d in DOSES[s]]

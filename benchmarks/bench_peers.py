@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from train_options import add_epochs, run_epochs
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.sim.evaluate import format_errors, load_truth, strain_errors
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--peers-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="training epochs of `ccstae run` (default: until converged); "
-                    "the tests pass 1 to check that the script runs")
+    add_epochs(ap)
     args = ap.parse_args(argv)
     ccstae = [sys.executable, "-m", "ccstae_hpc.cli"]
     n = args.scan * args.scan
@@ -89,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         truth = load_truth(truth_path)
         store = d / "run.zarr"
 
-        epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
-        t_run = _timed([*ccstae, "run", str(npy), "--out", str(store), "--quiet", *epochs])
+        t_run = _timed([*ccstae, "run", str(npy), "--out", str(store), "--quiet",
+                        *run_epochs(args.epochs)])
         run_ds = xr.open_zarr(store, group="strain").load()
         t_map = _timed([*ccstae, "map", str(store), "--workers", str(WORKERS), "--overwrite",
                         "--quiet"])

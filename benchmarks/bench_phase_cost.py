@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_options import add_epochs
 
 from ccstae_hpc.core.config import MapConfig, SimConfig, TrainConfig
 from ccstae_hpc.core.mapping import MapInputs, map_block
@@ -36,9 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scan", type=int, default=48)
     ap.add_argument("--repeat", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="training epochs (default: until converged); the tests pass 1 to "
-                    "check that the script runs")
+    add_epochs(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)  # one worker's view: the map stage runs one thread per task
     with tempfile.TemporaryDirectory() as tmp:
