@@ -98,3 +98,36 @@ def test_composition_misfit_tells_phases_apart_not_strain():
     assert np.isnan(chi2[:, 0]).all()  # vacuum is not scored
     assert (chi2[:, 3] - chi2[:, 1] > 30).all(), chi2  # other composition: far worse
     assert (np.abs(chi2[:, 2] - chi2[:, 1]) < 1).all(), chi2  # same phase, other strain
+
+
+def test_a_start_far_off_in_rotation_is_caught_by_the_ring():
+    """The encoder may start a pattern further off in rotation than Gauss-Newton captures
+    (seen at 500 e-/pattern: 14-16 deg): the pattern's angular harmonics on the ring give
+    its rotation modulo 60 deg, and ``refine_checked`` fits from the turned start too."""
+    from ccstae_hpc.core.refine import affine_rotation, refine_checked, ring_rotation
+
+    cfg = SimConfig()
+    org = np.array([[63.5, 63.5]])
+    D = normalise(render_patterns(cfg, rotation_matrix(17.0)[None], org, np.array([1])))
+    ring = ring_mask(D.shape[1:], (63.5, 63.5), 11)
+    mask = disk_mask(D[0], ring)[None]
+    turns = np.array([12.0, -14.0, 25.0, 0.5, -61.0])  # relative to the entry
+    Fs = np.stack([_F(0.004, -0.003, 0.001, 17.0 + d) for d in turns])
+    clean = normalise(render_patterns(cfg, Fs, np.repeat(org, len(turns), 0),
+                                      np.ones(len(turns), int)))
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(clean / clean.sum((1, 2), keepdims=True) * 1000.0)  # 1e3 e-/pattern
+    x = torch.from_numpy(normalise(counts.astype(np.float64)).astype(np.float32))
+    cls = torch.zeros(len(turns), dtype=torch.long)
+    want = (turns + 30.0) % 60.0 - 30.0
+    got = ring_rotation(x, cls, D, ring, 6).numpy()
+    assert np.abs((got - want + 30.0) % 60.0 - 30.0).max() < 1.5, (got, want)
+    start = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).repeat(len(turns), 1, 1)
+    fit = refine_checked(x, cls, start, D, mask, ring, 5, 6, np.array([True]))
+    rot = affine_rotation(fit.theta).numpy()
+    assert np.abs((rot - want + 30.0) % 60.0 - 30.0).max() < 0.3, (rot, want)
+    plain = refine(x, cls, start, D, mask, ring, 5)
+    assert (fit.residual <= plain.residual + 1e-6).all()
+    # from 12 deg and more off, the plain fit did not reach the pattern's rotation
+    off = np.abs((affine_rotation(plain.theta).numpy() - want + 30.0) % 60.0 - 30.0)
+    assert (off[np.abs(want) >= 12] > 1.0).any(), off

@@ -18,7 +18,13 @@ from ccstae_hpc.core.config import MapConfig
 from ccstae_hpc.core.disks import DiskModel
 from ccstae_hpc.core.model import CCSTAE
 from ccstae_hpc.core.phases import DictionaryInfo, PhaseMap, decide_phase
-from ccstae_hpc.core.refine import DiskEntries, compose_affine, disk_templates, encode, refine
+from ccstae_hpc.core.refine import (
+    DiskEntries,
+    compose_affine,
+    disk_templates,
+    encode,
+    refine_checked,
+)
 from ccstae_hpc.core.strain import (
     affine_to_deformation,
     choose_pool_sigma,
@@ -129,8 +135,9 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         kw = {}
         if inputs.templates is not None:
             kw = {"labels": inputs.labels, "templates": inputs.templates, "scale": st[sl]}
-        fit = refine(xt[sl], root, theta, info.patterns, info.masks, ring,
-                     map_cfg.refine_iters, disks=inputs.disk_entries, **kw)
+        fit = refine_checked(xt[sl], root, theta, info.patterns, info.masks, ring,
+                             map_cfg.refine_iters, map_cfg.symmetry, ~info.vacuum,
+                             disks=inputs.disk_entries, **kw)
         entry = root.numpy()
         out["theta"][sl], out["entry"][sl] = fit.theta.numpy(), entry
         out["residual"][sl], out["cov"][sl] = fit.residual.numpy(), fit.cov.numpy()

@@ -29,6 +29,7 @@ derived from the dictionary and from a sample of the data's own patterns; no I/O
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from ccstae_hpc.core.refine import (
     disk_templates,
     encode,
     refine,
+    refine_checked,
     relate_entries,
 )
 from ccstae_hpc.core.strain import affine_to_deformation, polar_decompose
@@ -52,11 +54,14 @@ __all__ = [
     "MERGE_SIGNIFICANCE",
     "LATTICE_SEPARATION",
     "DictionaryInfo",
+    "LatticeSample",
     "PhaseMap",
     "analyse_dictionary",
     "calibrate",
     "decide_phase",
     "entry_relations",
+    "group_entries",
+    "lattice_gap",
     "single_phase_map",
 ]
 
@@ -79,6 +84,14 @@ MERGE_SIGNIFICANCE = 3.0
 # deviations are different phases even when composition cannot tell them apart (small
 # detectors, low dose): k-means cuts of one continuous distribution stay below ~3.5
 LATTICE_SEPARATION = 4.0
+# a chain of joined entries whose ends are LATTICE_SEPARATION apart is cut where the
+# lattice parameters of its patterns have a valley: counts (in windows of the entries'
+# median spread, stepped by VALLEY_STEP of it) this many standard errors and this fraction
+# below the smaller of the peaks on its two sides.  A gradient cut into entries, or the
+# arcsine distribution of a ripple, has no such valley; two lattices 6 spreads apart do
+VALLEY_SIGNIFICANCE = 4.0
+VALLEY_DEPTH = 0.25
+VALLEY_STEP = 0.25
 # calibration patterns an entry needs to count as a phase candidate (a mean and its error)
 MIN_ENTRY_PATTERNS = 2
 # floor of the measured noise scale of the composition chi-square (noise-free data)
@@ -188,7 +201,8 @@ def _median_linear(A_own: torch.Tensor, A_other: torch.Tensor) -> np.ndarray:
 
 
 def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale: np.ndarray,
-              ring: np.ndarray, iters: int, disks: DiskEntries | None = None) -> PhaseMap:
+              ring: np.ndarray, iters: int, disks: DiskEntries | None = None, *,
+              symmetry: int) -> PhaseMap:
     """Group the entries into phases and calibrate their frames on a sample of patterns.
 
     Parameters
@@ -200,12 +214,17 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     iters : Gauss-Newton iterations of the refinement.
     disks : the sharp-disk model the map's registrations fit (``refine(disks=...)``): the
         frames are calibrated with the same model, so that its fits and theirs agree.
+    symmetry : rotational symmetry of the patterns (the starts' rotations are checked
+        modulo 360/symmetry, :func:`ccstae_hpc.core.refine.refine_checked`).
     """
     K = len(info.patterns)
     sample_entries = np.nonzero(~info.vacuum)[0]
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     st = torch.from_numpy(np.ascontiguousarray(scale, np.float32))
     cls, theta0 = encode(model, xt)
+    # how many of the random sample each entry holds: the balanced sample below weights its
+    # patterns back to these shares when the lattice distribution of a phase is tested
+    share = np.bincount(cls.numpy(), minlength=K)
     # a few patterns per entry are enough; keep the sample balanced
     keep = torch.cat([torch.nonzero(cls == k).squeeze(1)[:CALIBRATION_PATTERNS]
                       for k in range(K)])
@@ -214,8 +233,9 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     rel = torch.from_numpy(info.relations.copy())
     labels = torch.from_numpy(info.labels)
     templates = disk_templates(info.patterns, info.labels, info.relations)
-    fit = refine(xt, cls, theta0, info.patterns, info.masks, ring, iters,
-                 labels=labels, templates=templates, scale=st, disks=disks)
+    fit = refine_checked(xt, cls, theta0, info.patterns, info.masks, ring, iters, symmetry,
+                         ~info.vacuum, labels=labels, templates=templates, scale=st,
+                         disks=disks)
     theta, chi2 = fit.theta, fit.composition.numpy()
     c_np = cls.numpy()
     misfit = np.full((K, K), np.nan)
@@ -254,8 +274,12 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     used = np.array([e for e in sample_entries if counts[e] >= MIN_ENTRY_PATTERNS])
     if len(used) == 0:
         used = sample_entries
-    gap = _lattice_gap(theta[:, :, :2].numpy(), c_np, calibrated, used, K)
-    phase_of_entry, root_of_entry = _group(misfit, misfit_se, gap, used, counts, K, chi2_scale)
+    A = theta[:, :, :2].numpy()
+    gap = lattice_gap(A, c_np, calibrated, used, K)
+    weight = (share / np.maximum(counts, 1))[c_np]
+    phase_of_entry, root_of_entry = group_entries(
+        misfit, misfit_se, gap, used, counts, K, chi2_scale,
+        LatticeSample(A, c_np, weight, calibrated))
     for e in sample_entries:
         if e not in used:
             near = used[np.argmin([_relation_distance(info, e, u) for u in used])]
@@ -270,7 +294,7 @@ def _relation_distance(info: DictionaryInfo, a: int, b: int) -> float:
     return float(r) if np.isfinite(r) else np.inf
 
 
-def _lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries: np.ndarray,
+def lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries: np.ndarray,
                  K: int) -> np.ndarray:
     """Separation of the entries' lattice parameters in units of their spread ``(K, K)``.
 
@@ -297,15 +321,73 @@ def _lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries:
     return gap
 
 
-def _group(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndarray,
-           counts: np.ndarray, K: int, chi2_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Union of entries that explain each other's patterns; phases numbered by size."""
-    parent = {int(e): int(e) for e in entries}
+class LatticeSample(NamedTuple):
+    """The calibration patterns' linear parts, entries and weights (their entries' shares of
+    the random sample over their numbers in the balanced one), with the calibrated relations
+    that carry one entry's frame into another's."""
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            a = parent[a]
-        return a
+    A: np.ndarray  # (n, 2, 2)
+    cls: np.ndarray  # (n,)
+    weight: np.ndarray  # (n,)
+    relations: np.ndarray  # (K, K, 2, 3)
+
+    def values(self, members: list[int], ref: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log lattice parameter (``log sqrt det M``) of the patterns of ``members`` in the
+        frame of ``ref``, their weights and their entries."""
+        sel = np.isin(self.cls, members)
+        M = np.swapaxes(np.linalg.inv(self.A[sel].astype(np.float64)), -1, -2)
+        c = self.cls[sel]
+        for m in members:
+            if m != ref:
+                R = self.relations[m, ref, :, :2].astype(np.float64)
+                M[c == m] = M[c == m] @ np.linalg.inv(R).T
+        return 0.5 * np.log(np.abs(np.linalg.det(M))), self.weight[sel], c
+
+
+def _robust_spread(a: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(a - np.median(a))))
+
+
+def _valley(v: np.ndarray, w: np.ndarray, lo: float, hi: float, width: float) -> float | None:
+    """Where between ``lo`` and ``hi`` the weighted distribution of ``v`` has a significant
+    valley, or None.
+
+    A unimodal density is nowhere lower than at both of two points around it; the test
+    counts the (weighted) patterns in windows of half-width ``width`` and finds the window
+    that falls furthest below the smaller of the highest windows on its two sides, in
+    standard errors (Poisson, with the weights).  A valley must be both significant
+    (VALLEY_SIGNIFICANCE) and deep (below VALLEY_DEPTH of those peaks).
+    """
+    grid = np.arange(lo, hi + 1e-12, width * VALLEY_STEP)
+    if len(grid) < 3:
+        return None
+    inside = np.abs(v[None, :] - grid[:, None]) < width
+    n = inside @ w
+    var = inside @ (w * w)
+    left = np.maximum.accumulate(n)
+    right = np.maximum.accumulate(n[::-1])[::-1]
+    left_at = np.array([int(np.argmax(n[:i + 1])) for i in range(len(n))])
+    right_at = np.array([i + int(np.argmax(n[i:])) for i in range(len(n))])
+    peak = np.minimum(left, right)
+    peak_var = np.where(left <= right, var[left_at], var[right_at])
+    z = (peak - n) / np.sqrt(peak_var + var + 1e-12)
+    ok = (z > VALLEY_SIGNIFICANCE) & (n < VALLEY_DEPTH * peak)
+    if not ok.any():
+        return None
+    return float(grid[int(np.argmax(np.where(ok, z, -np.inf)))])
+
+
+def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndarray,
+                  counts: np.ndarray, K: int, chi2_scale: float, lattice: LatticeSample
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Union of entries that explain each other's patterns; phases numbered by size.
+
+    Entries are joined when neither composition nor lattice separates them.  A chain of
+    such links can join two entries whose lattices are separate (an entry that holds
+    patterns of two phases is near both): the chain stands when the lattice parameters of
+    its patterns form one continuous distribution (a strain gradient cut into entries) and
+    is cut at the valley between the two lattices when they do not (:func:`_valley`).
+    """
 
     def distinct(k: int, j: int) -> bool:
         # k's patterns are explained significantly and resolvably worse by j than by k (no
@@ -314,19 +396,50 @@ def _group(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndar
             misfit[k, j] > MERGE_SIGNIFICANCE * se[k, j]
             and misfit[k, j] > COMPOSITION_SIGNIFICANCE * chi2_scale)
 
+    def far(k: int, j: int) -> bool:
+        return bool(np.nanmax([gap[k, j], gap[j, k], 0.0]) > LATTICE_SEPARATION)
+
     def separate(k: int, j: int) -> bool:
         # another composition, or a lattice no single continuous distribution reaches
-        return (distinct(k, j) and distinct(j, k)) or bool(
-            np.nanmax([gap[k, j], gap[j, k], 0.0]) > LATTICE_SEPARATION)
+        return (distinct(k, j) and distinct(j, k)) or far(k, j)
 
-    for k in entries:
-        for j in entries:
-            if j != k and not separate(int(k), int(j)):
-                parent[find(int(k))] = find(int(j))
-    groups: dict[int, list[int]] = {}
-    for e in entries:
-        groups.setdefault(find(int(e)), []).append(int(e))
-    ordered = sorted(groups.values(), key=lambda g: -sum(counts[e] for e in g))
+    def components(members: list[int]) -> list[list[int]]:
+        parent = {e: e for e in members}
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                a = parent[a]
+            return a
+
+        for k in members:
+            for j in members:
+                if j != k and not separate(k, j):
+                    parent[find(k)] = find(j)
+        out: dict[int, list[int]] = {}
+        for e in members:
+            out.setdefault(find(e), []).append(e)
+        return list(out.values())
+
+    def phases_of(members: list[int]) -> list[list[int]]:
+        pairs = [(k, j) for k in members for j in members if k < j and far(k, j)]
+        if not pairs:
+            return [members]
+        ref = max(members, key=lambda e: counts[e])
+        v, w, c = lattice.values(members, ref)
+        med = {e: float(np.median(v[c == e])) for e in members}
+        width = float(np.median([_robust_spread(v[c == e]) for e in members]))
+        k, j = max(pairs, key=lambda kj: np.nanmax([gap[kj], gap[kj[::-1]]]))
+        lo, hi = sorted((med[k], med[j]))
+        cut = _valley(v, w, lo, hi, width) if width > 0 else None
+        below = [e for e in members if med[e] < cut] if cut is not None else []
+        if not below or len(below) == len(members):
+            return [members]
+        above = [e for e in members if e not in below]
+        return [p for part in (below, above) for comp in components(part)
+                for p in phases_of(comp)]
+
+    found = [p for comp in components([int(e) for e in entries]) for p in phases_of(comp)]
+    ordered = sorted(found, key=lambda g: -sum(counts[e] for e in g))
     phase_of_entry = np.zeros(K, np.int64)
     root_of_entry = np.arange(K)
     for p, members in enumerate(ordered, start=1):

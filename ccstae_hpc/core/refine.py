@@ -11,7 +11,7 @@ estimate of the affine.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from scipy import ndimage
 from ccstae_hpc.core.disks import blur_profile
 from ccstae_hpc.core.model import CCSTAE, affine_matrix
 
-__all__ = ["encode", "refine", "Registration", "DiskEntries", "relate_entries", "compose_affine",
-           "disk_templates", "pixel_grid", "LINEAR_PARAMS"]
+__all__ = ["encode", "refine", "refine_checked", "ring_rotation", "Registration", "DiskEntries",
+           "relate_entries", "compose_affine", "disk_templates", "pixel_grid", "LINEAR_PARAMS"]
 
 # Rotations tried when one dictionary entry is fitted onto another: the learned entries may
 # sit in any orientation, and Gauss-Newton captures only a few degrees; a step of
@@ -46,6 +46,16 @@ REFINE_ITERS = 5
 COARSE_ITERS = 2
 # patterns registered together: small enough that the work arrays stay in the CPU's cache
 REFINE_CHUNK = 32
+# The encoder's affine head can start a pattern further from its entry in rotation than the
+# Gauss-Newton steps capture (a few degrees): on a 32x32 heterostructure at 500 e-/pattern
+# one class started 14-16 deg off and its fits settled 10-20 deg from the truth.  The
+# pattern's angular harmonics of the orders symmetry x 1..ROTATION_HARMONICS on the ring,
+# against its entry's, give its rotation modulo 360/symmetry from all the ring's counts;
+# where that differs from the start by more than ROTATION_CAPTURE_DEG the pattern is also
+# registered from the turned start, and the fit of the smaller residual is kept
+ROTATION_HARMONICS = 3
+ROTATION_CAPTURE_DEG = 3.0
+ROTATION_GRID_DEG = 0.25
 # the linear part of the sampling matrix B in the Gauss-Newton parameter vector
 # (B00, B01, s_x, B10, B11, s_y, g, b): the rows and columns of the covariance returned
 LINEAR_PARAMS = (0, 1, 3, 4)
@@ -99,6 +109,48 @@ def encode(model: CCSTAE, x: torch.Tensor, batch: int = 512) -> tuple[torch.Tens
         cls.append(onehot.argmax(-1))
         th.append(affine_matrix(params))
     return torch.cat(cls), torch.cat(th)
+
+
+def ring_rotation(x: torch.Tensor, classes: torch.Tensor, dictionary: np.ndarray,
+                  ring: np.ndarray, symmetry: int) -> torch.Tensor:
+    """Rotation (deg, in ``[-180/symmetry, 180/symmetry)``) of each pattern ``(N, Q, Q)``
+    relative to its entry, modulo ``360/symmetry``: the angle ``d`` that best overlays the
+    entry's angular harmonics (orders ``symmetry * 1..ROTATION_HARMONICS``, over ``ring``)
+    turned by ``d`` on the pattern's.  Positive turns +x toward +y, as ``A`` of an affine
+    ``[A | t]`` whose input is its entry turned by ``A``'s rotation."""
+    N, Q, _ = x.shape
+    u = pixel_grid(Q)
+    phi = torch.atan2(u[:, 1], u[:, 0])
+    m = symmetry * torch.arange(1, ROTATION_HARMONICS + 1, dtype=torch.float32)
+    w = torch.from_numpy(np.asarray(ring, np.float32).ravel())
+    arg = phi[:, None] * m[None, :]
+    ker = torch.cat([w[:, None] * torch.cos(arg), w[:, None] * torch.sin(arg)], 1)
+    hp = x.reshape(N, -1) @ ker  # (N, 2H): Re and -Im of the harmonics
+    hd = torch.from_numpy(np.asarray(dictionary, np.float32).reshape(len(dictionary), -1)) @ ker
+    H = len(m)
+    P = torch.complex(hp[:, :H], -hp[:, H:])
+    D = torch.complex(hd[:, :H], -hd[:, H:])[classes]
+    # the pattern is the entry turned by d: P_m = D_m exp(-i m d)
+    period = 360.0 / symmetry
+    grid = torch.arange(-period / 2, period / 2, ROTATION_GRID_DEG)
+    turn = torch.exp(1j * torch.deg2rad(grid)[None, :] * m[:, None])  # (H, G)
+    score = ((P * D.conj()) @ turn.to(P.dtype)).real  # (N, G)
+    return grid[score.argmax(1)]
+
+
+def turned(theta: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
+    """Affines ``[A | t]`` whose input is turned by ``deg`` more about the detector centre:
+    ``[R A | R t]``."""
+    r = torch.deg2rad(deg)
+    c, s = torch.cos(r), torch.sin(r)
+    R = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    return R @ theta
+
+
+def affine_rotation(theta: torch.Tensor) -> torch.Tensor:
+    """Rotation (deg) of the linear part of affines ``(N, 2, 3)``."""
+    A = theta[:, :, :2]
+    return torch.rad2deg(torch.atan2(A[:, 1, 0] - A[:, 0, 1], A[:, 0, 0] + A[:, 1, 1]))
 
 
 def pixel_grid(Q: int) -> torch.Tensor:
@@ -572,6 +624,34 @@ class _ClassFit:
         near = torch.from_numpy(ndimage.binary_dilation(
             near.reshape(Q, Q), iterations=COMPOSITION_REACH_PX).ravel())
         return B, s, resid, cov, near
+
+
+@torch.no_grad()
+def refine_checked(x: torch.Tensor, classes: torch.Tensor, theta: torch.Tensor,
+                   dictionary: np.ndarray, masks: np.ndarray, ring: np.ndarray, iters: int,
+                   symmetry: int, sample: np.ndarray, **kw: Any) -> Registration:
+    """:func:`refine`, with each start's rotation checked against the pattern's ring
+    (:func:`ring_rotation`) on the ``sample`` entries (``(K,)`` bool: not vacuum): a
+    pattern whose start is more than ROTATION_CAPTURE_DEG off is registered from the turned
+    start too, and the fit of the smaller residual is kept."""
+    fit = refine(x, classes, theta, dictionary, masks, ring, iters, **kw)
+    period = 360.0 / symmetry
+    want = ring_rotation(x, classes, dictionary, ring, symmetry)
+    off = torch.remainder(want - affine_rotation(theta) + period / 2, period) - period / 2
+    checked = torch.from_numpy(np.asarray(sample, bool))[classes]
+    redo = torch.nonzero(checked & (off.abs() > ROTATION_CAPTURE_DEG)).squeeze(1)
+    if len(redo) == 0:
+        return fit
+    sub = {k: (v[redo] if k == "scale" and v is not None else v) for k, v in kw.items()}
+    alt = refine(x[redo], classes[redo], turned(theta[redo], off[redo]), dictionary, masks,
+                 ring, iters, **sub)
+    better = alt.residual < fit.residual[redo]
+    take = redo[better]
+    out = [f.clone() if f is not None else None for f in fit]
+    for f, a in zip(out, alt, strict=True):
+        if f is not None:
+            f[take] = a[better]
+    return Registration(*out)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from ccstae_hpc.core.phases import (
     entry_relations,
     single_phase_map,
 )
-from ccstae_hpc.core.refine import DiskEntries, encode, refine
+from ccstae_hpc.core.refine import DiskEntries, encode, refine_checked
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.runtime.threads import set_torch_threads
@@ -248,13 +248,16 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         profile = measure_profile(x, geom.center, geom.radius)
         disks = fit_entries(info.patterns, info.labels, np.flatnonzero(~info.vacuum), profile,
                             geom.center)
-        disks = whole_detector_disks(model, info, x, disks, geom, map_cfg.refine_iters)
+        disks = whole_detector_disks(model, info, x, disks, geom, map_cfg.refine_iters,
+                                     map_cfg.symmetry)
         # the frames are calibrated with the model the map fits (its fits and theirs agree)
         phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
-                           DiskEntries.from_model(disks, info.labels))
+                           DiskEntries.from_model(disks, info.labels),
+                           symmetry=map_cfg.symmetry)
         candidates["disks"] = MapInputs(info, phases, disks)
     if wanted in ("auto", "dictionary"):
-        phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters)
+        phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
+                           symmetry=map_cfg.symmetry)
         candidates["dictionary"] = MapInputs(info, phases)
     if len(candidates) == 1:
         (name, inputs), = candidates.items()
@@ -275,7 +278,8 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
 
 
 def whole_detector_disks(model: CCSTAE, info: DictionaryInfo, x: np.ndarray,
-                         ring_model: DiskModel, geom: Geometry, iters: int) -> DiskModel:
+                         ring_model: DiskModel, geom: Geometry, iters: int, symmetry: int
+                         ) -> DiskModel:
     """The sharp-disk model re-fitted on the calibration sample ``x`` and grown over the
     whole detector (:func:`ccstae_hpc.core.disks.extend_model`): up to
     :data:`REGISTERED_PATTERNS` of the sample per entry are registered onto their encoder
@@ -291,7 +295,8 @@ def whole_detector_disks(model: CCSTAE, info: DictionaryInfo, x: np.ndarray,
     idx = torch.nonzero(sel).squeeze(1)
     idx = torch.cat([idx[cls[idx] == k][:REGISTERED_PATTERNS] for k in entries])
     xt, cls, theta0 = xt[idx], cls[idx], theta0[idx]
-    fit = refine(xt, cls, theta0, info.patterns, info.masks, geom.ring, iters)
+    fit = refine_checked(xt, cls, theta0, info.patterns, info.masks, geom.ring, iters,
+                         symmetry, ~info.vacuum)
     theta = fit.theta
     c = cls.numpy()
     # fits thrown off (a few at low dose) would blur the mean: keep the linear parts near
