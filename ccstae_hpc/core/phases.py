@@ -92,6 +92,7 @@ LATTICE_SEPARATION = 4.0
 VALLEY_SIGNIFICANCE = 4.0
 VALLEY_DEPTH = 0.25
 VALLEY_STEP = 0.25
+VALLEY_MAX_STEPS = 400
 # calibration patterns an entry needs to count as a phase candidate (a mean and its error)
 MIN_ENTRY_PATTERNS = 2
 # floor of the measured noise scale of the composition chi-square (noise-free data)
@@ -341,7 +342,9 @@ class LatticeSample(NamedTuple):
             if m != ref:
                 R = self.relations[m, ref, :, :2].astype(np.float64)
                 M[c == m] = M[c == m] @ np.linalg.inv(R).T
-        return 0.5 * np.log(np.abs(np.linalg.det(M))), self.weight[sel], c
+        v = 0.5 * np.log(np.abs(np.linalg.det(M)))
+        ok = np.isfinite(v)
+        return v[ok], self.weight[sel][ok], c[ok]
 
 
 def _robust_spread(a: np.ndarray) -> float:
@@ -358,6 +361,10 @@ def _valley(v: np.ndarray, w: np.ndarray, lo: float, hi: float, width: float) ->
     standard errors (Poisson, with the weights).  A valley must be both significant
     (VALLEY_SIGNIFICANCE) and deep (below VALLEY_DEPTH of those peaks).
     """
+    if not np.isfinite([lo, hi, width]).all() or width <= 0 or hi <= lo:
+        return None
+    # noise-free entries can be far narrower than their distance: a bounded grid
+    width = max(width, (hi - lo) / (VALLEY_STEP * VALLEY_MAX_STEPS))
     grid = np.arange(lo, hi + 1e-12, width * VALLEY_STEP)
     if len(grid) < 3:
         return None
@@ -426,11 +433,12 @@ def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: 
             return [members]
         ref = max(members, key=lambda e: counts[e])
         v, w, c = lattice.values(members, ref)
-        med = {e: float(np.median(v[c == e])) for e in members}
-        width = float(np.median([_robust_spread(v[c == e]) for e in members]))
+        held = [e for e in members if (c == e).sum() >= MIN_ENTRY_PATTERNS]
+        med = {e: float(np.median(v[c == e])) if e in held else np.nan for e in members}
+        width = float(np.median([_robust_spread(v[c == e]) for e in held])) if held else 0.0
         k, j = max(pairs, key=lambda kj: np.nanmax([gap[kj], gap[kj[::-1]]]))
         lo, hi = sorted((med[k], med[j]))
-        cut = _valley(v, w, lo, hi, width) if width > 0 else None
+        cut = _valley(v, w, lo, hi, width)
         below = [e for e in members if med[e] < cut] if cut is not None else []
         if not below or len(below) == len(members):
             return [members]
