@@ -264,6 +264,9 @@ def _render(
     # one spare element at the end collects window pixels that fall off the detector, so the
     # scatter-add needs no mask and never holds a duplicate detector index
     buf = np.empty(B * QQ + 1, dtype=dtype)
+    # the sink is read by the scatter-adds: uninitialised memory there could hold NaN or inf
+    # (a RuntimeWarning "invalid value encountered in add", seen in one CI run)
+    buf[-1] = 0.0
     img = buf[:-1].reshape(B, Q, Q)
 
     gy, gx = _lorentz_factors(origin, DIFFUSE_GAMMA * Q, Q, t.diffuse[phase], dtype, False)
