@@ -75,8 +75,13 @@ def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
     attrs = open_strain(stores[1]).attrs
     rel = json.loads(attrs["entry_relations"])
     assert all({"entries", "max_strain", "rotation_deg", "same_phase"} <= r.keys() for r in rel)
-    assert {"phase_of_entry", "root_of_entry", "composition_misfit"} <= json.loads(
-        attrs["phase_map"]).keys()
+    phase_map = json.loads(attrs["phase_map"])
+    assert {"phase_of_entry", "root_of_entry", "composition_misfit"} <= phase_map.keys()
+    # each pattern is fitted onto the root of its encoder class's phase, and both are kept
+    aff = _group(stores[1], "affine")
+    root = np.asarray(phase_map["root_of_entry"])
+    assert aff["class"].shape == aff["entry"].shape == ref["exx"].shape
+    assert np.array_equal(root[aff["class"]], aff["entry"])
 
 
 @pytest.mark.timeout(300)

@@ -110,7 +110,8 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
 
     Returns
     -------
-    dict of ``theta (n, 2, 3)`` (onto ``entry``), ``entry (n,)``, ``phase (n,)`` (0 vacuum),
+    dict of ``theta (n, 2, 3)`` (onto ``entry``), ``entry (n,)``, ``class (n,)`` (the
+    encoder's entry, before the pattern is moved onto its phase's root), ``phase (n,)`` (0 vacuum),
     ``residual (n,)``, ``cov (n, 4, 4)`` (covariance of the fit's linear part, see
     :class:`ccstae_hpc.core.refine.Registration`), ``composition (n, K)`` (chi-square per
     entry, NaN where not scored).
@@ -121,6 +122,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
     st = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(-1))
     n = len(x)
     out = {"theta": np.empty((n, 2, 3), np.float32), "entry": np.empty(n, np.int16),
+           "class": np.empty(n, np.int16),
            "phase": np.empty(n, np.int16), "residual": np.empty(n, np.float32),
            "cov": np.empty((n, 4, 4), np.float32),
            "composition": np.full((n, inputs.K), np.nan, np.float32)}
@@ -140,6 +142,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
                              disks=inputs.disk_entries, **kw)
         entry = root.numpy()
         out["theta"][sl], out["entry"][sl] = fit.theta.numpy(), entry
+        out["class"][sl] = cls.numpy()
         out["residual"][sl], out["cov"][sl] = fit.residual.numpy(), fit.cov.numpy()
         if fit.composition is not None:
             chi2 = fit.composition.numpy()

@@ -164,6 +164,9 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
     for name, shp, dtype, chunks, dims in (
         ("theta", (ny, nx, 2, 3), "float32", rows + (2, 3), ("scan_y", "scan_x", "i", "j")),
         ("entry", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
+        # the encoder's entry, before the pattern is moved onto its phase's root: what the
+        # network itself said (diagnosis of the phase analysis)
+        ("class", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
         ("phase", (ny, nx), "int16", rows, ("scan_y", "scan_x")),
         ("residual", (ny, nx), "float32", rows, ("scan_y", "scan_x")),
         # covariance of each fit's linear part (B00, B01, B10, B11), NaN where unknown
@@ -495,6 +498,7 @@ def com_rows(y0: int, payload: dict) -> int:
     theta[..., :2] = np.where(found[:, None, None], A, np.eye(2))
     return _write_rows(payload, y0, y1, {
         "theta": theta, "entry": np.where(found, 0, 1).astype(np.int16),
+        "class": np.where(found, 0, 1).astype(np.int16),
         "phase": found.astype(np.int16), "residual": np.full(n, np.nan, np.float32),
         "cov": np.full((n, 4, 4), np.nan, np.float32),
         "composition": np.full((n, 2), np.nan, np.float32)})
