@@ -296,7 +296,7 @@ def _relation_distance(info: DictionaryInfo, a: int, b: int) -> float:
 
 
 def lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries: np.ndarray,
-                 K: int) -> np.ndarray:
+                K: int) -> np.ndarray:
     """Separation of the entries' lattice parameters in units of their spread ``(K, K)``.
 
     The mean lattice parameter (``sqrt det M``, log) of the calibration patterns of ``c``,
