@@ -15,6 +15,7 @@ the first quarter of the scan and after all of it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 import time
@@ -104,6 +105,8 @@ def memory_map(client: Client, store: Path, rows: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    # the clusters' scheduler and nannies log every worker's retirement at INFO as they close
+    logging.getLogger("distributed").setLevel(logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scan", type=int, default=48, help="scan side (48: 2304 patterns)")
