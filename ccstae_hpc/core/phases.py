@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ccstae_hpc.core.analysis import MAD_TO_SIGMA
 from ccstae_hpc.core.patterns import disk_contrast, disk_mask
 from ccstae_hpc.core.refine import (
     DiskEntries,
@@ -316,7 +317,7 @@ def lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries: 
             a_j = 0.5 * np.log(np.abs(np.linalg.det(M[cls == j])))
             if len(a_c) < MIN_ENTRY_PATTERNS or len(a_j) < MIN_ENTRY_PATTERNS:
                 continue
-            spread = [1.4826 * np.median(np.abs(a - np.median(a))) for a in (a_c, a_j)]
+            spread = [_robust_spread(a) for a in (a_c, a_j)]
             pooled = np.sqrt(0.5 * (spread[0] ** 2 + spread[1] ** 2)) + 1e-12
             gap[c, j] = abs(np.median(a_c) - np.median(a_j)) / pooled
     return gap
@@ -348,7 +349,8 @@ class LatticeSample(NamedTuple):
 
 
 def _robust_spread(a: np.ndarray) -> float:
-    return float(1.4826 * np.median(np.abs(a - np.median(a))))
+    """Standard deviation of ``a`` from its median absolute deviation."""
+    return float(MAD_TO_SIGMA * np.median(np.abs(a - np.median(a))))
 
 
 def _valley(v: np.ndarray, w: np.ndarray, lo: float, hi: float, width: float) -> float | None:
