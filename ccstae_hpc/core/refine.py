@@ -11,6 +11,7 @@ estimate of the affine.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,6 +21,7 @@ from scipy import ndimage
 
 from ccstae_hpc.core.disks import blur_profile
 from ccstae_hpc.core.model import CCSTAE, affine_matrix
+from ccstae_hpc.core.strain import rotation_matrix
 
 __all__ = ["encode", "refine", "refine_checked", "ring_rotation", "Registration", "DiskEntries",
            "relate_entries", "compose_affine", "disk_templates", "pixel_grid", "LINEAR_PARAMS"]
@@ -131,7 +133,31 @@ def ring_rotation(x: torch.Tensor, classes: torch.Tensor, dictionary: np.ndarray
     differs between a noisy pattern and its averaged entry, could flip the estimate by half
     a period."""
     N, Q, _ = x.shape
-    w = np.asarray(ring, np.float32).ravel()
+    w = np.ascontiguousarray(ring, np.float32)
+    pidx, ker, n_shells, m = _ring_kernel(Q, symmetry, w.tobytes())
+    hp = x.reshape(N, -1)[:, pidx] @ ker  # (N, 2SH): Re and -Im of the harmonics
+    dic = torch.from_numpy(np.asarray(dictionary, np.float32).reshape(len(dictionary), -1))
+    hd = dic[:, pidx] @ ker
+    SH = ker.shape[1] // 2
+    P = torch.complex(hp[:, :SH], -hp[:, SH:]).reshape(N, n_shells, -1)
+    D = torch.complex(hd[:, :SH], -hd[:, SH:]).reshape(len(dictionary), n_shells, -1)
+    # the pattern is the entry turned by d: P_m = D_m exp(-i m d) on every shell
+    C = (P * D[classes].conj()).sum(1)  # (N, H)
+    period = 360.0 / symmetry
+    grid = torch.arange(-period / 2, period / 2, ROTATION_GRID_DEG)
+    turn = torch.exp(1j * torch.deg2rad(grid)[None, :] * m[:, None])  # (H, G)
+    score = (C @ turn.to(C.dtype)).real  # (N, G)
+    return grid[score.argmax(1)]
+
+
+@functools.lru_cache(maxsize=4)
+def _ring_kernel(Q: int, symmetry: int, ring: bytes
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """The ring pixels, the cos and sin of every harmonic order on every shell over them
+    ``(P, 2*S*H)``, the number of shells and the orders, for :func:`ring_rotation`: the same
+    for every batch of a map run, so built once (``ring`` as the bytes of its float32
+    ``(Q, Q)`` weights)."""
+    w = np.frombuffer(ring, np.float32)
     px = np.flatnonzero(w > 0)
     u = pixel_grid(Q)[px]
     phi = torch.atan2(u[:, 1], u[:, 0])
@@ -143,29 +169,13 @@ def ring_rotation(x: torch.Tensor, classes: torch.Tensor, dictionary: np.ndarray
     # (P, S*H) each, cos and sin of every order on every shell
     cos = (one_hot[:, :, None] * torch.cos(arg)[:, None, :]).reshape(len(px), -1)
     sin = (one_hot[:, :, None] * torch.sin(arg)[:, None, :]).reshape(len(px), -1)
-    ker = torch.cat([cos, sin], 1)
-    pidx = torch.from_numpy(px)
-    hp = x.reshape(N, -1)[:, pidx] @ ker  # (N, 2SH): Re and -Im of the harmonics
-    dic = torch.from_numpy(np.asarray(dictionary, np.float32).reshape(len(dictionary), -1))
-    hd = dic[:, pidx] @ ker
-    SH = ker.shape[1] // 2
-    P = torch.complex(hp[:, :SH], -hp[:, SH:]).reshape(N, len(shells), -1)
-    D = torch.complex(hd[:, :SH], -hd[:, SH:]).reshape(len(dictionary), len(shells), -1)
-    # the pattern is the entry turned by d: P_m = D_m exp(-i m d) on every shell
-    C = (P * D[classes].conj()).sum(1)  # (N, H)
-    period = 360.0 / symmetry
-    grid = torch.arange(-period / 2, period / 2, ROTATION_GRID_DEG)
-    turn = torch.exp(1j * torch.deg2rad(grid)[None, :] * m[:, None])  # (H, G)
-    score = (C @ turn.to(C.dtype)).real  # (N, G)
-    return grid[score.argmax(1)]
+    return torch.from_numpy(px), torch.cat([cos, sin], 1), len(shells), m
 
 
 def turned(theta: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
     """Affines ``[A | t]`` whose input is turned by ``deg`` more about the detector centre:
     ``[R A | R t]``."""
-    r = torch.deg2rad(deg)
-    c, s = torch.cos(r), torch.sin(r)
-    R = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    R = torch.from_numpy(rotation_matrix(deg.numpy())).to(theta.dtype)
     return R @ theta
 
 
@@ -660,8 +670,9 @@ def refine_checked(x: torch.Tensor, classes: torch.Tensor, theta: torch.Tensor,
     fit = refine(x, classes, theta, dictionary, masks, ring, iters, **kw)
     period = 360.0 / symmetry
     want = ring_rotation(x, classes, dictionary, ring, symmetry)
-    off = torch.remainder(want - affine_rotation(theta) + period / 2, period) - period / 2
-    want_abs = affine_rotation(theta) + off
+    start = affine_rotation(theta)
+    off = torch.remainder(want - start + period / 2, period) - period / 2
+    want_abs = start + off
     checked = torch.from_numpy(np.asarray(sample, bool))[classes]
     redo = torch.nonzero(checked & (off.abs() > ROTATION_CAPTURE_DEG)).squeeze(1)
     if len(redo) == 0:
