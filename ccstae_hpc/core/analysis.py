@@ -27,7 +27,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage, optimize, signal
+from scipy import ndimage
 
 from ccstae_hpc.core.strain import rotation_matrix
 
@@ -202,6 +202,10 @@ def _smooth_background(a: np.ndarray, sigma: float) -> np.ndarray:
     w = np.exp(-0.5 * (dx * dx + dy * dy))
     powers = [(i, j) for i in range(3) for j in range(3 - i)]  # dx^i dy^j, degree <= 2
     n = len(powers)
+
+    # local: scipy.signal takes 0.6 s to import, and the map stage imports this module for
+    # its constants only
+    from scipy import signal
 
     def conv(img: np.ndarray, i: int, j: int) -> np.ndarray:
         # sum over q of w(q - p) (q - p)^(i, j) img(q): a correlation with the moment kernel
@@ -515,6 +519,7 @@ def fit_ripple(theta: np.ndarray, valid: np.ndarray, corr_px: int = 3,
                        np.broadcast_to(ky, power.shape)[peak][order]], 1)
     if not len(starts):
         return none("no frequency in the search band")
+    from scipy import optimize  # local, as scipy.signal above
 
     def design(k: np.ndarray) -> np.ndarray:
         ph = 2 * np.pi * (k[0] * xx + k[1] * yy)

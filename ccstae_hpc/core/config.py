@@ -183,7 +183,7 @@ class MapConfig(Config):
     # dictionary and every other pixel, for a wider capture range; ccstae_hpc.core.refine
     # REFINE_ITERS says how 5 was chosen)
     refine_iters: int = 5
-    batch_size: int = 256  # patterns per encoder batch
+    batch_size: int = 256  # patterns encoded and registered together (by class) per step
     # None: automatic (robust median lattice of the largest phase); or a scan box
     # (y0, y1, x0, x1), half-open, whose median lattice is the reference
     reference: tuple[int, int, int, int] | None = None

@@ -129,7 +129,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
     root_of = torch.from_numpy(ph.root_of_entry)
     for i in range(0, n, map_cfg.batch_size):
         sl = slice(i, i + map_cfg.batch_size)
-        cls, theta = encode(model, xt[sl], map_cfg.batch_size)
+        cls, theta = encode(model, xt[sl])
         root = root_of[cls]
         moved = root != cls
         if moved.any():
