@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,46 @@ def test_strain_std_propagates_the_fit_covariance():
     se = strain_std((B.T @ F)[None], C[None], M_ref)
     for k in ("exx", "eyy", "exy", "theta"):
         assert se[k][0] == pytest.approx(np.std(mc[k]), rel=0.05), k
+
+
+def test_pooled_map_is_the_same_whatever_symmetry_branch_each_fit_took():
+    """Fits of one phase may end on affines a symmetry turn apart (their starts lay a turn
+    apart; measured at 500 e-/pattern: 250 of a phase's 539): the same lattice, so the map,
+    its automatic pooling width and its standard errors must be those of fits all on one
+    branch (pooled together, ``M`` and ``M S`` describe no lattice)."""
+    from ccstae_hpc.core.config import MapConfig
+    from ccstae_hpc.core.mapping import assemble_strain
+    from ccstae_hpc.core.phases import single_phase_map
+
+    ny = nx = 16
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:ny, 0:nx] / 16.0
+    A = np.empty((ny, nx, 2, 2))
+    for i in range(ny):
+        for j in range(nx):
+            # a smooth field (sampling matrices of a lattice strained by up to ~1 %), noisy
+            A[i, j] = np.linalg.inv(_F(0.01 * np.sin(3 * xx[i, j]), 0.008 * yy[i, j],
+                                       0.003 * xx[i, j] * yy[i, j], 0.5 * xx[i, j])).T
+    A += 1e-3 * rng.standard_normal(A.shape)
+    cov = np.broadcast_to(1e-6 * np.eye(4), (ny, nx, 4, 4)).astype(np.float32)
+
+    def affine(lin: np.ndarray) -> dict:
+        theta = np.zeros((ny, nx, 2, 3), np.float32)
+        theta[..., :2] = lin
+        return {"theta": theta, "entry": np.zeros((ny, nx), np.int16),
+                "phase": np.ones((ny, nx), np.int16),
+                "residual": np.zeros((ny, nx), np.float32), "cov": cov}
+
+    # M = A^-T -> M S_k for A -> A S_k (S_k a rotation: S^-T = S)
+    k = rng.choice([-2, -1, 0, 1, 3], (ny, nx))
+    turned = A @ rotation_matrix(60.0 * k)
+    cfg = MapConfig()
+    one = assemble_strain(affine(A), single_phase_map(), cfg)
+    mixed = assemble_strain(affine(turned), single_phase_map(), cfg)
+    pool = [json.loads(ds.attrs["pooling"])["phases"]["1"] for ds in (one, mixed)]
+    assert pool[0]["sigma_px"] == pool[1]["sigma_px"] > 0, pool
+    # (float32 affines: the turned ones are rounded differently)
+    assert pool[1]["scatter_factor"] == pytest.approx(pool[0]["scatter_factor"], rel=1e-4)
+    for name in ("exx", "eyy", "exy", "theta", "exx_std", "theta_std"):
+        np.testing.assert_allclose(mixed[name].values, one[name].values, atol=1e-6,
+                                   err_msg=name)

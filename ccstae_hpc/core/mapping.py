@@ -37,6 +37,7 @@ from ccstae_hpc.core.strain import (
     scatter_variance_factor,
     strain_std,
     stretch_determinant,
+    unwrap_fits,
 )
 
 __all__ = ["neighbour_scatter", "CONVENTIONS", "MapInputs", "ReferenceRegionError",
@@ -250,14 +251,18 @@ def assemble_strain(affine: dict[str, np.ndarray], phases: PhaseMap, map_cfg: Ma
     M = _deformation(theta, entry, phases.frames)
     sample &= np.isfinite(M).all(axis=(-2, -1))
     sym = map_cfg.symmetry
-    ok = np.zeros((ny, nx), bool)
-    for p in np.unique(phase[sample]):
-        sel = sample & (phase == p)
-        ok[sel] = robust_inliers(M[sel], reference_deformation(M, sel, sym),
-                                 map_cfg.outlier_mad, sym)
     cov_B = affine.get("cov")
     C = (np.full((ny, nx, 4, 4), np.nan) if cov_B is None else
          deformation_covariance(cov_B, np.nan_to_num(phases.frames[entry], nan=1.0)))
+    ok = np.zeros((ny, nx), bool)
+    for p in np.unique(phase[sample]):
+        sel = sample & (phase == p)
+        ref = reference_deformation(M, sel, sym)
+        # one symmetry branch per phase: fits whose starts lay a symmetry turn apart end on
+        # equivalent affines a turn apart (seen at 500 e-/pattern: 250 of a phase's 539), which
+        # pooling, the neighbours' scatter and the reference would otherwise average
+        M[sel], C[sel] = unwrap_fits(M[sel], C[sel], ref, sym)
+        ok[sel] = robust_inliers(M[sel], ref, map_cfg.outlier_mad, sym)
     Mc = np.full_like(M, np.nan)
     Cc = np.full_like(C, np.nan)
     pooling = {}

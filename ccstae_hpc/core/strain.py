@@ -24,6 +24,7 @@ __all__ = [
     "polar_decompose",
     "rotation_matrix",
     "unwrap_symmetry",
+    "unwrap_fits",
     "reference_deformation",
     "relative_strain",
     "robust_inliers",
@@ -88,10 +89,28 @@ def unwrap_symmetry(M: np.ndarray, target: np.ndarray, symmetry: int) -> np.ndar
     """
     if symmetry <= 1:
         return M
+    return M @ _branch(M, target, symmetry)
+
+
+def unwrap_fits(M: np.ndarray, C: np.ndarray, target: np.ndarray, symmetry: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`unwrap_symmetry` of deformations ``M`` ``(..., 2, 2)`` together with the
+    covariances ``C`` ``(..., 4, 4)`` of their row-major ``vec``: ``vec(M S) = L vec(M)``
+    with ``L[ab, cd] = delta_ac S_db``, so ``C -> L C L^T``.  Fits of one phase must sit
+    on one branch before they are averaged: neighbours' ``M`` and ``M S_k`` pooled together
+    describe no lattice."""
+    if symmetry <= 1:
+        return M, C
+    S = _branch(M, target, symmetry)
+    L = np.einsum("ac,...db->...abcd", np.eye(2), S).reshape(*S.shape[:-2], 4, 4)
+    return M @ S, L @ C @ np.swapaxes(L, -1, -2)
+
+
+def _branch(M: np.ndarray, target: np.ndarray, symmetry: int) -> np.ndarray:
+    """The rotations ``S_k`` ``(..., 2, 2)`` of :func:`unwrap_symmetry`."""
     step = 360.0 / symmetry
     theta, _ = polar_decompose(M @ np.linalg.inv(target))
-    k = -np.round(theta / step)
-    return M @ rotation_matrix(k * step)
+    return rotation_matrix(-np.round(theta / step) * step)
 
 
 def reference_deformation(M: np.ndarray, mask: np.ndarray, symmetry: int = 6) -> np.ndarray:
