@@ -218,6 +218,10 @@ def test_neighbour_scatter_measures_the_fits_noise() -> None:
     assert np.isnan(neighbour_scatter(theta, entry, np.zeros_like(phase)))
     checker = (yy + xx) % 2
     assert np.isnan(neighbour_scatter(theta, checker, phase))
+    # fits a symmetry turn apart (A -> A S_k) are the same lattice, no scatter
+    turned = theta.copy()
+    turned[..., :2] = theta[..., :2] @ rotation_matrix(60.0 * rng.integers(-2, 3, (ny, nx)))
+    assert neighbour_scatter(turned, entry, phase) == pytest.approx(got, rel=1e-9)
 
 
 @pytest.mark.parametrize("stray", [0, 1, 2, 3])

@@ -38,6 +38,7 @@ from ccstae_hpc.core.strain import (
     strain_std,
     stretch_determinant,
     unwrap_fits,
+    unwrap_symmetry,
 )
 
 __all__ = ["neighbour_scatter", "CONVENTIONS", "MapInputs", "ReferenceRegionError",
@@ -155,16 +156,26 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
     return out
 
 
-def neighbour_scatter(theta: np.ndarray, entry: np.ndarray, phase: np.ndarray) -> float:
+def neighbour_scatter(theta: np.ndarray, entry: np.ndarray, phase: np.ndarray,
+                      symmetry: int = 6) -> float:
     """Noise of a map's fits: the median absolute difference of the affines' linear parts
     between neighbouring probe positions of the same entry (sample only), summed over the
     four components.  The true field changes little from one position to the next, so this
-    is mostly the fits' own scatter; NaN without a neighbouring pair.
+    is mostly the fits' own scatter; NaN without a neighbouring pair.  Each entry's fits are
+    first put on one symmetry branch (``symmetry``-fold): equivalent affines a turn apart
+    are no scatter.
 
     theta ``(ny, nx, 2, 3)``, entry and phase ``(ny, nx)``.
     """
-    lin = theta[..., :2].reshape(*theta.shape[:2], 4)
-    ok = (phase > 0) & np.isfinite(lin).all(-1)
+    A = np.asarray(theta[..., :2], np.float64).copy()
+    ok = (phase > 0) & np.isfinite(A).all((-2, -1))
+    for e in np.unique(entry[ok]):
+        sel = ok & (entry == e)
+        M = affine_to_deformation(A[sel])
+        M = unwrap_symmetry(M, reference_deformation(M, np.ones(len(M), bool), symmetry),
+                            symmetry)
+        A[sel] = affine_to_deformation(M)  # back to sampling matrices: A = M^-T
+    lin = A.reshape(*A.shape[:2], 4)
     diffs = []
     for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
                  ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):

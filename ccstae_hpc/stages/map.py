@@ -336,7 +336,7 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
         out = map_block(model, x, scale, geom.ring, map_cfg, inputs)
         scatter[name] = neighbour_scatter(out["theta"].reshape(rows, nx, 2, 3),
                                           out["entry"].reshape(rows, nx),
-                                          out["phase"].reshape(rows, nx))
+                                          out["phase"].reshape(rows, nx), map_cfg.symmetry)
     finite = {k: v for k, v in scatter.items() if np.isfinite(v)}
     # without neighbouring sample fits to judge by, the learned entries (the method's own)
     best = min(finite, key=finite.get) if finite else "dictionary"
