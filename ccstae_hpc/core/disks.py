@@ -470,8 +470,9 @@ def _lattice(cents: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndar
             inl = err <= LATTICE_TOLERANCE_PX
         if inl.sum() >= need:
             coef = _lattice_through(hk[inl], cents[inl])
+            err = np.hypot(*(_lattice_points(hk[inl], coef) - cents[inl]).T)
             found.append((abs(float(np.linalg.det(coef[:2]))), int(inl.sum()),
-                          float(np.sqrt(np.mean(err[inl] ** 2))), coef, inl))
+                          float(np.sqrt(np.mean(err ** 2))), coef, inl))
     if not found:
         return None
     # the largest cell (bases of one lattice give the same cell to rounding), then the
