@@ -81,39 +81,3 @@ def test_two_separate_lattices_stay_two_phases() -> None:
     gap, phase = _phases([rng.normal(0.0, NOISE, 128), rng.normal(8 * NOISE, NOISE, 128)])
     assert gap[0, 1] > LATTICE_SEPARATION
     assert sorted(phase) == [1, 2]
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_start_correction_recovers_the_encoders_offset_on_any_symmetry_branch(seed: int) -> None:
-    """Fits that sit a fixed affine ``C`` off their encoder starts, each on a random
-    symmetry branch and with some scatter: the correction is ``C`` (identity for an entry
-    with too few patterns), and the corrected starts land on the fits' branch-free part."""
-    from ccstae_hpc.core.phases import start_corrections
-    from ccstae_hpc.core.strain import rotation_matrix
-
-    rng = np.random.default_rng(seed)
-    n = 200
-
-    def hom(t: np.ndarray) -> np.ndarray:
-        h = np.zeros((*t.shape[:-2], 3, 3))
-        h[..., :2, :] = t
-        h[..., 2, 2] = 1.0
-        return h
-
-    C = np.zeros((2, 3))
-    C[:, :2] = rotation_matrix(rng.uniform(-25, 25)) @ (np.eye(2) + rng.normal(0, 0.05, (2, 2)))
-    C[:, 2] = rng.normal(0, 0.04, 2)
-    start = np.zeros((n, 2, 3))
-    start[:, :, :2] = rotation_matrix(rng.uniform(-180, 180, n)) @ (
-        np.eye(2) + rng.normal(0, 0.02, (n, 2, 2)))
-    start[:, :, 2] = rng.normal(0, 0.05, (n, 2))
-    wobble = np.tile(np.eye(2, 3), (n, 1, 1)) + rng.normal(0, 0.003, (n, 2, 3))
-    branch = np.tile(np.eye(3), (n, 1, 1))
-    branch[:, :2, :2] = rotation_matrix(60.0 * rng.integers(-3, 3, n))
-    fit = (hom(start) @ hom(C) @ hom(wobble) @ branch)[:, :2]
-    cls = np.r_[np.zeros(n - 1, int), 1]  # entry 1: one pattern, too few to say
-    out = start_corrections(start, fit, cls, np.array([0, 1]), 3, symmetry=6)
-    assert out.shape == (3, 2, 3)
-    np.testing.assert_allclose(out[0], C, atol=0.002)
-    np.testing.assert_array_equal(out[1], np.eye(2, 3))
-    np.testing.assert_array_equal(out[2], np.eye(2, 3))  # not a sample entry

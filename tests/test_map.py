@@ -1,5 +1,4 @@
-"""Distributed inference: identical strain maps on 1 and 2 Dask workers (and in process to a
-small fraction of the fits' uncertainty).
+"""Distributed inference: identical strain maps on 1 and 2 Dask workers and in process.
 
 A 16 x 16 scan (64 px detector), a model trained for one short epoch; blocks of 2 rows.
 """
@@ -53,26 +52,6 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
 
 
-def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    """Equal labels and masks; floats NaN where NaN, 99 % of them equal to 1e-4 of the
-    array's largest value and all to 1 % (a fit stops after a fixed number of steps:
-    starts a last bit apart end up to 1e-4 apart in a few fits, 1/20 of their uncertainty
-    here)."""
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        if a[k].dtype.kind != "f":
-            assert np.array_equal(a[k], b[k]), k
-            continue
-        assert np.array_equal(np.isnan(a[k]), np.isnan(b[k])), k
-        x, y = a[k][~np.isnan(a[k])], b[k][~np.isnan(b[k])]
-        if x.size == 0:
-            continue
-        scale = np.abs(y).max(initial=0.0) + 1e-30  # values near 0: the array's scale
-        assert np.mean(np.abs(x - y) <= 1e-4 * scale) >= 0.99, k
-        np.testing.assert_allclose(x, y, rtol=0, atol=1e-2 * scale, err_msg=k)
-
-
 @pytest.mark.timeout(300)
 def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
                                                                 tmp_path: Path) -> None:
@@ -84,13 +63,9 @@ def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
     ref = _group(stores[1], "strain")
     assert {"exx", "eyy", "exy", "theta", "phase", "deformation"} <= ref.keys()
     assert np.isfinite(ref["exx"][ref["sample"]]).mean() > 0.9
-    _same(ref, _group(stores[2], "strain"))
-    _same(_group(stores[1], "affine"), _group(stores[2], "affine"))
-    # in process the calibration runs on every core, under Dask on the tasks' one thread:
-    # torch's reductions differ in the last bit with the thread count, and the encoder's
-    # starts are corrected by what the calibration fits converged to (phases.start_corrections)
-    _close(ref, _group(stores[0], "strain"))
-    _close(_group(stores[1], "affine"), _group(stores[0], "affine"))
+    for n in (0, 2):
+        _same(ref, _group(stores[n], "strain"))
+        _same(_group(stores[1], "affine"), _group(stores[n], "affine"))
     a = zarr.open_group(str(stores[2]), mode="r", use_consolidated=False)["affine"].attrs
     assert a["workers"] == 2 and a["threads_per_task"] == 1 and a["complete"]
     # the dictionary's sample entries, compared pairwise, and the phases they form travel

@@ -129,14 +129,9 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
            "cov": np.empty((n, 4, 4), np.float32),
            "composition": np.full((n, inputs.K), np.nan, np.float32)}
     root_of = torch.from_numpy(ph.root_of_entry)
-    # the encoder's starts moved onto where the calibration fits converged (phases.calibrate)
-    correction = (None if ph.start_correction is None else
-                  torch.from_numpy(np.asarray(ph.start_correction, np.float32)))
     for i in range(0, n, map_cfg.batch_size):
         sl = slice(i, i + map_cfg.batch_size)
         cls, theta = encode(model, xt[sl])
-        if correction is not None:
-            theta = compose_affine(theta, correction[cls])
         root = root_of[cls]
         moved = root != cls
         if moved.any():

@@ -46,7 +46,7 @@ from ccstae_hpc.core.refine import (
     refine_checked,
     relate_entries,
 )
-from ccstae_hpc.core.strain import affine_to_deformation, polar_decompose, rotation_matrix
+from ccstae_hpc.core.strain import affine_to_deformation, polar_decompose
 
 __all__ = [
     "COMPOSITION_SIGNIFICANCE",
@@ -55,7 +55,6 @@ __all__ = [
     "MERGE_SIGNIFICANCE",
     "LATTICE_SEPARATION",
     "DictionaryInfo",
-    "start_corrections",
     "LatticeSample",
     "PhaseMap",
     "analyse_dictionary",
@@ -137,8 +136,6 @@ class PhaseMap:
     lattice_gap: np.ndarray  # (K, K) lattice-parameter separation in pooled spreads
     chi2_scale: float  # median reduced own chi-square of the calibration patterns
     counts: np.ndarray  # (K,) calibration patterns per encoder entry
-    # (K, 2, 3) affine composed onto each encoder start (see start_corrections); None: none
-    start_correction: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {"phase_of_entry": self.phase_of_entry.tolist(),
@@ -148,9 +145,7 @@ class PhaseMap:
                 "lattice_gap": _jsonable(self.lattice_gap),
                 "calibration_counts": self.counts.tolist(),
                 "chi2_scale": float(self.chi2_scale),
-                "composition_threshold": float(COMPOSITION_SIGNIFICANCE * self.chi2_scale),
-                "start_correction": (None if self.start_correction is None else
-                                     np.round(self.start_correction, 6).tolist())}
+                "composition_threshold": float(COMPOSITION_SIGNIFICANCE * self.chi2_scale)}
 
 
 def single_phase_map() -> PhaseMap:
@@ -292,46 +287,8 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
             near = used[np.argmin([_relation_distance(info, e, u) for u in used])]
             phase_of_entry[e], root_of_entry[e] = phase_of_entry[near], root_of_entry[near]
     frames = _frames(calibrated, phase_of_entry, root_of_entry)
-    correction = start_corrections(theta0.numpy(), theta.numpy(), c_np, sample_entries, K,
-                                   symmetry)
     return PhaseMap(phase_of_entry, root_of_entry, frames, calibrated, misfit, misfit_se,
-                    gap, chi2_scale, counts, correction)
-
-
-def start_corrections(start: np.ndarray, fit: np.ndarray, cls: np.ndarray,
-                      entries: np.ndarray, K: int, symmetry: int) -> np.ndarray:
-    """The affine ``C_k`` ``(K, 2, 3)`` that carries the encoder's start of an entry-``k``
-    pattern onto its converged fit: the element-wise median of ``T_start^-1 T_fit`` over
-    the calibration patterns of ``k`` (identity for entries with fewer than
-    :data:`MIN_ENTRY_PATTERNS`), each first put on one symmetry branch.
-
-    The encoder's affine head is trained on the Bragg annulus of the downsampled input and
-    its starts sit a fixed affine off the fits of the full patterns (measured on a
-    heterostructure at 500 e-/pattern: 6-11 % in strain, 16-28 deg, 2-3 px per entry, about
-    a spread of 1-2 %, 3-4 deg and 0.3 px); a start that far out lets a fit of a sparse
-    pattern settle in one of the likelihood's local optima (README, "Low dose").
-    ``start``, ``fit`` ``(n, 2, 3)``, ``cls`` ``(n,)`` their entries.
-    """
-    out = np.tile(np.eye(2, 3), (K, 1, 1))
-    h = np.zeros((len(start), 3, 3))
-    h[:, 2, 2] = 1.0
-    hs, hf = h.copy(), h
-    hs[:, :2], hf[:, :2] = start, fit
-    E = np.linalg.solve(hs, hf)[:, :2]  # T_start^-1 T_fit
-    step = 360.0 / max(symmetry, 1)
-    for k in entries:
-        e = E[(cls == k) & np.isfinite(E).all((1, 2))]
-        if len(e) < MIN_ENTRY_PATTERNS:
-            continue
-        # a fit turned by a symmetry step is the same fit (its entry is symmetric): E S^-1
-        # turns E's rotation by that step, leaves its translation
-        phi, _ = polar_decompose(e[:, :, :2])
-        ref = np.angle(np.mean(np.exp(1j * np.deg2rad(phi) * max(symmetry, 1))))
-        turn = -np.round((phi - np.rad2deg(ref) / max(symmetry, 1)) / step) * step
-        e = e.copy()
-        e[:, :, :2] = e[:, :, :2] @ rotation_matrix(turn)
-        out[k] = np.median(e, axis=0)
-    return out
+                    gap, chi2_scale, counts)
 
 
 def _relation_distance(info: DictionaryInfo, a: int, b: int) -> float:
