@@ -27,10 +27,10 @@ test: venv
 	$(BIN)/ruff check ccstae_hpc flows tests benchmarks
 	$(BIN)/python -m pytest -q -x -rs --timeout=1200 --durations=30
 
-# The report's benchmarks (~22 min on 2 cores), then benchmarks/REPORT.md with its plots;
+# The report's benchmarks (~25 min on 2 cores), then benchmarks/REPORT.md with its plots;
 # bench-all also runs the others (ingest of 4 GB, 1 GB vs 8 GB memory, ...), each by hand
-REPORT_BENCHES := bench_peers bench_training bench_dose bench_multislice bench_memory \
-	bench_gpu_projection bench_ablation
+REPORT_BENCHES := bench_peers bench_training bench_dose bench_efficiency bench_multislice \
+	bench_memory bench_gpu_projection bench_ablation
 
 bench: venv $(PEERS_STAMP)
 	for b in $(REPORT_BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done

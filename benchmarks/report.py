@@ -242,8 +242,33 @@ def section_ablation(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = (section_peers, section_training, section_dose, section_multislice,
-            section_memory, section_gpu, section_ablation)
+def section_efficiency(results: Path) -> str:
+    """What an ideal single-pattern fit reaches against the floor (bench_efficiency)."""
+    d, stamp = _load(results, "efficiency.json")
+    cmd = "python benchmarks/bench_efficiency.py"
+    head = "## How close a single-pattern fit can come to the floor\n\n`" + cmd + "`"
+    if d is None:
+        return head + "\n\n" + _missing(cmd)
+    params = [k.removeprefix("ratio_") for k in d[0] if k.startswith("ratio_")]
+    off = d[0].get("offsets", [])
+    out = [head + f" (written {stamp}). Poisson maximum-likelihood fits whose forward model "
+           "is the simulator itself (no model error), of one unstrained pattern, "
+           f"{d[0].get('patterns')} realisations each: the standard deviation of the fits "
+           "over the Cramer-Rao floor's. Started at the truth, from starts off by "
+           + (f"{100 * off[0]:g} %, {off[3]:g} deg and {off[4]:g} px" if len(off) == 6
+              else "the given offsets")
+           + " (sharp model at once), and from the same starts through a blur continuation. "
+           "`bench_dose`'s single-pattern ratios above compare with these.\n",
+           "| dose | start | " + " | ".join(params) + " |",
+           "|---|---|" + "---|" * len(params)]
+    for r in d:
+        out.append(f"| {r['dose']:g} | {r['start']} | "
+                   + " | ".join(f"{r[f'ratio_{k}']:.2f}" for k in params) + " |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = (section_peers, section_training, section_dose, section_efficiency,
+            section_multislice, section_memory, section_gpu, section_ablation)
 
 
 def main() -> None:

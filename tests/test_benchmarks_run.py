@@ -26,8 +26,9 @@ ONE_EPOCH = ["--epochs", "1"]
     ["benchmarks/bench_memory.py", "--scans", "12", "16", "--epochs", "1"],
     ["benchmarks/bench_gpu_projection.py", "--quick"],
     ["benchmarks/bench_dose.py", "--quick", *ONE_EPOCH],
+    ["benchmarks/bench_efficiency.py", "--doses", "1e4", "--patterns", "2", "--workers", "1"],
 ], ids=["multislice", "ablation", "phase_cost", "peers", "training", "memory",
-        "gpu_projection", "dose"])
+        "gpu_projection", "dose", "efficiency"])
 def test_benchmark_runs(argv: list[str], tmp_path: Path) -> None:
     if "phase_cost" not in argv[0]:
         argv = [*argv, "--results", str(tmp_path)]  # the committed full-size results stay
