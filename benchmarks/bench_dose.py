@@ -104,6 +104,7 @@ BACKGROUNDS = (0.0, 0.25, 0.5, 0.7)  # the original paper's diffuse-background w
 BACKGROUND_DOSE = 1e3
 METHODS = ("ccstae", "ccstae_unpooled", "com", "py4dstem")
 FLOOR_PHASE = 1  # the own simulator's floor: an unstrained WS2 pattern
+SAMPLE_PHASES = (1, 2)  # the simulator's phases (WS2, WSe2), each with its own floor
 SCALE = {"exx": 100.0, "eyy": 100.0, "exy": 100.0, "theta": 1.0}  # to %, deg
 UNIT = {"exx": "%", "eyy": "%", "exy": "%", "theta": "deg"}
 NOISE_FREE_X = 10.0  # the noise-free point sits this factor beyond the largest dose
@@ -165,7 +166,8 @@ def sim_floor(cfg: SimConfig, dose: float | None) -> dict[str, Any]:
         return {"exx": f["mae_exx"], "eyy": f["mae_eyy"], "exy": f["mae_exy"],
                 "theta": f["mae_theta_deg"]}
 
-    return {**one(FLOOR_PHASE), "by_phase": {PHASE_NAMES[p]: one(p) for p in (1, 2)}}
+    by_phase = {PHASE_NAMES[p]: one(p) for p in SAMPLE_PHASES}
+    return {**by_phase[PHASE_NAMES[FLOOR_PHASE]], "by_phase": by_phase}
 
 
 def weighted_floor(floor: dict[str, Any], result: dict[str, Any]) -> dict[str, float]:
@@ -258,7 +260,8 @@ def score(ds: xr.Dataset, truth: dict) -> dict[str, Any]:
     out.update(n_phases=int(e["n_phases"]), acc_phase=float(e["acc_phase"]),
                acc_sample=float(e["acc_sample"]), n_eval=int(e["n_eval"]),
                n_both_sample=int(e["n_both_sample"]),
-               **{f"n_{name}": int(e.get(f"n_{name}", 0)) for name in ("WS2", "WSe2")})
+               **{f"n_{PHASE_NAMES[p]}": int(e.get(f"n_{PHASE_NAMES[p]}", 0))
+                  for p in SAMPLE_PHASES})
     if out["n_eval"] == 0:
         out["error"] = "no pixel is sample in both result and truth"
     return out
@@ -347,7 +350,7 @@ def case_rows(case: Case, scan: list[int], floor: dict[str, Any],
             row[f"crb_{k}"] = fl[k]
             row[f"ratio_{k}"] = v / fl[k] if np.isfinite(fl[k]) else math.nan
         for k in ("n_phases", "acc_phase", "acc_sample", "n_eval", "n_both_sample",
-                  "n_WS2", "n_WSe2", "pool_sigma_px"):
+                  *(f"n_{PHASE_NAMES[p]}" for p in SAMPLE_PHASES), "pool_sigma_px"):
             if k in r and row["error"] is None:
                 row[k] = r[k]
         row["time_s"] = r.get("time_s", math.nan)

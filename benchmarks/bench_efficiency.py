@@ -41,6 +41,7 @@ PHASE = 1  # an unstrained WS2 pattern, as bench_dose's floor
 STEPS = np.array([1e-4, 1e-4, 1e-4, 1e-2, 1e-2, 1e-2])
 SHARP_STEPS = 6
 CONTINUATION = ((3.0, 3), (1.5, 3), (0.7, 3), (0.0, 3))  # (blur px, Fisher-scoring steps)
+CONTINUATION_STEPS = sum(steps for _, steps in CONTINUATION)
 LINE_SEARCH_HALVINGS = 10
 
 
@@ -93,11 +94,13 @@ def one_case(args: tuple[float, str, np.ndarray, int, int]) -> np.ndarray:
     out = np.empty((n, len(p0)))
     for i in range(n):
         x = rng.poisson(mu).ravel().astype(np.float64)
+        # drawn for every start: the three starts of a dose (one seed) see the same counts,
+        # and the offset and continuation starts the same offsets
         off = rng.normal(0.0, 1.0, len(p0)) * offsets
         if start == "truth":
             out[i] = fit(cfg, x, p0, dose, ((0.0, SHARP_STEPS),))
-        elif start == "offset":
-            out[i] = fit(cfg, x, p0 + off, dose, ((0.0, SHARP_STEPS + 6),))
+        elif start == "offset":  # as many steps as the continuation takes, all sharp
+            out[i] = fit(cfg, x, p0 + off, dose, ((0.0, CONTINUATION_STEPS),))
         else:
             out[i] = fit(cfg, x, p0 + off, dose, CONTINUATION)
     return out
@@ -134,9 +137,10 @@ def main() -> None:
           f"offsets {s * 100:g} %, {deg:g} deg, {px:g} px "
           f"({time.perf_counter() - t:.0f} s)")
     print("std / Cramer-Rao std: " + ", ".join(PARAMS))
+    crb = {d: np.sqrt(np.diag(np.linalg.inv(fisher_information(cfg, d, PHASE, p0))))
+           for d in args.doses}
     for (dose, start, *_), est in zip(jobs, fits, strict=True):
-        crb = np.sqrt(np.diag(np.linalg.inv(fisher_information(cfg, dose, PHASE, p0))))
-        ratio = (est - p0).std(0) / crb
+        ratio = (est - p0).std(0) / crb[dose]
         rows.append({"dose": dose, "start": start, "patterns": args.patterns,
                      "offsets": offsets.tolist(),
                      **{f"ratio_{k}": float(r) for k, r in zip(PARAMS, ratio, strict=True)}})

@@ -30,7 +30,7 @@ from train_options import add_epochs, run_epochs
 from ccstae_hpc import cli
 from ccstae_hpc.core.com import deformation, fit_patterns, reference_lattice
 from ccstae_hpc.core.strain import reference_deformation, relative_strain
-from ccstae_hpc.sim.evaluate import COMPONENTS, strain_errors, wrap_angle
+from ccstae_hpc.sim.evaluate import COMPONENTS, PHASE_NAMES, strain_errors, wrap_angle
 from ccstae_hpc.sim.multislice import add_poisson, load_multislice, validation_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,8 @@ def py4dstem_errors(npy: Path, truth: dict, ds: xr.Dataset, tmp: Path) -> dict |
     e = strain_errors(chk.peer_dataset(out, ref), truth)
     # the pixels scored per phase: bench_dose weights the phases' floors by them
     return {**{f"mae_{k}": float(e[f"mae_{k}"]) for k in COMPONENTS},
-            **{f"n_{name}": int(e.get(f"n_{name}", 0)) for name in ("WS2", "WSe2")}}
+            **{f"n_{name}": int(e.get(f"n_{name}", 0))
+               for p, name in PHASE_NAMES.items() if p > 0}}
 
 
 def run_case(name: str, dose: float | None, tmp: Path, epochs: int | None = None) -> dict:
