@@ -11,7 +11,7 @@ import pytest
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.strain import rotation_matrix
 from ccstae_hpc.sim import simulate as sim
-from ccstae_hpc.sim.crb import cramer_rao
+from ccstae_hpc.sim.crb import cramer_rao, scan_floor
 from ccstae_hpc.sim.simulate import (
     NOMINAL_TOTAL,
     load_simulation,
@@ -353,6 +353,29 @@ def test_cramer_rao_scales_with_dose() -> None:
     assert 1e-4 < lo["std_exx"] < 1e-2 and 0.005 < lo["std_origin_x"] < 0.1
     # background dilutes the information
     assert cramer_rao(cfg.replace(background_weight=0.5), 1000.0)["std_exx"] > lo["std_exx"]
+
+
+def test_scan_floor_is_the_mean_of_its_patterns_floors() -> None:
+    # a scan of one unstrained, unturned, undrifted phase: every pattern is cramer_rao's
+    flat = SimConfig(scan=(6, 6), heterostructure=False, vacuum=False, strain_amplitude=0.0,
+                     interface_strain=0.0, ripple_amplitude_deg=0.0, drift_px=0.0)
+    f = scan_floor(flat, truth_rows(flat), 1000.0, patterns=3)
+    assert set(f) == {1}
+    one = cramer_rao(flat, 1000.0, phase=1)
+    for k, v in f[1].items():
+        assert v == pytest.approx(one[k], rel=1e-6)
+    # the information is proportional to the dose
+    f4 = scan_floor(flat, truth_rows(flat), 4000.0, patterns=3)
+    assert f4[1]["mae_exx"] == pytest.approx(f[1]["mae_exx"] / 2, rel=1e-9)
+    # a heterostructure: each phase's patterns scatter about its relaxed pattern's floor (by
+    # their strain, rotation and where their disk edges fall on the pixels)
+    het = SimConfig(scan=(12, 12))
+    h = scan_floor(het, truth_rows(het), 1000.0, patterns=8)
+    assert set(h) == {1, 2}
+    for p in (1, 2):
+        assert h[p]["mae_exx"] == pytest.approx(cramer_rao(het, 1000.0, p)["mae_exx"], rel=0.1)
+    with pytest.raises(ValueError, match="dose"):
+        scan_floor(flat, truth_rows(flat), 0.0)
 
 
 def test_single_phase_sample_has_no_wse2_and_no_interface_strain(make_sim):

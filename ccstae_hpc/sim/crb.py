@@ -13,10 +13,10 @@ import numpy as np
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.strain import rotation_matrix
-from ccstae_hpc.sim.simulate import base_origin, render_pattern
+from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern
 
 __all__ = ["PARAMS", "pattern_from_params", "fisher_information", "cramer_rao", "render_pattern",
-           "pattern_floor"]
+           "pattern_floor", "scan_floor"]
 
 PARAMS = ("exx", "eyy", "exy", "theta_deg", "origin_x", "origin_y")
 # sub-pixel samples per detector pixel and axis when a measured pattern is warped: a
@@ -26,6 +26,10 @@ SUPERSAMPLE = 4
 # central-difference steps: small enough for the piecewise-linear disk edges (a strain step of
 # 1e-4 moves an outer disk by ~0.006 px), large enough for float64 round-off
 _STEPS = np.array([1e-4, 1e-4, 1e-4, 1e-2, 1e-2, 1e-2])
+# patterns per phase whose floors are averaged by scan_floor: one pattern's floor moves by
+# +-8 % with its sub-pixel origin alone (the disks' edges fall differently on the pixels),
+# so the mean of 64 is known to ~1 %
+SCAN_FLOOR_PATTERNS = 64
 
 
 def pattern_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float) -> np.ndarray:
@@ -40,12 +44,14 @@ def fisher_information(
 ) -> np.ndarray:
     """Poisson Fisher matrix ``I_ij = sum_k dmu_k/dp_i dmu_k/dp_j / mu_k`` (6 x 6, :data:`PARAMS`).
 
-    ``p0`` defaults to the unstrained pattern of ``phase`` at the global rotation and the
-    un-drifted origin.  Derivatives are central finite differences of the noise-free pattern.
+    ``p0`` defaults to the relaxed pattern of ``phase`` (its own lattice parameter: WSe2's
+    strain against the WS2 reference is +4.1 %) at the global rotation and the un-drifted
+    origin.  Derivatives are central finite differences of the noise-free pattern.
     """
     if p0 is None:
         oy, ox = base_origin(cfg)
-        p0 = np.array([0.0, 0.0, 0.0, cfg.global_rotation_deg, ox, oy])
+        e = LATTICE_A[phase] / LATTICE_A[1] - 1.0
+        p0 = np.array([e, e, 0.0, cfg.global_rotation_deg, ox, oy])
     mu = pattern_from_params(cfg, p0, phase, dose).ravel()
     J = np.empty((len(PARAMS), mu.size))
     for i, h in enumerate(_STEPS):
@@ -66,7 +72,7 @@ def cramer_rao(cfg: SimConfig, dose: float, phase: int = 1) -> dict[str, float]:
     ----------
     cfg : simulation config (detector, optics, ``background_weight``; ``cfg.dose`` is ignored).
     dose : electrons per pattern (Poisson).
-    phase : 1 WS2 or 2 WSe2; the pattern is unstrained at the global rotation.
+    phase : 1 WS2 or 2 WSe2; the pattern is relaxed (its own lattice) at the global rotation.
 
     Returns
     -------
@@ -84,6 +90,48 @@ def cramer_rao(cfg: SimConfig, dose: float, phase: int = 1) -> dict[str, float]:
     for name, s in zip(PARAMS, std, strict=True):
         out[f"std_{name}"] = float(s)
         out[f"mae_{name}"] = float(s * math.sqrt(2.0 / math.pi))
+    return out
+
+
+def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
+               patterns: int = SCAN_FLOOR_PATTERNS, seed: int = 0) -> dict[int, dict[str, float]]:
+    """Mean Cramer-Rao floor of a simulated scan's own patterns, per phase.
+
+    Each pattern's floor is that of its true deformation, rotation and origin (``truth`` of
+    :func:`ccstae_hpc.sim.simulate.truth_rows`: ``F = R(theta) (I + eps)`` and ``origin``
+    are what the simulator rendered).  The MAE of a method over a set of patterns is the mean
+    of its errors, so its floor is the mean of theirs: one unstrained pattern's floor
+    (:func:`cramer_rao`) sits up to 8 % off it, by where its disk edges fall on the pixels.
+
+    Parameters
+    ----------
+    cfg : the scan's simulation config.
+    truth : its truth (``exx, eyy, exy, theta, origin, phase``).
+    dose : electrons per pattern.
+    patterns : patterns per phase averaged (a seeded random choice of the phase's pixels).
+
+    Returns
+    -------
+    phase -> ``mae_<p>`` (the mean over its patterns) for every phase present.
+    """
+    if dose <= 0:
+        raise ValueError("dose must be positive")
+    rng = np.random.default_rng(seed)
+    phase = np.asarray(truth["phase"])
+    out: dict[int, dict[str, float]] = {}
+    for p in (int(v) for v in np.unique(phase[phase > 0])):
+        where = np.argwhere(phase == p)
+        pick = where[rng.choice(len(where), min(patterns, len(where)), replace=False)]
+        mae = []
+        for y, x in pick:
+            oy, ox = truth["origin"][y, x]
+            p0 = np.array([truth["exx"][y, x], truth["eyy"][y, x], truth["exy"][y, x],
+                           truth["theta"][y, x], ox, oy], np.float64)
+            # the information is proportional to the dose: one electron's, scaled
+            cov = np.linalg.inv(fisher_information(cfg, 1.0, p, p0)) / dose
+            mae.append(np.sqrt(np.diag(cov)) * math.sqrt(2.0 / math.pi))
+        out[p] = {f"mae_{name}": float(v)
+                  for name, v in zip(PARAMS, np.mean(mae, 0), strict=True)}
     return out
 
 
