@@ -127,7 +127,8 @@ def section_dose(results: Path) -> str:
     if d is None:
         return head + "\n\n" + _missing("python benchmarks/bench_dose.py")
     out = [head + f" (written {stamp}). MAE against the truth; in brackets the ratio to "
-                  "the one-pattern Cramer-Rao floor of the same data.\n",
+                  "the one-pattern Cramer-Rao floor of the same data (each phase's mean over "
+                  "its own patterns, weighted by the pixels scored).\n",
            "| data | dose | background | method | " + " | ".join(COMPONENTS) + " |",
            "|---|---|---|---|" + "---|" * len(COMPONENTS)]
     for r in d:
