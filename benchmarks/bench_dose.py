@@ -30,10 +30,11 @@ Floor: the Cramer-Rao bound of one pattern at the dose, as an MAE
 (:mod:`ccstae_hpc.sim.crb`): for the project's simulator the mean of the floors of the scan's
 own patterns (``scan_floor``: 64 per phase, each at its true strain, rotation and origin, with
 the case's background), per phase, weighted by the pixels each method's MAE counts of that
-phase (the MAE of a mix of patterns is the same mix of their MAEs).  Until 2026-12-05 it was
-``cramer_rao`` of one unstrained pattern at the undrifted origin, which sits up to 8 % off
-the scan's mean by where its disk edges fall on the pixels (seed 3: eyy 6 % low), and for
-WSe2 at WS2's lattice parameter (its floors were 8-17 % low).  For abTEM the same mean over
+phase (the MAE of a mix of patterns is the same mix of their MAEs), strains in the truth's
+units (against WS2's lattice: WSe2's own-lattice floors times 1.041).  Until 2026-12-05 it
+was ``cramer_rao`` of one relaxed pattern per phase at the undrifted origin, which sits up to
+8 % off the scan's mean by where its disk edges fall on the pixels (seed 3: eyy 6 % low), in
+each phase's own units.  For abTEM the same mean over
 up to 32 noise-free patterns per phase of ``pattern_floor`` (each about its central disk
 measured on it, on the pixels beyond the Bragg annulus' inner radius); until 2026-12-05 the
 pattern at the scan centre (on the interface set a WSe2 pattern, whose floor is 10-20 %

@@ -11,7 +11,7 @@ import pytest
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.strain import rotation_matrix
 from ccstae_hpc.sim import simulate as sim
-from ccstae_hpc.sim.crb import cramer_rao, scan_floor
+from ccstae_hpc.sim.crb import cramer_rao, pattern_from_params, scan_floor, truth_params
 from ccstae_hpc.sim.simulate import (
     NOMINAL_TOTAL,
     load_simulation,
@@ -367,10 +367,19 @@ def test_scan_floor_is_the_mean_of_its_patterns_floors() -> None:
     # the information is proportional to the dose
     f4 = scan_floor(flat, truth_rows(flat), 4000.0, patterns=3)
     assert f4[1]["mae_exx"] == pytest.approx(f[1]["mae_exx"] / 2, rel=1e-9)
-    # a heterostructure: each phase's patterns scatter about its relaxed pattern's floor (by
-    # their strain, rotation and where their disk edges fall on the pixels)
+    # a heterostructure: the floors' forward model renders each phase's patterns as the
+    # simulator does (WSe2 against its own lattice) ...
     het = SimConfig(scan=(12, 12))
-    h = scan_floor(het, truth_rows(het), 1000.0, patterns=8)
+    t = truth_rows(het)
+    data, _ = simulate_rows(het.replace(n_hot_pixels=0), 0, het.scan[0])
+    for p in (1, 2):
+        y, x = np.argwhere(t["phase"] == p)[0]
+        mu = pattern_from_params(het, truth_params(t, int(y), int(x)), p, 1.0)
+        d = data[y, x].astype(np.float64)
+        assert np.abs(mu / mu.sum() - d / d.sum()).max() < 1e-5 * (d / d.sum()).max()
+    # ... and each phase's patterns scatter about its relaxed pattern's floor (by their
+    # strain, rotation and where their disk edges fall on the pixels)
+    h = scan_floor(het, t, 1000.0, patterns=8)
     assert set(h) == {1, 2}
     for p in (1, 2):
         assert h[p]["mae_exx"] == pytest.approx(cramer_rao(het, 1000.0, p)["mae_exx"], rel=0.1)

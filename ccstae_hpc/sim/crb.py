@@ -12,11 +12,11 @@ import math
 import numpy as np
 
 from ccstae_hpc.core.config import SimConfig
-from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.core.strain import polar_decompose, rotation_matrix
 from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern
 
 __all__ = ["PARAMS", "pattern_from_params", "fisher_information", "cramer_rao", "render_pattern",
-           "pattern_floor", "scan_floor"]
+           "pattern_floor", "scan_floor", "truth_params"]
 
 PARAMS = ("exx", "eyy", "exy", "theta_deg", "origin_x", "origin_y")
 # sub-pixel samples per detector pixel and axis when a measured pattern is warped: a
@@ -44,14 +44,13 @@ def fisher_information(
 ) -> np.ndarray:
     """Poisson Fisher matrix ``I_ij = sum_k dmu_k/dp_i dmu_k/dp_j / mu_k`` (6 x 6, :data:`PARAMS`).
 
-    ``p0`` defaults to the relaxed pattern of ``phase`` (its own lattice parameter: WSe2's
-    strain against the WS2 reference is +4.1 %) at the global rotation and the un-drifted
+    The strains of ``p`` are against the phase's own relaxed lattice, as the renderer takes
+    them; ``p0`` defaults to the relaxed pattern at the global rotation and the un-drifted
     origin.  Derivatives are central finite differences of the noise-free pattern.
     """
     if p0 is None:
         oy, ox = base_origin(cfg)
-        e = LATTICE_A[phase] / LATTICE_A[1] - 1.0
-        p0 = np.array([e, e, 0.0, cfg.global_rotation_deg, ox, oy])
+        p0 = np.array([0.0, 0.0, 0.0, cfg.global_rotation_deg, ox, oy])
     mu = pattern_from_params(cfg, p0, phase, dose).ravel()
     J = np.empty((len(PARAMS), mu.size))
     for i, h in enumerate(_STEPS):
@@ -73,6 +72,7 @@ def cramer_rao(cfg: SimConfig, dose: float, phase: int = 1) -> dict[str, float]:
     cfg : simulation config (detector, optics, ``background_weight``; ``cfg.dose`` is ignored).
     dose : electrons per pattern (Poisson).
     phase : 1 WS2 or 2 WSe2; the pattern is relaxed (its own lattice) at the global rotation.
+        Strains are against that lattice.
 
     Returns
     -------
@@ -93,22 +93,39 @@ def cramer_rao(cfg: SimConfig, dose: float, phase: int = 1) -> dict[str, float]:
     return out
 
 
+def truth_params(truth: dict[str, np.ndarray], y: int, x: int) -> np.ndarray:
+    """The parameters (:data:`PARAMS`) of :func:`pattern_from_params` that render the
+    simulated pattern at scan position ``(y, x)``: the truth's ``F`` against the pattern's
+    own phase's relaxed lattice, and its origin."""
+    p = int(truth["phase"][y, x])
+    if p not in LATTICE_A:
+        raise ValueError(f"scan position {(y, x)} is vacuum: no pattern parameters")
+    theta, U = polar_decompose(np.asarray(truth["F"][y, x], np.float64)
+                               / (LATTICE_A[p] / LATTICE_A[1]))
+    oy, ox = truth["origin"][y, x]
+    return np.array([U[0, 0] - 1.0, U[1, 1] - 1.0, U[0, 1], float(theta), ox, oy])
+
+
 def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
                patterns: int = SCAN_FLOOR_PATTERNS, seed: int = 0) -> dict[int, dict[str, float]]:
     """Mean Cramer-Rao floor of a simulated scan's own patterns, per phase.
 
     Each pattern's floor is that of its true deformation, rotation and origin (``truth`` of
-    :func:`ccstae_hpc.sim.simulate.truth_rows`: ``F = R(theta) (I + eps)`` and ``origin``
-    are what the simulator rendered).  The MAE of a method over a set of patterns is the mean
-    of its errors, so its floor is the mean of theirs: one unstrained pattern's floor
-    (:func:`cramer_rao`) sits up to 8 % off it, by where its disk edges fall on the pixels.
+    :func:`ccstae_hpc.sim.simulate.truth_rows`: ``F = R(theta) (I + eps)`` against the one
+    WS2 reference lattice, and ``origin``), in the truth's units: the renderer takes ``F``
+    against the phase's own lattice (``F / (a_phase / a_WS2)``), so a WSe2 pattern's strain
+    floors are its own lattice's times ``a_WSe2 / a_WS2``.  The MAE of a method over a set of
+    patterns is the mean of its errors, so its floor is the mean of theirs: one relaxed
+    pattern's floor (:func:`cramer_rao`) sits up to 8 % off it, by where its disk edges fall
+    on the pixels.
 
     Parameters
     ----------
     cfg : the scan's simulation config.
-    truth : its truth (``exx, eyy, exy, theta, origin, phase``).
+    truth : its truth (``F, origin, phase``).
     dose : electrons per pattern.
-    patterns : patterns per phase averaged (a seeded random choice of the phase's pixels).
+    patterns : patterns per phase averaged.
+    seed : of the random choice of each phase's patterns.
 
     Returns
     -------
@@ -122,14 +139,14 @@ def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
     for p in (int(v) for v in np.unique(phase[phase > 0])):
         where = np.argwhere(phase == p)
         pick = where[rng.choice(len(where), min(patterns, len(where)), replace=False)]
+        ls = LATTICE_A[p] / LATTICE_A[1]
+        to_truth = np.array([ls, ls, ls, 1.0, 1.0, 1.0])  # d eps_truth = ls d eps_own
         mae = []
         for y, x in pick:
-            oy, ox = truth["origin"][y, x]
-            p0 = np.array([truth["exx"][y, x], truth["eyy"][y, x], truth["exy"][y, x],
-                           truth["theta"][y, x], ox, oy], np.float64)
+            p0 = truth_params(truth, int(y), int(x))
             # the information is proportional to the dose: one electron's, scaled
             cov = np.linalg.inv(fisher_information(cfg, 1.0, p, p0)) / dose
-            mae.append(np.sqrt(np.diag(cov)) * math.sqrt(2.0 / math.pi))
+            mae.append(np.sqrt(np.diag(cov)) * to_truth * math.sqrt(2.0 / math.pi))
         out[p] = {f"mae_{name}": float(v)
                   for name, v in zip(PARAMS, np.mean(mae, 0), strict=True)}
     return out
