@@ -30,8 +30,9 @@ Floor: the Cramer-Rao bound of one pattern at the dose, as an MAE
 (:mod:`ccstae_hpc.sim.crb`): for the project's simulator the mean of the floors of the scan's
 own patterns (``scan_floor``: 64 per phase, each at its true strain, rotation and origin, with
 the case's background), per phase, weighted by the pixels each method's MAE counts of that
-phase (the MAE of a mix of patterns is the same mix of their MAEs), strains in the truth's
-units (against WS2's lattice: WSe2's own-lattice floors times 1.041).  Until 2026-12-05 it
+phase (the MAE of a mix of patterns is the same mix of their MAEs), its strains put against
+the lattice of the result's reference pixels as the truth is (``reference_scale``: on the
+heterostructure WSe2's, 4.1 % above WS2's).  Until 2026-12-05 it
 was ``cramer_rao`` of one relaxed pattern per phase at the undrifted origin, which sits up to
 8 % off the scan's mean by where its disk edges fall on the pixels (seed 3: eyy 6 % low), in
 each phase's own units.  For abTEM the same mean over
@@ -111,6 +112,7 @@ BACKGROUND_DOSE = 1e3
 METHODS = ("ccstae", "ccstae_unpooled", "com", "py4dstem")
 SAMPLE_PHASES = (1, 2)  # the simulator's phases (WS2, WSe2), each with its own floor
 CRB_NAME = {"exx": "exx", "eyy": "eyy", "exy": "exy", "theta": "theta_deg"}  # crb's names
+STRAINS = ("exx", "eyy", "exy")
 # the own simulator's floors per electron, (scan, seed, background, heterostructure) -> phase
 _SCAN_FLOORS: dict[tuple, dict[int, dict[str, float]]] = {}
 # abTEM: patterns per phase whose floors are averaged (0.2 s each), their choice's seed, and
@@ -183,18 +185,24 @@ def sim_floor(cfg: SimConfig, truth: dict, dose: float | None) -> dict[str, Any]
     phase = np.asarray(truth["phase"])
     plain = weighted_floor({"by_phase": by_phase},
                            {f"n_{PHASE_NAMES[p]}": int((phase == p).sum()) for p in per_e})
-    return {**plain, "by_phase": by_phase}
+    return {**plain, "by_phase": by_phase, "against": "WS2"}
 
 
 def weighted_floor(floor: dict[str, Any], result: dict[str, Any]) -> dict[str, float]:
     """The floor of the patterns a result's MAE counts: each phase's floor weighted by its
-    scored pixels (``n_WS2``, ``n_WSe2``); the plain floor without them."""
+    scored pixels (``n_WS2``, ``n_WSe2``); the plain floor without them.  A WS2-based floor
+    (``against``) is put against the result's reference lattice (``ref_scale``)."""
     counts = {name: result.get(f"n_{name}", 0.0) for name in floor.get("by_phase", {})}
     total = sum(counts.values())
     if not total:
-        return {k: floor[k] for k in COMPONENTS}
-    return {k: sum(n * floor["by_phase"][name][k] for name, n in counts.items()) / total
-            for k in COMPONENTS}
+        out = {k: floor[k] for k in COMPONENTS}
+    else:
+        out = {k: sum(n * floor["by_phase"][name][k] for name, n in counts.items()) / total
+               for k in COMPONENTS}
+    if floor.get("against") == "WS2":  # into the units of the result's reference lattice
+        scale = result.get("ref_scale", 1.0)
+        out = {k: v / scale if k in STRAINS else v for k, v in out.items()}
+    return out
 
 
 def abtem_floor(data: np.ndarray, truth: dict, dose: float | None, name: str
@@ -296,9 +304,23 @@ def score(ds: xr.Dataset, truth: dict) -> dict[str, Any]:
                n_both_sample=int(e["n_both_sample"]),
                **{f"n_{PHASE_NAMES[p]}": int(e.get(f"n_{PHASE_NAMES[p]}", 0))
                   for p in SAMPLE_PHASES})
+    out["ref_scale"] = reference_scale(ds, truth)
     if out["n_eval"] == 0:
         out["error"] = "no pixel is sample in both result and truth"
     return out
+
+
+def reference_scale(ds: xr.Dataset, truth: dict) -> float:
+    """Lattice parameter of the reference a result's strains are against, over WS2's: the
+    truth's ``sqrt det F`` (``F`` against WS2's lattice) on the result's reference pixels,
+    median; 1 without any.  Strain against a lattice ``s`` times WS2's is the WS2-based strain
+    over ``s``, so the own simulator's floors (WS2-based) are divided by it."""
+    ref = np.asarray(ds["reference"].values, bool)
+    F = np.asarray(truth["F"], np.float64)
+    ok = ref & np.isfinite(F).all(axis=(-2, -1))
+    if not ok.any():
+        return 1.0
+    return float(np.sqrt(np.median(np.abs(np.linalg.det(F[ok])))))
 
 
 def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
@@ -359,7 +381,9 @@ def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None
     except Exception as e:  # reported in the table
         peer = {"error": short(f"{type(e).__name__}: {e}")}
     if peer is not None:
-        peer = {**peer, "time_s": time.perf_counter() - t}
+        # py4DSTEM's strains are referenced on the same pixels as ccstae's
+        peer = {**peer, "time_s": time.perf_counter() - t,
+                "ref_scale": reference_scale(ds, truth)}
         if "error" not in peer and not all(np.isfinite(peer[f"mae_{k}"]) for k in COMPONENTS):
             peer["error"] = "no pixel evaluated"
     out["py4dstem"] = peer
@@ -384,7 +408,8 @@ def case_rows(case: Case, scan: list[int], floor: dict[str, Any],
             row[f"crb_{k}"] = fl[k]
             row[f"ratio_{k}"] = v / fl[k] if np.isfinite(fl[k]) else math.nan
         for k in ("n_phases", "acc_phase", "acc_sample", "n_eval", "n_both_sample",
-                  *(f"n_{PHASE_NAMES[p]}" for p in SAMPLE_PHASES), "pool_sigma_px"):
+                  *(f"n_{PHASE_NAMES[p]}" for p in SAMPLE_PHASES), "pool_sigma_px",
+                  "ref_scale"):
             if k in r and row["error"] is None:
                 row[k] = r[k]
         row["time_s"] = r.get("time_s", math.nan)
