@@ -179,13 +179,21 @@ def sim_floor(cfg: SimConfig, truth: dict, dose: float | None) -> dict[str, Any]
     key = (cfg.scan, cfg.seed, cfg.background_weight, cfg.heterostructure)
     if key not in _SCAN_FLOORS:  # one electron's floor; the doses of a set share it
         _SCAN_FLOORS[key] = scan_floor(cfg, truth, 1.0)
-    per_e = _SCAN_FLOORS[key]
-    by_phase = {PHASE_NAMES[p]: {k: per_e[p][f"mae_{CRB_NAME[k]}"] / math.sqrt(dose)
-                                 for k in COMPONENTS} for p in per_e}
+    per_e = {p: {k: f[f"mae_{CRB_NAME[k]}"] for k in COMPONENTS}
+             for p, f in _SCAN_FLOORS[key].items()}
+    return {**at_dose(per_e, truth, dose), "against": "WS2"}
+
+
+def at_dose(per_e: dict[int, dict[str, float]], truth: dict, dose: float) -> dict[str, Any]:
+    """A set's floors per electron (phase -> component) at ``dose`` (the information is
+    proportional to the dose): each phase's under ``by_phase``, and their mean over every
+    sample pixel of the truth."""
+    by_phase = {PHASE_NAMES[p]: {k: float(v) / math.sqrt(dose) for k, v in f.items()}
+                for p, f in per_e.items()}
     phase = np.asarray(truth["phase"])
     plain = weighted_floor({"by_phase": by_phase},
                            {f"n_{PHASE_NAMES[p]}": int((phase == p).sum()) for p in per_e})
-    return {**plain, "by_phase": by_phase, "against": "WS2"}
+    return {**plain, "by_phase": by_phase}
 
 
 def weighted_floor(floor: dict[str, Any], result: dict[str, Any]) -> dict[str, float]:
@@ -245,14 +253,7 @@ def abtem_floor(data: np.ndarray, truth: dict, dose: float | None, name: str
                 floors.append([f[f"mae_{CRB_NAME[k]}"] for k in COMPONENTS])
             per_e[p] = dict(zip(COMPONENTS, np.mean(floors, 0), strict=True))
         _ABTEM_FLOORS[name] = per_e
-    per_e = _ABTEM_FLOORS[name]
-    # the information is proportional to the dose
-    by_phase = {PHASE_NAMES[p]: {k: float(v) / math.sqrt(dose) for k, v in f.items()}
-                for p, f in per_e.items()}
-    phase = np.asarray(truth["phase"])
-    plain = weighted_floor({"by_phase": by_phase},
-                           {f"n_{PHASE_NAMES[p]}": int((phase == p).sum()) for p in per_e})
-    return {**plain, "by_phase": by_phase}
+    return at_dose(_ABTEM_FLOORS[name], truth, dose)
 
 
 def make_case(case: Case, scan: int, tmp: Path) -> tuple[Path, dict, dict[str, Any]]:

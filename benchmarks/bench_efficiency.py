@@ -36,7 +36,7 @@ from ccstae_hpc.sim.crb import PARAMS, fisher_information, pattern_from_params
 from ccstae_hpc.sim.simulate import base_origin
 
 RESULTS = Path(__file__).parent / "results"
-PHASE = 1  # an unstrained WS2 pattern, as bench_dose's floor
+PHASE = 1  # a relaxed WS2 pattern (cramer_rao's)
 # central-difference steps of the Jacobian (as the floor's), widened with the blur
 STEPS = np.array([1e-4, 1e-4, 1e-4, 1e-2, 1e-2, 1e-2])
 SHARP_STEPS = 6
