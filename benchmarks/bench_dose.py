@@ -32,7 +32,9 @@ own patterns (``scan_floor``: 64 per phase, each at its true strain, rotation an
 the case's background), per phase, weighted by the pixels each method's MAE counts of that
 phase (the MAE of a mix of patterns is the same mix of their MAEs), its strains put against
 the lattice of the result's reference pixels as the truth is (``reference_scale``: on the
-heterostructure WSe2's, 4.1 % above WS2's).  Until 2026-12-05 it
+heterostructure WSe2's, 4.1 % above WS2's), and in the scan's frame the maps report
+(``crb.in_frame``; before 2026-12-05 13:00 UTC in the lattice's own frame, turned 17 deg
+from it: 1-2 % off).  Until 2026-12-05 it
 was ``cramer_rao`` of one relaxed pattern per phase at the undrifted origin, which sits up to
 8 % off the scan's mean by where its disk edges fall on the pixels (seed 3: eyy 6 % low), in
 each phase's own units.  For abTEM the same mean over

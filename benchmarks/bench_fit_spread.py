@@ -19,7 +19,8 @@ The fits go through the map's own strain assembly (:func:`ccstae_hpc.core.mappin
 pooling off): the draws are laid out as the rows of one map, the noise-free fits as its last
 row, so that every draw of a pattern is read against the same reference lattice, whichever
 entry and phase its fit chose.  Each pattern's floor (of strain against its own lattice) is
-put into the reference's units by its lattice scale there.
+put into the scan's frame (:func:`ccstae_hpc.sim.crb.in_frame`) and into the reference's
+units by its lattice scale there.
 
     python benchmarks/bench_fit_spread.py [--dose 500] [--realisations 20] [--scan 32]
 """
@@ -44,7 +45,7 @@ from ccstae_hpc.core.config import MapConfig, SimConfig
 from ccstae_hpc.core.mapping import assemble_strain, map_block
 from ccstae_hpc.core.patterns import normalised, recentred
 from ccstae_hpc.core.refine import refine_checked
-from ccstae_hpc.sim.crb import fisher_information, truth_params
+from ccstae_hpc.sim.crb import fisher_information, in_frame, truth_params
 from ccstae_hpc.sim.evaluate import PHASE_NAMES
 from ccstae_hpc.sim.simulate import NOMINAL_TOTAL, save_simulation, simulate_rows, truth_rows
 from ccstae_hpc.stages.map import phase_inputs
@@ -152,9 +153,9 @@ def main() -> None:
     switched = np.array([f["phase"] for f in fits]) != noise_free["phase"][None]
     # own-lattice floors into the reference's units: the pattern's lattice scale there
     scale = np.sqrt((1 + c0[:, 0]) * (1 + c0[:, 1]) - c0[:, 2] ** 2)
-    floor = np.array([np.sqrt(np.diag(np.linalg.inv(fisher_information(
-        clean_cfg, args.dose, int(phase[y, x]), truth_params(truth, int(y), int(x))))))[:4]
-        for y, x in pick])
+    floor = np.array([np.sqrt(np.diag(in_frame(np.linalg.inv(fisher_information(
+        clean_cfg, args.dose, int(phase[y, x]), truth_params(truth, int(y), int(x)))),
+        clean_cfg.global_rotation_deg)))[:4] for y, x in pick])
     floor[:, :3] *= scale[:, None]
     mae_floor = floor * math.sqrt(2.0 / math.pi)
     rows = []

@@ -9,9 +9,20 @@ import numpy as np
 import pytest
 
 from ccstae_hpc.core.config import SimConfig
-from ccstae_hpc.core.strain import rotation_matrix
+from ccstae_hpc.core.strain import (
+    polar_decompose,
+    reference_deformation,
+    relative_strain,
+    rotation_matrix,
+)
 from ccstae_hpc.sim import simulate as sim
-from ccstae_hpc.sim.crb import cramer_rao, pattern_from_params, scan_floor, truth_params
+from ccstae_hpc.sim.crb import (
+    cramer_rao,
+    in_frame,
+    pattern_from_params,
+    scan_floor,
+    truth_params,
+)
 from ccstae_hpc.sim.simulate import (
     NOMINAL_TOTAL,
     load_simulation,
@@ -385,6 +396,30 @@ def test_scan_floor_is_the_mean_of_its_patterns_floors() -> None:
         assert h[p]["mae_exx"] == pytest.approx(cramer_rao(het, 1000.0, p)["mae_exx"], rel=0.1)
     with pytest.raises(ValueError, match="dose"):
         scan_floor(flat, truth_rows(flat), 0.0)
+
+
+def test_floors_are_of_the_strain_components_the_maps_report() -> None:
+    # the maps (and the truth re-referenced on them) report R_ref e R_ref^T, e the strain in
+    # the lattice's own frame that the floors' renderer takes: the difference of two pixels'
+    # re-referenced truth is their e's difference turned by the reference's orientation
+    cfg = SimConfig(scan=(12, 12))
+    t = truth_rows(cfg)
+    F = np.asarray(t["F"], np.float64)
+    ws2 = t["phase"] == 1
+    ref = reference_deformation(F, ws2)
+    theta_ref = float(polar_decompose(ref)[0])
+    (ya, xa), (yb, xb) = np.argwhere(ws2)[[0, -1]]
+    rel = relative_strain(F[[ya, yb], [xa, xb]], ref)
+    d_rel = np.array([rel[k][0] - rel[k][1] for k in ("exx", "eyy", "exy")])
+    d_own = truth_params(t, int(ya), int(xa))[:3] - truth_params(t, int(yb), int(xb))[:3]
+    C = np.zeros((6, 6))
+    C[:3, :3] = np.outer(d_own, d_own)  # a rank-one covariance turns as its vector does
+    turned = np.sqrt(np.diag(in_frame(C, theta_ref)))[:3]
+    assert np.abs(d_rel).max() > 1e-3  # the two pixels differ
+    # to first order: the reference's own strain and the 1 % differences leave ~1 %
+    np.testing.assert_allclose(turned, np.abs(d_rel), rtol=0.03, atol=1e-5)
+    # not turned, they would not agree
+    assert np.abs(np.abs(d_own) - np.abs(d_rel)).max() > 0.2 * np.abs(d_rel).max()
 
 
 def test_single_phase_sample_has_no_wse2_and_no_interface_strain(make_sim):

@@ -16,7 +16,7 @@ from ccstae_hpc.core.strain import polar_decompose, rotation_matrix
 from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern
 
 __all__ = ["PARAMS", "pattern_from_params", "fisher_information", "cramer_rao", "render_pattern",
-           "pattern_floor", "scan_floor", "truth_params"]
+           "pattern_floor", "scan_floor", "truth_params", "in_frame"]
 
 PARAMS = ("exx", "eyy", "exy", "theta_deg", "origin_x", "origin_y")
 # sub-pixel samples per detector pixel and axis when a measured pattern is warped: a
@@ -37,6 +37,25 @@ def pattern_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float) 
     exx, eyy, exy, theta, ox, oy = (float(v) for v in p)
     F = rotation_matrix(theta) @ (np.eye(2) + np.array([[exx, exy], [exy, eyy]]))
     return render_pattern(cfg, F, np.array([oy, ox]), phase, total=dose, dtype=np.float64)
+
+
+def in_frame(cov: np.ndarray, frame_deg: float) -> np.ndarray:
+    """A covariance of :data:`PARAMS` with its strains turned into a frame ``frame_deg``
+    (degrees, positive turning +x toward +y) from the lattice's own.
+
+    :func:`pattern_from_params` takes the strain in the lattice's frame (``F = R (I + e)``),
+    but the maps (and the truth re-referenced on them) report ``R_ref e R_ref^T``, the strain
+    in the scan's frame, turned by the reference's orientation (measured: the differences
+    of two pixels' re-referenced truth and of their ``e`` turned by it agree to 1e-5).  The
+    floors are nearly isotropic (turned by 17 deg they change by 1-2 %), but a floor must be
+    of the components the maps report.
+    """
+    c, s = math.cos(math.radians(frame_deg)), math.sin(math.radians(frame_deg))
+    # (exx, eyy, exy) of R e R^T, linear in those of e
+    T = np.eye(len(PARAMS))
+    T[:3, :3] = [[c * c, s * s, -2 * s * c], [s * s, c * c, 2 * s * c],
+                 [s * c, -s * c, c * c - s * s]]
+    return T @ cov @ T.T
 
 
 def fisher_information(
@@ -72,7 +91,8 @@ def cramer_rao(cfg: SimConfig, dose: float, phase: int = 1) -> dict[str, float]:
     cfg : simulation config (detector, optics, ``background_weight``; ``cfg.dose`` is ignored).
     dose : electrons per pattern (Poisson).
     phase : 1 WS2 or 2 WSe2; the pattern is relaxed (its own lattice) at the global rotation.
-        Strains are against that lattice.
+        Strains are against that lattice, in the scan's frame (:func:`in_frame`, turned by
+        the global rotation), as the maps report them.
 
     Returns
     -------
@@ -84,7 +104,7 @@ def cramer_rao(cfg: SimConfig, dose: float, phase: int = 1) -> dict[str, float]:
         raise ValueError("phase must be 1 (WS2) or 2 (WSe2): vacuum carries no strain")
     if dose <= 0:
         raise ValueError("dose must be positive")
-    cov = np.linalg.inv(fisher_information(cfg, dose, phase))
+    cov = in_frame(np.linalg.inv(fisher_information(cfg, dose, phase)), cfg.global_rotation_deg)
     std = np.sqrt(np.diag(cov))
     out: dict[str, float] = {}
     for name, s in zip(PARAMS, std, strict=True):
@@ -112,7 +132,10 @@ def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
 
     Each pattern's floor is that of its true deformation, rotation and origin (``truth`` of
     :func:`ccstae_hpc.sim.simulate.truth_rows`: ``F = R(theta) (I + eps)`` against the one
-    WS2 reference lattice, and ``origin``), in the truth's units: the renderer takes ``F``
+    WS2 reference lattice, and ``origin``), its strains in the scan's frame as the maps
+    report them (:func:`in_frame`, turned by the lattice's global rotation: the reference's
+    orientation up to the ripple, whose +-1.5 deg change the floors by < 0.5 %), in the
+    truth's units: the renderer takes ``F``
     against the phase's own lattice (``F / (a_phase / a_WS2)``), so a WSe2 pattern's strain
     floors are its own lattice's times ``a_WSe2 / a_WS2``.  The MAE of a method over a set of
     patterns is the mean of its errors, so its floor is the mean of theirs: one relaxed
@@ -145,7 +168,8 @@ def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
         for y, x in pick:
             p0 = truth_params(truth, int(y), int(x))
             # the information is proportional to the dose: one electron's, scaled
-            cov = np.linalg.inv(fisher_information(cfg, 1.0, p, p0)) / dose
+            cov = in_frame(np.linalg.inv(fisher_information(cfg, 1.0, p, p0)) / dose,
+                           cfg.global_rotation_deg)
             mae.append(np.sqrt(np.diag(cov)) * to_truth * math.sqrt(2.0 / math.pi))
         out[p] = {f"mae_{name}": float(v)
                   for name, v in zip(PARAMS, np.mean(mae, 0), strict=True)}
