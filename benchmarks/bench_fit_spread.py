@@ -9,7 +9,7 @@ its hot pixels) and mapped by the store's single-pattern fits
 chooses).  Per pattern this gives
 
 * the spread of its fits over the draws (their standard deviation and mean absolute
-  deviation), as a ratio to the pattern's own floor (:func:`ccstae_hpc.sim.crb.fisher_information`
+  deviation), as a ratio to the pattern's own floor (:func:`ccstae_hpc.sim.crb.pattern_covariance`
   at its true strain, rotation and origin);
 * the bias: the mean of the draws minus the fit of the noise-free pattern;
 * the spread of the same draws fitted from the noise-free pattern's fit (a start as good
@@ -45,7 +45,8 @@ from ccstae_hpc.core.config import MapConfig, SimConfig
 from ccstae_hpc.core.mapping import assemble_strain, map_block
 from ccstae_hpc.core.patterns import normalised, recentred
 from ccstae_hpc.core.refine import refine_checked
-from ccstae_hpc.sim.crb import fisher_information, in_frame, truth_params
+from ccstae_hpc.core.strain import stretch_determinant
+from ccstae_hpc.sim.crb import pattern_covariance
 from ccstae_hpc.sim.evaluate import PHASE_NAMES
 from ccstae_hpc.sim.simulate import NOMINAL_TOTAL, save_simulation, simulate_rows, truth_rows
 from ccstae_hpc.stages.map import phase_inputs
@@ -124,18 +125,16 @@ def main() -> None:
             x, scale = recentred(counts[None], hot, shift, Q)
             return normalised(x[0], scale[0]), scale[0]
 
-        def mapped(counts: np.ndarray) -> dict[str, np.ndarray]:
-            x, scale = model_input(counts)
+        def mapped(x: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarray]:
             return map_block(model, x, scale, geom.ring, map_cfg, inputs)
 
-        noise_free = mapped(expected.astype(np.float32))
+        noise_free = mapped(*model_input(expected.astype(np.float32)))
         info = inputs.info
         rng = np.random.default_rng(NOISE_SEED)
         fits, from_clean = [], []
         for _ in range(args.realisations):
-            counts = rng.poisson(expected).astype(np.uint16)
-            fits.append(mapped(counts))
-            x, _ = model_input(counts)
+            x, scale = model_input(rng.poisson(expected).astype(np.uint16))
+            fits.append(mapped(x, scale))
             reg = refine_checked(torch.from_numpy(x),
                                  torch.from_numpy(noise_free["entry"].astype(np.int64)),
                                  torch.from_numpy(noise_free["theta"]), info.patterns,
@@ -152,10 +151,9 @@ def main() -> None:
     c0 = np.stack([st[k][2 * R] for k in COMPONENTS], -1)  # (n, 4)
     switched = np.array([f["phase"] for f in fits]) != noise_free["phase"][None]
     # own-lattice floors into the reference's units: the pattern's lattice scale there
-    scale = np.sqrt((1 + c0[:, 0]) * (1 + c0[:, 1]) - c0[:, 2] ** 2)
-    floor = np.array([np.sqrt(np.diag(in_frame(np.linalg.inv(fisher_information(
-        clean_cfg, args.dose, int(phase[y, x]), truth_params(truth, int(y), int(x)))),
-        clean_cfg.global_rotation_deg)))[:4] for y, x in pick])
+    scale = np.sqrt(stretch_determinant({k: c0[:, i] for i, k in enumerate(COMPONENTS[:3])}))
+    floor = np.array([np.sqrt(np.diag(pattern_covariance(clean_cfg, truth, int(y), int(x),
+                                                          args.dose)))[:4] for y, x in pick])
     floor[:, :3] *= scale[:, None]
     mae_floor = floor * math.sqrt(2.0 / math.pi)
     rows = []

@@ -16,7 +16,7 @@ from ccstae_hpc.core.strain import polar_decompose, rotation_matrix
 from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern
 
 __all__ = ["PARAMS", "pattern_from_params", "fisher_information", "cramer_rao", "render_pattern",
-           "pattern_floor", "scan_floor", "truth_params", "in_frame"]
+           "pattern_floor", "scan_floor", "truth_params", "in_frame", "pattern_covariance"]
 
 PARAMS = ("exx", "eyy", "exy", "theta_deg", "origin_x", "origin_y")
 # sub-pixel samples per detector pixel and axis when a measured pattern is warped: a
@@ -45,8 +45,9 @@ def in_frame(cov: np.ndarray, frame_deg: float) -> np.ndarray:
 
     :func:`pattern_from_params` takes the strain in the lattice's frame (``F = R (I + e)``),
     but the maps (and the truth re-referenced on them) report ``R_ref e R_ref^T``, the strain
-    in the scan's frame, turned by the reference's orientation (measured: the differences
-    of two pixels' re-referenced truth and of their ``e`` turned by it agree to 1e-5).  The
+    in the scan's frame, turned by the reference's orientation (to first order: the
+    differences of two pixels' re-referenced truth and of their ``e`` turned by it agree to
+    1e-5 where they are small, to 1 % where they are 1 %).  The
     floors are nearly isotropic (turned by 17 deg they change by 1-2 %), but a floor must be
     of the components the maps report.
     """
@@ -126,6 +127,17 @@ def truth_params(truth: dict[str, np.ndarray], y: int, x: int) -> np.ndarray:
     return np.array([U[0, 0] - 1.0, U[1, 1] - 1.0, U[0, 1], float(theta), ox, oy])
 
 
+def pattern_covariance(cfg: SimConfig, truth: dict[str, np.ndarray], y: int, x: int,
+                       dose: float) -> np.ndarray:
+    """The Cramer-Rao covariance of :data:`PARAMS` of the simulated pattern at scan position
+    ``(y, x)`` at ``dose`` (its :func:`truth_params`), strains against its own phase's
+    lattice and in the scan's frame (:func:`in_frame`, the global rotation)."""
+    p0 = truth_params(truth, y, x)
+    # the information is proportional to the dose: one electron's, scaled
+    cov = np.linalg.inv(fisher_information(cfg, 1.0, int(truth["phase"][y, x]), p0)) / dose
+    return in_frame(cov, cfg.global_rotation_deg)
+
+
 def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
                patterns: int = SCAN_FLOOR_PATTERNS, seed: int = 0) -> dict[int, dict[str, float]]:
     """Mean Cramer-Rao floor of a simulated scan's own patterns, per phase.
@@ -166,10 +178,7 @@ def scan_floor(cfg: SimConfig, truth: dict[str, np.ndarray], dose: float,
         to_truth = np.array([ls, ls, ls, 1.0, 1.0, 1.0])  # d eps_truth = ls d eps_own
         mae = []
         for y, x in pick:
-            p0 = truth_params(truth, int(y), int(x))
-            # the information is proportional to the dose: one electron's, scaled
-            cov = in_frame(np.linalg.inv(fisher_information(cfg, 1.0, p, p0)) / dose,
-                           cfg.global_rotation_deg)
+            cov = pattern_covariance(cfg, truth, int(y), int(x), dose)
             mae.append(np.sqrt(np.diag(cov)) * to_truth * math.sqrt(2.0 / math.pi))
         out[p] = {f"mae_{name}": float(v)
                   for name, v in zip(PARAMS, np.mean(mae, 0), strict=True)}
