@@ -76,6 +76,26 @@ def test_dictionary_entries_related_and_vacuum_found():
     assert abs(st["theta"] - 25.0) < 0.05, st
 
 
+def test_vacuum_entries_follow_the_data_not_a_contrast_fraction():
+    """An entry is vacuum when most patterns the encoder gives it are flagged vacuum by
+    preprocessing, whatever its learned contrast (measured at diffuse-background weight 0.5:
+    a vacuum entry at 0.151 of the strongest contrast, above the fallback fraction 0.15)."""
+    from ccstae_hpc.core.phases import VACUUM_CONTRAST, vacuum_entries
+
+    contrast = np.array([4.40, 0.665, 4.27, 4.0])
+    assert contrast[1] / contrast.max() > VACUUM_CONTRAST
+    classes = np.array([0, 0, 1, 1, 1, 2, 2, 1, 0])
+    flagged = np.array([0, 0, 1, 1, 0, 0, 0, 1, 1], bool)
+    # entry 1: 3 of 4 flagged -> vacuum; entry 0: 1 of 3 -> sample; entry 3 holds none of
+    # the sample: its contrast decides
+    assert vacuum_entries(contrast, classes, flagged).tolist() == [False, True, False, False]
+    # no flags (preprocessing found no vacuum), or no sample: the contrast fallback
+    assert not vacuum_entries(contrast, classes, np.zeros(9, bool)).any()
+    assert vacuum_entries(np.array([4.4, 0.3, 4.0])).tolist() == [False, True, False]
+    # flags that call every populated entry vacuum tell nothing: the fallback again
+    assert not vacuum_entries(contrast, classes, np.ones(9, bool)).any()
+
+
 def test_composition_misfit_tells_phases_apart_not_strain():
     """WS2 patterns scored against every entry through their own registration: the strained
     WS2 entry explains them as well as their own, the WSe2 entry does not."""

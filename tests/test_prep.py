@@ -69,9 +69,13 @@ def test_training_shards_and_attrs(prepped):
     # the shuffled shards are patterns of prep/patterns with their scale
     pat = g["patterns"][...].reshape(-1, 128 * 128)
     ts = g["train_scale"][...]
+    idx = g["train_index"][...]
+    assert idx.shape == (300,) and len(np.unique(idx)) == 300
     for j in (0, 150, 299):
         hit = np.nonzero((pat == t[j].ravel()).all(1))[0]
         assert len(hit) == 1 and g["scale"][...].ravel()[hit[0]] == ts[j]
+        # train_index says where each training pattern sits in the scan
+        assert hit[0] == idx[j]
     assert g.attrs["complete"] and g.attrs["config"]["max_train"] == 300
     lat = g.attrs["lattice"]
     assert lat["found"] and abs(lat["angle_deg"] - 60) < 2

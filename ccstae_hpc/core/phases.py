@@ -64,10 +64,13 @@ __all__ = [
     "group_entries",
     "lattice_gap",
     "single_phase_map",
+    "vacuum_entries",
 ]
 
-# dictionary entries whose Bragg-disk contrast is below this fraction of the strongest
-# entry's are vacuum (no crystal under the probe)
+# fallback only, for stores whose preprocessing found no vacuum or kept no training
+# indices (see vacuum_entries): dictionary entries whose Bragg-disk contrast is below this
+# fraction of the strongest entry's are vacuum.  Measured: 0.012 at diffuse-background
+# weight 0 but 0.151 at 0.5, so a fixed fraction cannot be the rule where the data speak
 VACUUM_CONTRAST = 0.15
 # Poisson chi-square by which another phase must explain a pattern's disk intensities better
 # than the phase of its encoder class before composition overrides the class: 9 = 3 sigma,
@@ -184,12 +187,42 @@ def disk_labels(pattern: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(grown, markers[iy, ix], 0).astype(np.int32)
 
 
-def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int = 6
-                       ) -> DictionaryInfo:
-    """Vacuum entries, Bragg-disk masks and labels, and the relations between sample entries."""
+def vacuum_entries(contrast: np.ndarray, classes: np.ndarray | None = None,
+                   flagged: np.ndarray | None = None) -> np.ndarray:
+    """Which dictionary entries are vacuum ``(K,)`` bool.
+
+    With the entries' patterns known (``classes``: the encoder entry of a sample of the
+    data's patterns; ``flagged``: preprocessing's vacuum flag of each, its Otsu split of the
+    Bragg-ring fractions, derived from the data), an entry is vacuum when most of its patterns
+    are flagged.  Entries holding none of the sample, and every entry when the sample has no
+    flagged pattern (preprocessing found no vacuum: none in the scan, or too little dose to
+    split it), fall back to the learned entries' Bragg contrast (:data:`VACUUM_CONTRAST`).
+    """
+    contrast = np.asarray(contrast, np.float64)
+    by_contrast = contrast < VACUUM_CONTRAST * contrast.max()
+    if classes is None or flagged is None or not np.any(flagged):
+        return by_contrast
+    K = len(contrast)
+    members = np.bincount(classes, minlength=K)[:K]
+    empty = np.bincount(classes, weights=np.asarray(flagged, np.float64), minlength=K)[:K]
+    by_members = 2 * empty > members
+    if by_members[members > 0].all():
+        # every populated entry mostly vacuum: the flags are not telling sample from vacuum
+        return by_contrast
+    return np.where(members > 0, by_members, by_contrast)
+
+
+def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int = 6,
+                       vacuum: np.ndarray | None = None) -> DictionaryInfo:
+    """Vacuum entries, Bragg-disk masks and labels, and the relations between sample entries.
+
+    ``vacuum`` : (K,) bool, the vacuum entries (:func:`vacuum_entries`); by default decided
+    on the entries' Bragg contrast alone.
+    """
     D = np.asarray(dictionary, np.float32)
-    contrast = np.array([disk_contrast(d, ring) for d in D])
-    vacuum = contrast < VACUUM_CONTRAST * contrast.max()
+    if vacuum is None:
+        vacuum = vacuum_entries(np.array([disk_contrast(d, ring) for d in D]))
+    vacuum = np.asarray(vacuum, bool)
     masks = np.stack([disk_mask(d, ring) for d in D])
     labels = np.stack([disk_labels(d, m) for d, m in zip(D, masks, strict=True)])
     rel, res = relate_entries(D, masks, ring, np.nonzero(~vacuum)[0], symmetry)

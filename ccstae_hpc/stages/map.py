@@ -31,13 +31,14 @@ from ccstae_hpc.core.disks import DiskModel, extend_model, fit_entries, measure_
 from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block, neighbour_scatter
 from ccstae_hpc.core.model import CCSTAE
-from ccstae_hpc.core.patterns import fit_lattice, normalised
+from ccstae_hpc.core.patterns import disk_contrast, fit_lattice, normalised
 from ccstae_hpc.core.phases import (
     DictionaryInfo,
     analyse_dictionary,
     calibrate,
     entry_relations,
     single_phase_map,
+    vacuum_entries,
 )
 from ccstae_hpc.core.refine import DiskEntries, encode, refine_checked
 from ccstae_hpc.core.training import train_input
@@ -236,11 +237,13 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     with the forward model of ``map_cfg.forward_model`` ("auto": the learned entries for
     pooled maps; for single-pattern fits chosen on the data, see
     :func:`choose_forward_model`; the choice is in the result's ``forward_model``)."""
-    info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring, map_cfg.symmetry)
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
     x = train_input(prep["train"][:n], scale, bg).numpy()
+    D = model.dictionary().detach().numpy()
+    info = analyse_dictionary(D, geom.ring, map_cfg.symmetry,
+                              vacuum=dictionary_vacuum(prep, model, D, x, geom))
     candidates: dict[str, MapInputs] = {}
     profile = None
     wanted = map_cfg.forward_model
@@ -278,6 +281,20 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
                                     for k in np.flatnonzero(~inputs.info.vacuum)},
                 "region_px": int(np.asarray(dm.region).sum())}
     return inputs
+
+
+def dictionary_vacuum(prep: zarr.Group, model: CCSTAE, D: np.ndarray, x: np.ndarray,
+                      geom: Geometry) -> np.ndarray:
+    """Vacuum entries of the dictionary ``D`` from preprocessing's vacuum flags of the
+    calibration sample ``x`` (the first training patterns) and the encoder's entry of each
+    (:func:`ccstae_hpc.core.phases.vacuum_entries`); stores without ``prep/train_index``
+    (written before it existed) decide on the entries' Bragg contrast."""
+    contrast = np.array([disk_contrast(d, geom.ring) for d in D])
+    if "train_index" not in prep or "vacuum" not in prep:
+        return vacuum_entries(contrast)
+    flagged = np.asarray(prep["vacuum"][...]).ravel()[prep["train_index"][:len(x)]]
+    cls, _ = encode(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    return vacuum_entries(contrast, cls.numpy(), flagged)
 
 
 def whole_detector_disks(model: CCSTAE, info: DictionaryInfo, x: np.ndarray,

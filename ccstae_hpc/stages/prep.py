@@ -20,7 +20,8 @@ counting detectors: lossless and half the bytes of float), ``scale`` (per patter
 (measured), ``origin_fit`` (descan model), ``shift`` (shift applied), ``vacuum``,
 ``ring_fraction``, ``mask``, ``mean`` (sum of all patterns scaled to mean 1), ``train`` and
 ``train_scale`` (shuffled training shards: counts and scale like ``patterns``, or normalised
-float16 for float patterns); every parameter is in its attrs.
+float16 for float patterns), ``train_index`` (each training pattern's flat scan index); every
+parameter is in its attrs.
 """
 
 from __future__ import annotations
@@ -545,7 +546,11 @@ def _write_shards(g: zarr.Group, parts: list[np.ndarray], picks: np.ndarray, slo
             buf[at] = parts[k][js[at] - starts[k]]
         t[j0:j0 + len(js)] = buf[:len(js)]
     g.create_array("train_scale", data=train_scale, dimension_names=("pattern",))
-    t.attrs["source_index"] = "random subset of prep/patterns, shuffled; seed in prep attrs"
+    # where each training pattern sits in the scan: mapping looks up what preprocessing
+    # measured of it (the vacuum flags that decide which dictionary entries are vacuum)
+    g.create_array("train_index", data=picks[src].astype(np.int64), dimension_names=("pattern",))
+    t.attrs["source_index"] = ("random subset of prep/patterns, shuffled; seed in prep attrs; "
+                               "flat scan index of each in train_index")
 
 
 def _pass_lattice(g: zarr.Group, disk: _Disk, orig: _Origins, out: _Patterns,
