@@ -271,7 +271,9 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     fit = refine_checked(xt, cls, theta0, info.patterns, info.masks, ring, iters, symmetry,
                          ~info.vacuum, labels=labels, templates=templates, scale=st,
                          disks=disks)
-    theta, chi2 = fit.theta, fit.composition.numpy()
+    # float64: a pattern scored against an entry that does not fit it at all can reach
+    # ~1e19 (seen when a vacuum entry was taken for a phase), whose square overflows float32
+    theta, chi2 = fit.theta, fit.composition.numpy().astype(np.float64)
     c_np = cls.numpy()
     misfit = np.full((K, K), np.nan)
     misfit_se = np.full((K, K), np.nan)
