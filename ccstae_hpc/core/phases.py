@@ -41,7 +41,6 @@ from ccstae_hpc.core.refine import (
     DiskEntries,
     compose_affine,
     disk_templates,
-    encode,
     refine,
     refine_checked,
     relate_entries,
@@ -213,16 +212,16 @@ def vacuum_entries(contrast: np.ndarray, classes: np.ndarray | None = None,
 
 
 def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int = 6,
-                       vacuum: np.ndarray | None = None) -> DictionaryInfo:
+                       classes: np.ndarray | None = None, flagged: np.ndarray | None = None
+                       ) -> DictionaryInfo:
     """Vacuum entries, Bragg-disk masks and labels, and the relations between sample entries.
 
-    ``vacuum`` : (K,) bool, the vacuum entries (:func:`vacuum_entries`); by default decided
-    on the entries' Bragg contrast alone.
+    ``classes`` and ``flagged`` (the encoder's entry and preprocessing's vacuum flag of a
+    sample of the data's patterns) decide the vacuum entries (:func:`vacuum_entries`);
+    without them the entries' Bragg contrast does.
     """
     D = np.asarray(dictionary, np.float32)
-    if vacuum is None:
-        vacuum = vacuum_entries(np.array([disk_contrast(d, ring) for d in D]))
-    vacuum = np.asarray(vacuum, bool)
+    vacuum = vacuum_entries(np.array([disk_contrast(d, ring) for d in D]), classes, flagged)
     masks = np.stack([disk_mask(d, ring) for d in D])
     labels = np.stack([disk_labels(d, m) for d, m in zip(D, masks, strict=True)])
     rel, res = relate_entries(D, masks, ring, np.nonzero(~vacuum)[0], symmetry)
@@ -235,14 +234,15 @@ def _median_linear(A_own: torch.Tensor, A_other: torch.Tensor) -> np.ndarray:
     return np.median(R.numpy(), axis=0)
 
 
-def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale: np.ndarray,
-              ring: np.ndarray, iters: int, disks: DiskEntries | None = None, *,
-              symmetry: int) -> PhaseMap:
+def calibrate(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo, x: np.ndarray,
+              scale: np.ndarray, ring: np.ndarray, iters: int, disks: DiskEntries | None = None,
+              *, symmetry: int) -> PhaseMap:
     """Group the entries into phases and calibrate their frames on a sample of patterns.
 
     Parameters
     ----------
-    model : the trained CC-ST-AE (its encoder gives each pattern's entry and start affine).
+    encoded : the trained CC-ST-AE's encoding of ``x`` (:func:`ccstae_hpc.core.refine.encode`:
+        each pattern's entry and start affine).
     info : from :func:`analyse_dictionary`.
     x : (n, Q, Q) normalised patterns, a random sample of the data.
     scale : (n,) normalised value of one count per pattern (for Poisson weights).
@@ -256,7 +256,7 @@ def calibrate(model: torch.nn.Module, info: DictionaryInfo, x: np.ndarray, scale
     sample_entries = np.nonzero(~info.vacuum)[0]
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     st = torch.from_numpy(np.ascontiguousarray(scale, np.float32))
-    cls, theta0 = encode(model, xt)
+    cls, theta0 = encoded
     # how many of the random sample each entry holds: the balanced sample below weights its
     # patterns back to these shares when the lattice distribution of a phase is tested
     share = np.bincount(cls.numpy(), minlength=K)

@@ -31,14 +31,13 @@ from ccstae_hpc.core.disks import DiskModel, extend_model, fit_entries, measure_
 from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block, neighbour_scatter
 from ccstae_hpc.core.model import CCSTAE
-from ccstae_hpc.core.patterns import disk_contrast, fit_lattice, normalised
+from ccstae_hpc.core.patterns import fit_lattice, normalised
 from ccstae_hpc.core.phases import (
     DictionaryInfo,
     analyse_dictionary,
     calibrate,
     entry_relations,
     single_phase_map,
-    vacuum_entries,
 )
 from ccstae_hpc.core.refine import DiskEntries, encode, refine_checked
 from ccstae_hpc.core.training import train_input
@@ -241,9 +240,10 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
     x = train_input(prep["train"][:n], scale, bg).numpy()
-    D = model.dictionary().detach().numpy()
-    info = analyse_dictionary(D, geom.ring, map_cfg.symmetry,
-                              vacuum=dictionary_vacuum(prep, model, D, x, geom))
+    # the encoder's entry and start of each calibration pattern, once for every step below
+    encoded = encode(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring,
+                              map_cfg.symmetry, encoded[0].numpy(), training_vacuum(prep, n))
     candidates: dict[str, MapInputs] = {}
     profile = None
     wanted = map_cfg.forward_model
@@ -254,15 +254,15 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         profile = measure_profile(x, geom.center, geom.radius)
         disks = fit_entries(info.patterns, info.labels, np.flatnonzero(~info.vacuum), profile,
                             geom.center)
-        disks = whole_detector_disks(model, info, x, disks, geom, map_cfg.refine_iters,
+        disks = whole_detector_disks(encoded, info, x, disks, geom, map_cfg.refine_iters,
                                      map_cfg.symmetry)
         # the frames are calibrated with the model the map fits (its fits and theirs agree)
-        phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
+        phases = calibrate(encoded, info, x, scale, geom.ring, map_cfg.refine_iters,
                            DiskEntries.from_model(disks, info.labels),
                            symmetry=map_cfg.symmetry)
         candidates["disks"] = MapInputs(info, phases, disks)
     if wanted in ("auto", "dictionary"):
-        phases = calibrate(model, info, x, scale, geom.ring, map_cfg.refine_iters,
+        phases = calibrate(encoded, info, x, scale, geom.ring, map_cfg.refine_iters,
                            symmetry=map_cfg.symmetry)
         candidates["dictionary"] = MapInputs(info, phases)
     if len(candidates) == 1:
@@ -283,32 +283,29 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     return inputs
 
 
-def dictionary_vacuum(prep: zarr.Group, model: CCSTAE, D: np.ndarray, x: np.ndarray,
-                      geom: Geometry) -> np.ndarray:
-    """Vacuum entries of the dictionary ``D`` from preprocessing's vacuum flags of the
-    calibration sample ``x`` (the first training patterns) and the encoder's entry of each
-    (:func:`ccstae_hpc.core.phases.vacuum_entries`); stores without ``prep/train_index``
-    (written before it existed) decide on the entries' Bragg contrast."""
-    contrast = np.array([disk_contrast(d, geom.ring) for d in D])
+def training_vacuum(prep: zarr.Group, n: int) -> np.ndarray | None:
+    """Preprocessing's vacuum flag of the first ``n`` training patterns (the calibration
+    sample); None for stores written before ``prep/train_index`` existed (the dictionary's
+    vacuum entries are then decided on their Bragg contrast,
+    :func:`ccstae_hpc.core.phases.vacuum_entries`)."""
     if "train_index" not in prep or "vacuum" not in prep:
-        return vacuum_entries(contrast)
-    flagged = np.asarray(prep["vacuum"][...]).ravel()[prep["train_index"][:len(x)]]
-    cls, _ = encode(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
-    return vacuum_entries(contrast, cls.numpy(), flagged)
+        return None
+    return np.asarray(prep["vacuum"][...]).ravel()[prep["train_index"][:n]]
 
 
-def whole_detector_disks(model: CCSTAE, info: DictionaryInfo, x: np.ndarray,
-                         ring_model: DiskModel, geom: Geometry, iters: int, symmetry: int
-                         ) -> DiskModel:
+def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo,
+                         x: np.ndarray, ring_model: DiskModel, geom: Geometry, iters: int,
+                         symmetry: int) -> DiskModel:
     """The sharp-disk model re-fitted on the calibration sample ``x`` and grown over the
     whole detector (:func:`ccstae_hpc.core.disks.extend_model`): up to
     :data:`REGISTERED_PATTERNS` of the sample per entry are registered onto their encoder
-    entries (the learned images, trained on the Bragg annulus only), and each entry's
-    registered mean gives the disks' amplitudes, the corner disks and the background;
-    ``ring_model`` (the disks of the learned entries) gives the lattice."""
+    entries (``encoded``: the encoder's entry and start of each; the learned images, trained
+    on the Bragg annulus only), and each entry's registered mean gives the disks' amplitudes,
+    the corner disks and the background; ``ring_model`` (the disks of the learned entries)
+    gives the lattice."""
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     entries = np.flatnonzero(~info.vacuum)
-    cls, theta0 = encode(model, xt)
+    cls, theta0 = encoded
     sel = torch.from_numpy(np.isin(cls.numpy(), entries))
     if int(sel.sum()) == 0:
         return ring_model
