@@ -51,11 +51,14 @@ def in_frame(cov: np.ndarray, frame_deg: float) -> np.ndarray:
     floors are nearly isotropic (turned by 17 deg they change by 1-2 %), but a floor must be
     of the components the maps report.
     """
-    c, s = math.cos(math.radians(frame_deg)), math.sin(math.radians(frame_deg))
-    # (exx, eyy, exy) of R e R^T, linear in those of e
+    R = rotation_matrix(frame_deg)
+    # (exx, eyy, exy) of R e R^T, linear in those of e: column j is the image of the unit
+    # tensor of component j (exy is the tensor shear, e_xy = e_yx)
     T = np.eye(len(PARAMS))
-    T[:3, :3] = [[c * c, s * s, -2 * s * c], [s * s, c * c, 2 * s * c],
-                 [s * c, -s * c, c * c - s * s]]
+    for j, E in enumerate(([[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]],
+                           [[0.0, 1.0], [1.0, 0.0]])):
+        turned = R @ np.asarray(E) @ R.T
+        T[:3, j] = turned[0, 0], turned[1, 1], turned[0, 1]
     return T @ cov @ T.T
 
 
