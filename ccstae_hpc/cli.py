@@ -874,7 +874,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ccstae_hpc.runtime.ddp import dask_client, env_from_environ
+    from ccstae_hpc.runtime.clients import dask_client
+    from ccstae_hpc.runtime.ddp import env_from_environ
     from ccstae_hpc.stages.prep import PrepError
     from ccstae_hpc.stages.train import CheckpointConfig, TrainError, train_store
 
@@ -926,9 +927,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_map(args: argparse.Namespace) -> int:
     from ccstae_hpc.core.com import ComLatticeError
-    from ccstae_hpc.core.mapping import ReferenceRegionError
-    from ccstae_hpc.runtime.ddp import dask_client_soon
-    from ccstae_hpc.stages.map import map_store
+    from ccstae_hpc.runtime.clients import dask_client_soon
     from ccstae_hpc.stages.prep import PrepError
 
     p = _store_arg(args.store)
@@ -948,9 +947,17 @@ def _cmd_map(args: argparse.Namespace) -> int:
     try:
         # the workers start while the map stage analyses the dictionary and calibrates
         with _locked(p), dask_client_soon(args.workers, args.scheduler) as client:
-            map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
-                      progress=not args.quiet, overwrite=args.overwrite)
-    except (PrepError, FileNotFoundError, ReferenceRegionError, StageExistsError) as e:
+            # torch and the stage imported once the workers are starting: their fork server
+            # imports the same modules on another core meanwhile (runtime.clients)
+            from ccstae_hpc.core.mapping import ReferenceRegionError
+            from ccstae_hpc.stages.map import map_store
+
+            try:
+                map_store(p, mcfg, client=client, rows_per_block=args.rows_per_block,
+                          progress=not args.quiet, overwrite=args.overwrite)
+            except ReferenceRegionError as e:
+                raise CliError.of(e) from e
+    except (PrepError, FileNotFoundError, StageExistsError) as e:
         raise CliError.of(e) from e
     except ComLatticeError as e:
         raise CliError(str(e), "Map with the default method (CC-ST-AE), which needs no "

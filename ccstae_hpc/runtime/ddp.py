@@ -15,7 +15,7 @@ available, gloo on CPU) and runs the same training function; :class:`Comm` wraps
 collectives that training needs so that the single-process path runs the same code.
 
 Inference needs no process group: its tasks (:func:`ccstae_hpc.stages.map.map_rows`) run on
-the workers of the same Dask clients (:func:`dask_client`).
+the workers of the same Dask clients (:mod:`ccstae_hpc.runtime.clients`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +42,6 @@ __all__ = [
     "device_for",
     "process_group",
     "run_on_dask",
-    "dask_client",
-    "dask_client_soon",
 ]
 
 # how long a rank waits for its peers (rendezvous and each collective) before failing
@@ -297,58 +293,3 @@ def run_on_dask(
             client.cancel([f for f in futures if f.status == "pending"])
             cause.result()  # re-raises that rank's exception with its remote traceback
     return client.gather(futures)
-
-
-@contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]:
-    """A client of a running scheduler, of a new local cluster of ``workers`` processes
-    (one thread each), or None (neither given); closed, with its cluster, on exit."""
-    if not scheduler and workers <= 0:
-        yield None
-        return
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
-        return
-    # loopback only: nobody else on the network may reach the scheduler; with no dashboard
-    # address, distributed serves its HTTP routes on the scheduler's host (loopback too)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
-@contextmanager
-def dask_client_soon(workers: int = 0, scheduler: str | None = None
-                     ) -> Iterator[Future | None]:
-    """:func:`dask_client` started in a background thread: yields a ``Future`` of the client
-    (None when neither ``workers`` nor ``scheduler`` is given), so that the caller prepares
-    its work while the worker processes start (a local cluster takes 1-3 s).
-
-    The client is entered and left in that thread (its context variables must be reset in
-    the context that set them) and closed, with its cluster, when the block ends.
-    """
-    if not scheduler and workers <= 0:
-        yield None
-        return
-    ready: Future = Future()
-    stop = threading.Event()
-
-    def life() -> None:
-        try:
-            with dask_client(workers, scheduler) as client:
-                ready.set_result(client)
-                stop.wait()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
-            if not ready.done():
-                ready.set_exception(e)
-
-    thread = threading.Thread(target=life, name="dask-client", daemon=True)
-    thread.start()
-    try:
-        yield ready
-    finally:
-        stop.set()
-        thread.join()
