@@ -26,8 +26,10 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
@@ -46,6 +48,8 @@ DRAIN_S = 5.0
 DRAIN_AFTER_SIGNAL_S = 1.0
 # seconds a leftover child process gets between SIGTERM and SIGKILL
 CHILD_GRACE_S = 3.0
+# characters of the server's output quoted when it fails to start
+SERVER_LOG_TAIL = 3000
 
 
 class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
@@ -103,11 +107,44 @@ def _server() -> Any:
     return SubprocessASGIServer()
 
 
-def _start(server: Any) -> None:
-    """Start ``server`` and check that it listens on loopback only."""
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """File descriptor 2 of this process on ``path`` inside the block (a subprocess started
+    there keeps it); unchanged where stderr is no file descriptor."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _start(server: Any, log_path: Path) -> None:
+    """Start ``server``, its output going to ``log_path``, and check that it listens on
+    loopback only.
+
+    The server's output is for diagnosis, not for the user of a run: it prints, for one,
+    the database operations that its shutdown cancels (a SQLAlchemy traceback, harmless).
+    Nothing else runs in this process while it starts (the flows have not begun), so only
+    the server's output goes to the file.
+    """
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
 
-    server.start(timeout=max(int(TIMEOUT.value() or 0), STARTUP_TIMEOUT_S))
+    try:
+        with _stderr_to(log_path):
+            server.start(timeout=max(int(TIMEOUT.value() or 0), STARTUP_TIMEOUT_S))
+    except Exception as e:
+        tail = log_path.read_text(errors="replace")[-SERVER_LOG_TAIL:] if log_path.exists() \
+            else ""
+        raise RuntimeError(f"Prefect's temporary server did not start: {e}\n"
+                           f"its output ({log_path}) ends with:\n{tail}") from e
     host = urlparse(server.address).hostname
     if host != LOOPBACK:
         raise RuntimeError(f"Prefect's temporary server listens on {host}, not {LOOPBACK}; "
@@ -156,14 +193,17 @@ def embedded_prefect() -> Iterator[str | None]:
             raise Terminated(signum)
 
     server = None if PREFECT_API_URL.value() else _server()
+    log_path = Path(tempfile.gettempdir()) / f"ccstae-prefect-server-{os.getpid()}.log"
     # a server already running here (e.g. a test harness's) is used and left running
     ours = server is not None and not server.running
     if main:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     signum: int | None = None
+    started = False
     try:
         if ours:
-            _start(server)
+            _start(server, log_path)
+            started = True
         yield server.api_url if server is not None else None
     except Terminated as e:
         signum = e.signum
@@ -181,6 +221,8 @@ def embedded_prefect() -> Iterator[str | None]:
                 if server.running:
                     _drain_prefect_workers(DRAIN_S if signum is None else DRAIN_AFTER_SIGNAL_S)
                 _stop_server(server)
+                if started:  # kept where the server failed to start: that error names it
+                    log_path.unlink(missing_ok=True)
             if signum is not None:
                 _end_new_children(before)
         finally:
