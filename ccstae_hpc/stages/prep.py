@@ -530,8 +530,9 @@ def _write_shards(g: zarr.Group, parts: list[np.ndarray], picks: np.ndarray, slo
     """
     n_train = len(picks)
     src = np.argsort(slot)  # train index j holds pick src[j]
+    train_index = picks[src]
     # float16 shards are normalised already
-    train_scale = (scale.ravel()[picks[src]] if tdt != np.float16
+    train_scale = (scale.ravel()[train_index] if tdt != np.float16
                    else np.ones(n_train, np.float32))
     starts = np.cumsum([0] + [len(p) for p in parts])
     S = min(shard_size, n_train)
@@ -548,7 +549,7 @@ def _write_shards(g: zarr.Group, parts: list[np.ndarray], picks: np.ndarray, slo
     g.create_array("train_scale", data=train_scale, dimension_names=("pattern",))
     # where each training pattern sits in the scan: mapping looks up what preprocessing
     # measured of it (the vacuum flags that decide which dictionary entries are vacuum)
-    g.create_array("train_index", data=picks[src].astype(np.int64), dimension_names=("pattern",))
+    g.create_array("train_index", data=train_index.astype(np.int64), dimension_names=("pattern",))
     t.attrs["source_index"] = ("random subset of prep/patterns, shuffled; seed in prep attrs; "
                                "flat scan index of each in train_index")
 
