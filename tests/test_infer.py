@@ -94,6 +94,13 @@ def test_vacuum_entries_follow_the_data_not_a_contrast_fraction():
     assert vacuum_entries(np.array([4.4, 0.3, 4.0])).tolist() == [False, True, False]
     # flags that call every populated entry vacuum tell nothing: the fallback again
     assert not vacuum_entries(contrast, classes, np.ones(9, bool)).any()
+    # and the rule that decided each entry is told
+    from ccstae_hpc.core.phases import vacuum_decision
+
+    _, rule = vacuum_decision(contrast, classes, flagged)
+    assert rule.tolist() == ["flags", "flags", "flags", "contrast"]
+    assert set(vacuum_decision(contrast, classes, np.ones(9, bool))[1]) == {"contrast"}
+    assert set(vacuum_decision(contrast)[1]) == {"contrast"}
 
 
 def test_composition_misfit_tells_phases_apart_not_strain():

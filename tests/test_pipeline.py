@@ -134,6 +134,10 @@ def test_strong_diffuse_background_keeps_vacuum_and_both_phases(tmp_path: Path) 
     ds, truth = _run(tmp_path, cfg)
     err = strain_errors(ds, truth)
     assert err["n_phases"] == 2, ds.attrs["phase_map"]
+    # the maps record that the flags decided: every entry holding calibration patterns
+    record = json.loads(ds.attrs["vacuum_entries"])
+    assert any(record["vacuum"]) and "flags" in record["decided_by"], record
+    assert record["decided_by"][record["vacuum"].index(True)] == "flags", record
     # 94 % of the sample pixels in their phase (99 % without background): the halo halves
     # the Bragg signal that tells WS2 from WSe2 near the interface
     assert err["acc_sample"] >= 0.99 and err["acc_phase"] >= 0.92, err

@@ -63,6 +63,10 @@ __all__ = [
     "group_entries",
     "lattice_gap",
     "single_phase_map",
+    "VACUUM_BY_CONTRAST",
+    "VACUUM_BY_FLAGS",
+    "VACUUM_RULES",
+    "vacuum_decision",
     "vacuum_entries",
 ]
 
@@ -123,6 +127,8 @@ class DictionaryInfo:
     vacuum: np.ndarray  # (K,) bool
     relations: np.ndarray  # (K, K, 2, 3) T_cj, NaN for vacuum entries
     relation_residual: np.ndarray  # (K, K)
+    # (K,) str: how each entry's vacuum status was decided (VACUUM_RULES); None: not known
+    vacuum_rule: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -186,9 +192,22 @@ def disk_labels(pattern: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(grown, markers[iy, ix], 0).astype(np.int32)
 
 
-def vacuum_entries(contrast: np.ndarray, classes: np.ndarray | None = None,
-                   flagged: np.ndarray | None = None) -> np.ndarray:
-    """Which dictionary entries are vacuum ``(K,)`` bool.
+# how an entry's vacuum status was decided (DictionaryInfo.vacuum_rule, recorded in the maps)
+VACUUM_BY_FLAGS = "flags"
+VACUUM_BY_CONTRAST = "contrast"
+VACUUM_RULES = {
+    VACUUM_BY_FLAGS: "most of the entry's calibration patterns carry preprocessing's vacuum "
+                     "flag (its Otsu split of the Bragg-ring fractions)",
+    VACUUM_BY_CONTRAST: f"the entry's Bragg contrast, vacuum below {VACUUM_CONTRAST} of the "
+                        "strongest entry's (no calibration pattern of the entry, no flagged "
+                        "pattern, or flags that call every populated entry vacuum)",
+}
+
+
+def vacuum_decision(contrast: np.ndarray, classes: np.ndarray | None = None,
+                    flagged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Which dictionary entries are vacuum ``(K,)`` bool, and by which rule ``(K,)`` str
+    (:data:`VACUUM_RULES`).
 
     With the entries' patterns known (``classes``: the encoder entry of a sample of the
     data's patterns; ``flagged``: preprocessing's vacuum flag of each, its Otsu split of the
@@ -198,17 +217,26 @@ def vacuum_entries(contrast: np.ndarray, classes: np.ndarray | None = None,
     split it), fall back to the learned entries' Bragg contrast (:data:`VACUUM_CONTRAST`).
     """
     contrast = np.asarray(contrast, np.float64)
-    by_contrast = contrast < VACUUM_CONTRAST * contrast.max()
-    if classes is None or flagged is None or not np.any(flagged):
-        return by_contrast
     K = len(contrast)
+    by_contrast = contrast < VACUUM_CONTRAST * contrast.max()
+    fallback = (by_contrast, np.full(K, VACUUM_BY_CONTRAST))
+    if classes is None or flagged is None or not np.any(flagged):
+        return fallback
     members = np.bincount(classes, minlength=K)[:K]
     empty = np.bincount(classes, weights=np.asarray(flagged, np.float64), minlength=K)[:K]
     by_members = 2 * empty > members
     if by_members[members > 0].all():
         # every populated entry mostly vacuum: the flags are not telling sample from vacuum
-        return by_contrast
-    return np.where(members > 0, by_members, by_contrast)
+        return fallback
+    held = members > 0
+    return (np.where(held, by_members, by_contrast),
+            np.where(held, VACUUM_BY_FLAGS, VACUUM_BY_CONTRAST))
+
+
+def vacuum_entries(contrast: np.ndarray, classes: np.ndarray | None = None,
+                   flagged: np.ndarray | None = None) -> np.ndarray:
+    """Which dictionary entries are vacuum ``(K,)`` bool (:func:`vacuum_decision`)."""
+    return vacuum_decision(contrast, classes, flagged)[0]
 
 
 def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int = 6,
@@ -221,11 +249,12 @@ def analyse_dictionary(dictionary: np.ndarray, ring: np.ndarray, symmetry: int =
     without them the entries' Bragg contrast does.
     """
     D = np.asarray(dictionary, np.float32)
-    vacuum = vacuum_entries(np.array([disk_contrast(d, ring) for d in D]), classes, flagged)
+    vacuum, rule = vacuum_decision(np.array([disk_contrast(d, ring) for d in D]), classes,
+                                   flagged)
     masks = np.stack([disk_mask(d, ring) for d in D])
     labels = np.stack([disk_labels(d, m) for d, m in zip(D, masks, strict=True)])
     rel, res = relate_entries(D, masks, ring, np.nonzero(~vacuum)[0], symmetry)
-    return DictionaryInfo(D, masks, labels, vacuum, rel, res)
+    return DictionaryInfo(D, masks, labels, vacuum, rel, res, rule)
 
 
 def _median_linear(A_own: torch.Tensor, A_other: torch.Tensor) -> np.ndarray:

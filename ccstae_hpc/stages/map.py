@@ -33,6 +33,7 @@ from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block, neigh
 from ccstae_hpc.core.model import CCSTAE
 from ccstae_hpc.core.patterns import fit_lattice, normalised
 from ccstae_hpc.core.phases import (
+    VACUUM_RULES,
     DictionaryInfo,
     analyse_dictionary,
     calibrate,
@@ -59,7 +60,8 @@ from ccstae_hpc.stages.train import load_model
 
 __all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "choose_forward_model",
            "whole_detector_disks",
-           "map_payload", "map_rows", "cached_models", "com_reference", "com_payload", "com_rows"]
+           "map_payload", "map_rows", "cached_models", "com_reference", "com_payload", "com_rows",
+           "vacuum_record"]
 
 # training-set patterns used to group the dictionary into phases and calibrate their frames
 CALIBRATION_SAMPLE = 1024
@@ -135,6 +137,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                  "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
                  "entry_relations": json.dumps(entry_relations(inputs.info, inputs.phases))}
         attrs["forward_model"] = json.dumps(inputs.forward_model)
+        attrs["vacuum_entries"] = json.dumps(vacuum_record(inputs.info))
         base = _base_lattice(root, prep, geom, inputs)
     aff = _create_affine(store, (ny, nx), rows_per_block, K)
     t0 = time.perf_counter()
@@ -281,6 +284,15 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
                                     for k in np.flatnonzero(~inputs.info.vacuum)},
                 "region_px": int(np.asarray(dm.region).sum())}
     return inputs
+
+
+def vacuum_record(info: DictionaryInfo) -> dict:
+    """Which dictionary entries are vacuum and the rule that decided each (for the maps'
+    attributes: a user can see whether the data's flags or the contrast fallback spoke)."""
+    rule = (info.vacuum_rule.tolist() if info.vacuum_rule is not None
+            else [None] * len(info.vacuum))
+    return {"vacuum": np.asarray(info.vacuum, bool).tolist(), "decided_by": rule,
+            "rules": VACUUM_RULES}
 
 
 def training_vacuum(prep: zarr.Group, n: int) -> np.ndarray | None:
