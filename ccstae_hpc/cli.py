@@ -761,16 +761,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _local_client(n: int):  # noqa: ANN202 - distributed is imported lazily
-    _check_workers(n)
-    if n <= 0:
-        return None
-    from distributed import Client, LocalCluster
-
-    return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None))
-
-
 def _locked(p: Path) -> contextlib.AbstractContextManager:
     """The store's lock for a whole stage command: a second command on the store is refused
     at its start, naming the holder, not after its work (every commit takes it anyway)."""
@@ -848,6 +838,7 @@ def _check_not_done(p: Path, *groups: str, overwrite: bool) -> None:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from ccstae_hpc.runtime.clients import dask_client
     from ccstae_hpc.stages.prep import PrepConfig, PrepError, preprocess_store
 
     p = _store_arg(args.store)
@@ -860,15 +851,12 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     _require(p, "raw")
     _check_scan(p)
     _check_not_done(p, overwrite=True)  # preprocess_store decides about an existing prep
-    client = _local_client(args.workers)
     try:
-        with _locked(p):
+        # the cluster closes with the block (its workers are the lock holder's descendants)
+        with _locked(p), dask_client(args.workers) as client:
             preprocess_store(p, cfg, client=client, overwrite=args.overwrite, log=print)
     except (PrepError, StageExistsError) as e:
         raise CliError.of(e) from e
-    finally:
-        if client is not None:
-            client.close()
     print(f"preprocessed: {p}/prep")
     return 0
 

@@ -188,3 +188,30 @@ def test_radial_background_removes_the_diffuse_halo(sim_store, prepped, tmp_path
     disks = ring & (g0["mask"][...] > 0)
     assert np.percentile(x1[disks], 90) > 0.8 * np.percentile(x0[disks], 90)
     assert g.attrs["config"]["background"] == "radial"
+
+
+def test_cli_preprocess_on_workers_matches_threads_and_closes_its_cluster(sim_store, tmp_path):
+    """`ccstae preprocess --workers 2` as a user runs it: the same patterns as in this
+    process, and no worker process left behind once the command returns."""
+    import shutil
+
+    import psutil
+
+    from ccstae_hpc import cli
+
+    store, _, _ = sim_store
+    a, b = (shutil.copytree(store, tmp_path / n, ignore=shutil.ignore_patterns("prep*"))
+            for n in ("a.zarr", "b.zarr"))
+    assert cli.main(["preprocess", str(a)]) == 0
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert cli.main(["preprocess", str(b), "--workers", "2"]) == 0
+    # multiprocessing's own helpers (fork server, resource tracker) live with this process
+    helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and p.is_running()
+            and not any(h in " ".join(p.cmdline()) for h in helpers)]
+    assert not left, [p.cmdline() for p in left]
+    ga = zarr.open_group(str(a), mode="r")["prep"]
+    gb = zarr.open_group(str(b), mode="r")["prep"]
+    np.testing.assert_array_equal(ga["patterns"][...], gb["patterns"][...])
+    np.testing.assert_array_equal(ga["vacuum"][...], gb["vacuum"][...])

@@ -26,7 +26,8 @@ __all__ = ["WORKER_MODULES", "worker_start_method", "dask_client", "dask_client_
 
 # what the fork server imports before it forks workers: everything a map block, a
 # preprocessing block or a training rank imports (the CLI too, which a worker imports as
-# its parent's main module)
+# its parent's main module).  One list for every command: a process has one fork server,
+# and what it imported at its start serves every later cluster of the process
 WORKER_MODULES = (
     "distributed",
     "ccstae_hpc.cli",
@@ -52,11 +53,10 @@ def _preload(modules: Sequence[str]) -> None:
 
 
 @contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None,
-                modules: Sequence[str] = WORKER_MODULES) -> Iterator[Any]:
+def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]:
     """A client of a running scheduler, of a new local cluster of ``workers`` processes
-    (one thread each, forked from a server that has imported ``modules``), or None (neither
-    given); closed, with its cluster, on exit."""
+    (one thread each, forked from a server that has imported :data:`WORKER_MODULES`), or
+    None (neither given); closed, with its cluster, on exit."""
     if not scheduler and workers <= 0:
         yield None
         return
@@ -72,7 +72,7 @@ def dask_client(workers: int = 0, scheduler: str | None = None,
     # for the cluster's whole life
     with dask.config.set({"distributed.worker.multiprocessing-method": method}):
         if method == "forkserver":
-            _preload(modules)
+            _preload(WORKER_MODULES)
         # loopback only: nobody else on the network may reach the scheduler; with no
         # dashboard address, distributed serves its HTTP routes on the scheduler's host.
         # The environment is this process's now, as a spawned worker's would be (a fork
