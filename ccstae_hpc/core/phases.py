@@ -127,8 +127,7 @@ class DictionaryInfo:
     vacuum: np.ndarray  # (K,) bool
     relations: np.ndarray  # (K, K, 2, 3) T_cj, NaN for vacuum entries
     relation_residual: np.ndarray  # (K, K)
-    # (K,) str: how each entry's vacuum status was decided (VACUUM_RULES); None: not known
-    vacuum_rule: np.ndarray | None = None
+    vacuum_rule: np.ndarray  # (K,) str: how each entry's vacuum status was decided (VACUUM_RULES)
 
 
 @dataclass(frozen=True)

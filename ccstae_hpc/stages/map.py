@@ -289,10 +289,8 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
 def vacuum_record(info: DictionaryInfo) -> dict:
     """Which dictionary entries are vacuum and the rule that decided each (for the maps'
     attributes: a user can see whether the data's flags or the contrast fallback spoke)."""
-    rule = (info.vacuum_rule.tolist() if info.vacuum_rule is not None
-            else [None] * len(info.vacuum))
-    return {"vacuum": np.asarray(info.vacuum, bool).tolist(), "decided_by": rule,
-            "rules": VACUUM_RULES}
+    return {"vacuum": np.asarray(info.vacuum, bool).tolist(),
+            "decided_by": info.vacuum_rule.tolist(), "rules": VACUUM_RULES}
 
 
 def training_vacuum(prep: zarr.Group, n: int) -> np.ndarray | None:
