@@ -107,6 +107,8 @@ class DaskCluster:
         # distributed.as_completed(futures) finds the scheduler through it
         from distributed import Client
 
+        from ccstae_hpc.runtime.worker_logs import quiet_shutdown
+
         if is_address(self.name):
             client = Client(self.name, timeout=self.timeout)
             if self.workers:
@@ -125,6 +127,7 @@ class DaskCluster:
             cluster = LocalCluster(**({"host": _LOOPBACK, "dashboard_address": f"{_LOOPBACK}:0"}
                                       | opts))
             self._cluster, self._client = cluster, Client(cluster)
+            quiet_shutdown(self._client)
             return
         kind = site.load_cluster_config(self.name, **opts).type
         if kind == "local" and self.workers:
@@ -136,6 +139,7 @@ class DaskCluster:
                 self._client = Client(cluster)
             else:
                 self._client = site.scale_and_wait(cluster, self.workers or 1, self.timeout)
+            quiet_shutdown(self._client)
         except BaseException:
             cluster.close()
             self._cluster = None

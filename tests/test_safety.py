@@ -86,6 +86,12 @@ def test_flow_local_cluster_listens_on_loopback_only() -> None:
         opened = [a for a in _listening([me, *workers]) if a not in before]
         assert opened, "the cluster opened no listening socket?"
         assert all(_is_loopback(host) for host, _ in opened), opened
+        # its workers close without library noise (runtime.worker_logs; the behaviour is
+        # tested in test_clients)
+        from ccstae_hpc.runtime.worker_logs import QUIET_SHUTDOWN
+
+        plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+        assert all(QUIET_SHUTDOWN in p for p in plugins.values()), plugins
 
 
 def test_jobqueue_dashboard_not_on_every_interface() -> None:

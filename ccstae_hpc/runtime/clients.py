@@ -63,6 +63,8 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]
     import dask
     from distributed import Client, LocalCluster
 
+    from ccstae_hpc.runtime.worker_logs import quiet_shutdown
+
     if scheduler:
         with Client(scheduler) as client:
             yield client
@@ -81,6 +83,7 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]
                           host="127.0.0.1", dashboard_address=None,
                           env=dict(os.environ)) as cluster, \
                 Client(cluster) as client:
+            quiet_shutdown(client)
             yield client
 
 
