@@ -118,14 +118,14 @@ class DaskCluster:
         site = _site()
         opts = dict(self.overrides)
         if site is None:
-            from distributed import LocalCluster
+            from ccstae_hpc.runtime.clients import local_cluster
 
             if self.workers:
                 opts["n_workers"] = self.workers
             # loopback only (nobody else on the network may reach the scheduler or the
             # dashboard); port 0: any free port, several flows may run on one machine
-            cluster = LocalCluster(**({"host": _LOOPBACK, "dashboard_address": f"{_LOOPBACK}:0"}
-                                      | opts))
+            cluster = local_cluster(**({"host": _LOOPBACK, "dashboard_address": f"{_LOOPBACK}:0"}
+                                       | opts))
             self._cluster, self._client = cluster, Client(cluster)
             quiet_shutdown(self._client)
             return

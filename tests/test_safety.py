@@ -92,6 +92,12 @@ def test_flow_local_cluster_listens_on_loopback_only() -> None:
 
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
         assert all(QUIET_SHUTDOWN in p for p in plugins.values()), plugins
+        # and fork from the preloaded server (runtime.clients), not spawned by this process
+        from ccstae_hpc.runtime.clients import worker_start_method
+
+        if worker_start_method() == "forkserver":
+            parents = client.run(os.getppid)
+            assert os.getpid() not in parents.values(), parents
 
 
 def test_jobqueue_dashboard_not_on_every_interface() -> None:

@@ -1,4 +1,5 @@
-"""Dask clients of the stage commands' ``--workers N`` and ``--scheduler ADDRESS``.
+"""Local Dask clusters (:func:`local_cluster`: the stage commands' ``--workers N``, the
+flows' ``local`` section) and the stage commands' clients (``--scheduler ADDRESS`` too).
 
 A local cluster's worker processes start from a fork server that has imported the modules
 their tasks run (:data:`WORKER_MODULES`: torch, the model, the map and training stages)
@@ -22,15 +23,17 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["WORKER_MODULES", "worker_start_method", "dask_client", "dask_client_soon"]
+__all__ = ["WORKER_MODULES", "worker_start_method", "local_cluster", "dask_client",
+           "dask_client_soon"]
 
 # what the fork server imports before it forks workers: everything a map block, a
-# preprocessing block or a training rank imports (the CLI too, which a worker imports as
-# its parent's main module).  One list for every command: a process has one fork server,
-# and what it imported at its start serves every later cluster of the process
+# preprocessing block or a training rank imports.  One list for every command: a process
+# has one fork server, and what it imported at its start serves every later cluster of the
+# process.  Not the CLI: a worker runs its parent's main module again (as __mp_main__), and
+# under `python -m ccstae_hpc.cli` runpy warns when that module is imported already; the
+# CLI's own imports beyond the stages take 15 ms
 WORKER_MODULES = (
     "distributed",
-    "ccstae_hpc.cli",
     "ccstae_hpc.stages.map",
     "ccstae_hpc.stages.prep",
     "ccstae_hpc.stages.train",
@@ -53,6 +56,41 @@ def _preload(modules: Sequence[str]) -> None:
 
 
 @contextmanager
+def _start_method(processes: bool) -> Iterator[None]:
+    """Worker processes started while the block runs come from the fork server."""
+    import dask
+
+    method = worker_start_method() if processes else None
+    if method is None:
+        yield
+        return
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+        if method == "forkserver":
+            _preload(WORKER_MODULES)
+        yield
+
+
+def local_cluster(**options: Any) -> Any:
+    """A ``distributed.LocalCluster(**options)`` whose worker processes are forked from the
+    preloaded server (:data:`WORKER_MODULES`), with this process's environment.
+
+    The start method holds while the cluster starts its workers: a worker the nanny
+    restarts later is spawned (slower, the same otherwise).  ``processes=False`` clusters
+    are started as given.
+    """
+    from distributed import LocalCluster
+
+    processes = bool(options.get("processes", True))
+    if processes:
+        # the environment is this process's now, as a spawned worker's would be (a fork
+        # server keeps the one it started with); the caller's variables on top
+        options["env"] = dict(os.environ) | dict(options.get("env") or {})
+    with _start_method(processes):
+        cluster = LocalCluster(**options)
+    return cluster
+
+
+@contextmanager
 def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]:
     """A client of a running scheduler, of a new local cluster of ``workers`` processes
     (one thread each, forked from a server that has imported :data:`WORKER_MODULES`), or
@@ -60,8 +98,7 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]
     if not scheduler and workers <= 0:
         yield None
         return
-    import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from ccstae_hpc.runtime.worker_logs import quiet_shutdown
 
@@ -69,19 +106,13 @@ def dask_client(workers: int = 0, scheduler: str | None = None) -> Iterator[Any]
         with Client(scheduler) as client:
             yield client
         return
-    method = worker_start_method()
     # the nannies read the start method whenever they start (or restart) a worker: it holds
     # for the cluster's whole life
-    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
-        if method == "forkserver":
-            _preload(WORKER_MODULES)
+    with _start_method(True):
         # loopback only: nobody else on the network may reach the scheduler; with no
-        # dashboard address, distributed serves its HTTP routes on the scheduler's host.
-        # The environment is this process's now, as a spawned worker's would be (a fork
-        # server keeps the one it started with)
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          host="127.0.0.1", dashboard_address=None,
-                          env=dict(os.environ)) as cluster, \
+        # dashboard address, distributed serves its HTTP routes on the scheduler's host
+        with local_cluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address=None) as cluster, \
                 Client(cluster) as client:
             quiet_shutdown(client)
             yield client

@@ -290,9 +290,10 @@ def make_cluster(name_or_path: str = "local", **overrides: Any) -> Cluster:
     opts = bind_loopback(cfg.type, cfg.options)
     try:
         if cfg.type == "local":
-            from distributed import LocalCluster
+            # workers forked from a server that imported the stages once (runtime.clients)
+            from ccstae_hpc.runtime.clients import local_cluster
 
-            cluster = LocalCluster(**opts)
+            cluster = local_cluster(**opts)
         else:
             cls, _ = _jobqueue_classes(cfg.type)
             cluster = cls(**opts)
