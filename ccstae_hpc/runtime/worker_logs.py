@@ -5,8 +5,9 @@ connection ("Failed to communicate with scheduler during heartbeat", with a trac
 straight to the command's stderr: a race in distributed's shutdown, after the run's result
 is decided, that says nothing to the user (it made ``ccstae run --quiet`` print a traceback
 after a failed flow, in about one run of many).  :class:`QuietShutdown` raises the worker's
-``distributed`` loggers to CRITICAL when the worker starts to close (a worker removes its
-plugins first thing in ``Worker.close``); what the worker logs while it runs is unchanged.
+``distributed`` loggers to CRITICAL when the worker starts to close (``Worker.close``
+removes its plugins before it stops its heartbeat and closes its connections); what the
+worker logs while it runs is unchanged.
 
 Registered only on clusters the project starts itself (``runtime.clients.dask_client``,
 ``flows.dask_cluster.DaskCluster``), never on a scheduler the user names.
