@@ -12,12 +12,12 @@ Run: ``python benchmarks/bench_ablation.py [--scan 48] [--doses none 1000]``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import save_json
 from train_options import add_epochs
 
 from ccstae_hpc.core.config import MapConfig, SimConfig, TrainConfig
@@ -99,8 +99,7 @@ def main() -> None:
         dose = "inf" if r["dose"] is None else f"{r['dose']:g}"
         print(f"{dose:>6} {r['variant']:32} " + " ".join(
             f"{r[f'mae_{k}'] * (1 if k == 'theta' else 100):7.3f}" for k in COMPONENTS))
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "ablation.json").write_text(json.dumps(rows, indent=1))
+    save_json(args.results, "ablation.json", rows)
 
 
 if __name__ == "__main__":

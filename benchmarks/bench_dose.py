@@ -85,6 +85,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
+from results_io import save_json
 from train_options import add_epochs, run_epochs
 
 from ccstae_hpc import cli
@@ -618,9 +619,8 @@ def main() -> None:
     if not PEERS_PYTHON.exists():
         print(f"py4DSTEM skipped: no {PEERS_PYTHON} (`make bench-peers` creates it)")
     print(f"total run time {total:.0f} s ({len(cases)} cases)")
-    args.results.mkdir(parents=True, exist_ok=True)
     stem = "dose_quick" if args.quick else "dose"
-    (args.results / f"{stem}.json").write_text(json.dumps(jsonable(rows), indent=1))
+    save_json(args.results, f"{stem}.json", jsonable(rows))
     written = [dose_figure(rows, args.results / f"{stem}.png")]
     if not args.quick:
         written.append(background_figure(rows, args.results / "background.png"))

@@ -23,12 +23,12 @@ starts from what no local fit of one pattern can avoid (README, "Measured figure
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from results_io import save_json
 from scipy import ndimage
 
 from ccstae_hpc.core.config import SimConfig
@@ -145,9 +145,7 @@ def main() -> None:
                      "offsets": offsets.tolist(),
                      **{f"ratio_{k}": float(r) for k, r in zip(PARAMS, ratio, strict=True)}})
         print(f"  {dose:7g} e-  {start:12s} " + "  ".join(f"{r:.2f}" for r in ratio))
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / "efficiency.json"
-    out.write_text(json.dumps(rows, indent=1))
+    out = save_json(args.results, "efficiency.json", rows)
     print(f"-> {out}")
 
 

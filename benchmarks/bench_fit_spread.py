@@ -28,7 +28,6 @@ units by its lattice scale there.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from results_io import save_json
 from scipy import ndimage
 from train_options import add_epochs, run_epochs
 
@@ -187,11 +187,9 @@ def main() -> None:
               f"{100 * row['apart']:.0f} % of the draws; "
               f"{100 * row['phase_switched']:.1f} % of the fits chose another phase than the "
               f"noise-free fit, {100 * row['dropped']:.1f} % were dropped as diverged")
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"fit_spread_{args.dose:g}.json"
-    out.write_text(json.dumps({"dose": args.dose, "scan": args.scan,
-                               "realisations": args.realisations, "forward_model": forward,
-                               "rows": rows}, indent=1))
+    out = save_json(args.results, f"fit_spread_{args.dose:g}.json",
+                    {"dose": args.dose, "scan": args.scan, "realisations": args.realisations,
+                     "forward_model": forward, "rows": rows})
     print(f"results in {out}")
 
 

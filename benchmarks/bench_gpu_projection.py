@@ -59,7 +59,6 @@ Prints a table and writes ``benchmarks/results/gpu_projection.json`` and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -73,6 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.flop_counter as flop_counter
+from results_io import save_json
 from scipy import ndimage
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -796,8 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     table, md = _report(out)
     print(table)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "gpu_projection.json").write_text(json.dumps(out, indent=1))
+    save_json(args.results, "gpu_projection.json", out)
     (args.results / "gpu_projection.md").write_text(md)
     return 0
 

@@ -41,7 +41,6 @@ directory is a temporary directory, removed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -51,6 +50,7 @@ import time
 from pathlib import Path
 
 import psutil
+from results_io import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -207,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["driver_rss_mib"] = driver
     print_table(rows)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "memory.json").write_text(json.dumps(rows, indent=1))
+    save_json(args.results, "memory.json", rows)
     top = max(rows, key=lambda r: r["peak_rss_mib"])
     print(f"\nlargest peak RSS: {top['peak_rss_mib']:.0f} MiB ({top['stage']}, "
           f"{top['scan'][0]}x{top['scan'][1]} scan, {top['raw_mib']:.0f} MiB raw data); "

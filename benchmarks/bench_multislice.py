@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from results_io import save_json
 from train_options import add_epochs, run_epochs
 
 from ccstae_hpc import cli
@@ -163,9 +164,7 @@ def main() -> None:
               f"(unpooled {ratio[1]:.2f}), ccstae run {r['run_s']:.0f} s")
     if not PEERS_PYTHON.exists():
         print(f"py4DSTEM skipped: no {PEERS_PYTHON} (`make bench-peers` creates it)")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / ("multislice_quick.json" if args.quick else "multislice.json")).write_text(
-        json.dumps(rows, indent=1))
+    save_json(args.results, "multislice_quick.json" if args.quick else "multislice.json", rows)
 
 
 if __name__ == "__main__":

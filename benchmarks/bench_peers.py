@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from results_io import save_json
 from train_options import add_epochs, run_epochs
 
 from ccstae_hpc.core.config import SimConfig
@@ -149,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_errors(r["errors"]))
     for k, v in out.get("ratios", {}).items():
         print(f"{k}: {v:.2f}x")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "peers.json").write_text(json.dumps(out, indent=1))
+    save_json(args.results, "peers.json", out)
     return 0
 
 

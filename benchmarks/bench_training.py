@@ -12,7 +12,6 @@ schedule), maps both the same way and scores them against the simulator's truth.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 import zarr
+from results_io import save_json
 
 from ccstae_hpc.core.config import SimConfig, TrainConfig
 from ccstae_hpc.sim.evaluate import format_errors, load_truth, strain_errors
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntime ratio converged / 6 epochs: {c['train_s'] / f['train_s']:.2f}")
     for k in ("mae_exx", "mae_eyy", "mae_exy", "mae_theta"):
         print(f"{k} ratio converged / 6 epochs: {c['errors'][k] / f['errors'][k]:.3f}")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "training.json").write_text(json.dumps(out, indent=1))
+    save_json(args.results, "training.json", out)
     return 0
 
 

@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from results_io import STAMP_FORMAT, written  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -40,7 +41,10 @@ def _load(results: Path, name: str) -> tuple[Any, str] | tuple[None, None]:
     p = results / name
     if not p.exists():
         return None, None
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(p.stat().st_mtime))
+    # the time the benchmark recorded; a file without one (written before results_io, or by
+    # hand) shows its modification time, marked as such: a checkout resets it
+    stamp = written(results, name) or time.strftime(
+        f"{STAMP_FORMAT}, file time", time.gmtime(p.stat().st_mtime))
     return json.loads(p.read_text()), stamp
 
 

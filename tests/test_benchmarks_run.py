@@ -38,6 +38,10 @@ def test_benchmark_runs(argv: list[str], tmp_path: Path) -> None:
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert any(w in r.stdout for w in ("exx", "throughput ratio", "peak RSS")), r.stdout[-2000:]
+    # each result file has its measuring time recorded (the report's "written" stamps)
+    results = {f.name for f in tmp_path.glob("*.json")} - {"written.json"}
+    if results:
+        assert results <= set(json.loads((tmp_path / "written.json").read_text())), results
 
 
 # the benchmarks that only print (no results file): (argv, what their last lines must show)
@@ -78,6 +82,8 @@ def test_report_from_results(tmp_path: Path) -> None:
                    "ccstae": {f"mae_{k}": 1e-4 for k in ("exx", "eyy", "exy", "theta")},
                    "com": {"error": "no lattice"}}]
     (results / "multislice.json").write_text(json.dumps(multislice))
+    (results / "written.json").write_text(json.dumps({"multislice.json": "2026-01-02 03:04 UTC"}))
+    (results / "training.json").write_text(json.dumps({"scan": [16, 16]}))  # no recorded time
     out = tmp_path / "REPORT.md"
     r = subprocess.run([sys.executable, "benchmarks/report.py", "--results", str(results),
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
@@ -87,3 +93,6 @@ def test_report_from_results(tmp_path: Path) -> None:
     assert "| single | noise-free | ccstae | 0.010 % |" in text
     assert "failed: no lattice" in text and (results / "multislice.png").exists()
     assert "Not measured yet: run `python benchmarks/bench_peers.py`" in text
+    # the time the benchmark recorded, else the file's own time marked as such
+    assert "`python benchmarks/bench_multislice.py` (written 2026-01-02 03:04 UTC)" in text
+    assert "UTC, file time)" in text
