@@ -57,10 +57,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import py4DSTEM  # noqa: E402
 from emdfile import PointListArray  # noqa: E402
+from profile_edges import edge_width, outer_edge, radial_profile  # noqa: E402
 from py4DSTEM.braggvectors import BraggVectors, Probe, find_Bragg_disks  # noqa: E402
 from py4DSTEM.preprocess.utils import get_maxima_2D  # noqa: E402
 from py4DSTEM.process.calibration import get_probe_size  # noqa: E402
-from scipy.ndimage import gaussian_filter, gaussian_filter1d  # noqa: E402
+from scipy.ndimage import gaussian_filter  # noqa: E402
 
 # py4DSTEM's defaults for the correlation (the values its tutorials use)
 SIGMA_CC = 2.0
@@ -91,86 +92,6 @@ FIRST_ORDER_SHELL = 1.5
 # false-alarm level for a correlation maximum, in robust standard deviations of the
 # correlation background: ~1e-4 spurious peaks per 128 x 128 pattern for Gaussian noise
 DETECTION_SIGMA = 5.0
-# the disk's edge among the radial profile's steep drops (see ``_outer_edge``): a drop at least
-# this fraction as steep as the steepest, on the profile's slope smoothed over EDGE_SMOOTH_PX
-EDGE_FRACTION = 0.1
-EDGE_SMOOTH_PX = 0.5
-PROFILE_STEP_PX = 0.25  # radial profiles' bin width
-
-
-def _radial_profile(img: np.ndarray, centre: tuple[float, float], step: float = PROFILE_STEP_PX
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Azimuthal mean of ``img`` about ``centre`` (row, col) in bins of ``step`` px."""
-    yy, xx = np.indices(img.shape)
-    rho = np.hypot(yy - centre[0], xx - centre[1]).ravel()
-    idx = (rho / step).astype(int)
-    s = np.bincount(idx, img.ravel())
-    n = np.bincount(idx)
-    keep = n > 0
-    return (np.arange(len(s))[keep] + 0.5) * step, s[keep] / n[keep]
-
-
-def _regular_slope(profile: tuple[np.ndarray, np.ndarray]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The radial profile on a regular grid of :data:`PROFILE_STEP_PX` (near the centre some
-    bins hold no pixel) and its slope smoothed over :data:`EDGE_SMOOTH_PX`."""
-    rho, prof = profile
-    r = np.arange(rho[0], rho[-1], PROFILE_STEP_PX)
-    p = np.interp(r, rho, prof)
-    slope = gaussian_filter1d(np.gradient(p, r), EDGE_SMOOTH_PX / PROFILE_STEP_PX)
-    return r, p, slope
-
-
-def _local_extrema(slope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the slope's local minima (steepest drops) and maxima (flattest points)."""
-    inner = slope[1:-1]
-    minima = np.flatnonzero((inner < slope[:-2]) & (inner <= slope[2:])) + 1
-    maxima = np.flatnonzero((inner >= slope[:-2]) & (inner > slope[2:])) + 1
-    return minima, maxima
-
-
-def _edge_width(profile: tuple[np.ndarray, np.ndarray], radius: float) -> float:
-    """Width of the central disk's edge between 88 % and 12 % of its height: the definition of
-    ``width`` in ``Probe.generate_synthetic_probe`` (logistic edge).
-
-    The height is taken locally: from the flattest point of the profile inside the edge (the
-    slope's nearest local maximum) to the point as far outside it.  On a flat disk and a flat
-    surround these are the plateau and the diffuse level; under a halo peaked on the beam the
-    profile falls inside and outside the disk, and levels far from the edge would count the
-    halo's fall as the edge's."""
-    r, p, slope = _regular_slope(profile)
-    _, flat = _local_extrema(slope)
-    edge = int(np.argmin(np.abs(r - radius)))
-    before = flat[flat < edge]
-    i0 = int(before.max()) if before.size else 0
-    i1 = min(2 * edge - i0, len(r) - 1)
-    level = (p[i0:i1 + 1] - p[i1]) / max(p[i0] - p[i1], 1e-30)
-    r_in = r[i0:i1 + 1]
-    # first radius where the normalised profile drops below each level (monotone in the rim)
-    r88 = r_in[np.argmax(level < 0.88)]
-    r12 = r_in[np.argmax(level < 0.12)]
-    return float(max(r12 - r88, 0.5))
-
-
-def _outer_edge(profile: tuple[np.ndarray, np.ndarray]) -> float:
-    """Radius of the outermost steep drop of the radial profile: the local minima of its slope
-    at least :data:`EDGE_FRACTION` as steep as the steepest.
-
-    A smooth halo has one steepest point, so only a disk edge adds another.  Under the original
-    paper's background (a Lorentzian of 1.3 px half-width centred on the beam, weight 0.7) the
-    halo's core is steeper than the disk's edge, which is 0.28-0.31 as steep; noise and the
-    Bragg disks' rings make minima of at most 0.007 (measured on the benchmark's sets at 1e3
-    e-/pattern and above)."""
-    r, _, slope = _regular_slope(profile)
-    minima, _ = _local_extrema(slope)
-    steep = minima[slope[minima] <= EDGE_FRACTION * slope.min()]
-    if not steep.size:
-        return 0.0
-    i = int(steep.max())
-    # the vertex of the parabola through the slope's three bins about the minimum
-    a, b, c = slope[i - 1], slope[i], slope[i + 1]
-    curv = a - 2 * b + c
-    return float(r[i] + (0.5 * (a - c) / curv * PROFILE_STEP_PX if curv > 0 else 0.0))
 
 
 def _aligned_mean(dc: Any, max_patterns: int = 256) -> np.ndarray:
@@ -196,14 +117,14 @@ def derive_parameters(dc: Any) -> tuple[dict[str, Any], np.ndarray]:
       ``get_vacuum_probe`` (64 left the lattice spacing to noise at 200 e-/pattern);
     * disk radius: ``get_probe_size`` on the aligned mean (the plateau of area-vs-threshold),
       or the radial profile's outermost steep drop where that lies further out
-      (``_outer_edge``): under the original paper's background, a Lorentzian of 1.3 px
+      (``profile_edges.outer_edge``): under the original paper's background, a Lorentzian of 1.3 px
       half-width on the beam, ``get_probe_size`` measures the Lorentzian's core (2.0-2.1 px for
       a 4.4 px disk at weight 0.7, 3.4 px at 0.25), and the too-small kernel pulls every
       first-order disk ~3 px toward the beam (exx MAE 2.2 % at 1e5 e-/pattern, 0.10 % with
       the edge's radius); at 100 e-/pattern noise shrinks it too (2.4 px, exx MAE 2.7 %,
       1.3 % with the edge's).  Where ``get_probe_size`` works the edge lies within 0.06 px
       of it (the abTEM sets, the 96x96 scan of ``bench_peers``: unchanged);
-      edge width: 88 %-12 % rim of the same disk's radial profile (``_edge_width``);
+      edge width: 88 %-12 % rim of the same disk's radial profile (``profile_edges.edge_width``);
       py4DSTEM's radial background subtraction (``find_Bragg_disks(radial_bksb=True)``)
       was measured too: with the edge's radius it leaves the MAE under that background equal
       or up to 6 % worse and doubles the detection's time, so it is not used;
@@ -233,10 +154,10 @@ def derive_parameters(dc: Any) -> tuple[dict[str, Any], np.ndarray]:
 
     am = _aligned_mean(dc)
     radius, qx0, qy0 = get_probe_size(am)
-    profile = _radial_profile(am, (qx0, qy0))
+    profile = radial_profile(am, (qx0, qy0))
     params["probe_size_radius"] = float(radius)
-    radius = max(radius, _outer_edge(profile))
-    width = _edge_width(profile, radius)
+    radius = max(radius, outer_edge(profile))
+    width = edge_width(profile, radius)
     params.update(radius=float(radius), edge_width=width)
     probe = Probe.generate_synthetic_probe(radius=radius, width=width, Qshape=Q)
     kernel = probe.get_kernel(mode="sigmoid", origin=(Q[0] / 2, Q[1] / 2),
