@@ -119,7 +119,7 @@ def derive_parameters(dc: Any) -> tuple[dict[str, Any], np.ndarray]:
       or the radial profile's outermost steep drop where that lies further out
       (``profile_edges.outer_edge``): under the original paper's background, a Lorentzian of 1.3 px
       half-width on the beam, ``get_probe_size`` measures the Lorentzian's core (2.0-2.1 px for
-      a 4.4 px disk at weight 0.7, 3.4 px at 0.25), and the too-small kernel pulls every
+      a 4.5 px disk at weight 0.7, 3.4 px at 0.25), and the too-small kernel pulls every
       first-order disk ~3 px toward the beam (exx MAE 2.2 % at 1e5 e-/pattern, 0.10 % with
       the edge's radius); at 100 e-/pattern noise shrinks it too (2.4 px, exx MAE 2.7 %,
       1.3 % with the edge's).  Where ``get_probe_size`` works the edge lies within 0.06 px
