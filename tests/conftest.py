@@ -140,3 +140,53 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ---- two test processes (`make test` runs `pytest -n 2 --dist loadgroup`) ------------------
+# the session fixtures whose result is expensive: every file that uses one runs in the same
+# process, so that it is built once (hetero_1e3_run trains for ~45 s, a Prefect database
+# migrates for ~25 s, the multislice sets are simulated on first use)
+SHARED_FIXTURE_GROUPS = {
+    "hetero_1e3_run": "hetero_1e3",
+    "hetero_1e3_single": "hetero_1e3",
+    "prefect_server": "prefect_server",
+    "multislice_files": "multislice",
+}
+# files whose tests share nothing (each starts its own subprocess): sent one test at a time
+INDEPENDENT_TESTS = {"test_benchmarks_run.py"}
+# the longest groups start first, so that the two processes end together (sums of
+# --durations=0 under two processes: hetero_1e3 ~750 s, test_uncertainty.py's other doses
+# ~420 s, prefect_server ~310 s, test_full_disk_real.py ~145 s, multislice and
+# test_faults.py ~120 s each); the rest follow in collection order
+LONGEST_FIRST = ("hetero_1e3", "test_uncertainty.py", "prefect_server", "test_full_disk_real.py",
+                 "multislice", "test_faults.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``: an ``xdist_group`` for every test (its file, or the group
+    of a shared session fixture that any test of its file uses), longest groups first."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    # files that use the same expensive session fixture form one group
+    file_groups: dict[str, set[str]] = {}
+    for item in items:
+        groups = file_groups.setdefault(item.path.name, set())
+        groups.update(g for f, g in SHARED_FIXTURE_GROUPS.items() if f in item.fixturenames)
+    group_of: dict[str, str] = {}
+    for name, groups in file_groups.items():
+        group_of[name] = "+".join(sorted(groups)) if groups else name
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        if item.path.name in INDEPENDENT_TESTS:
+            continue  # no mark: xdist schedules it on its own
+        item.add_marker(pytest.mark.xdist_group(group_of[item.path.name]))
+
+    def rank(item: pytest.Item) -> int:
+        mark = item.get_closest_marker("xdist_group")
+        name = mark.args[0] if mark is not None else ""
+        return next((i for i, g in enumerate(LONGEST_FIRST) if g in name.split("+")),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file's tests keep their order

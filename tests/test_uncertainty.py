@@ -62,8 +62,13 @@ def _coverage(ds: xr.Dataset, truth: dict) -> dict[str, float]:
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(DOSE_SEEDS, reverse=True),
-                ids=lambda d: f"{d:g}e")
+# the shared dose reads the session's run (tests/conftest.py): under two test processes its
+# tests run in the process of that run's other users
+DOSE_PARAMS = [pytest.param(d, id=f"{d:g}e", marks=[pytest.mark.xdist_group("hetero_1e3")]
+                            if d == SHARED_DOSE else []) for d in sorted(DOSE_SEEDS, reverse=True)]
+
+
+@pytest.fixture(scope="module", params=DOSE_PARAMS)
 def dose_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
              ) -> dict:
     """One trained model per dose: the default (pooled) map and the single-pattern map."""
