@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import logging
 import math
 import os
@@ -1130,5 +1131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def entry() -> None:
+    """The ``ccstae`` console script (and ``python -m ccstae_hpc.cli``): :func:`main`, then
+    exit with its code.
+
+    What the command leaves behind first leaves the garbage collector's generations
+    (``gc.freeze``): the interpreter's exit would otherwise run full collections over every
+    object torch, distributed and the stages made, 0.8 s of CPU after `ccstae map --workers
+    2` (measured on 2 cores; 0.2 s with it).  Everything the command writes is closed
+    before :func:`main` returns.  Not in :func:`main` itself: a test or a notebook that
+    calls it goes on living.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

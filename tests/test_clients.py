@@ -10,9 +10,11 @@ import pytest
 from ccstae_hpc.runtime.clients import dask_client, worker_start_method
 
 
-def _worker_state() -> tuple[int, bool, bool, str | None]:
+def _worker_state() -> tuple[int, bool, bool, str | None, int]:
+    import gc
+
     return (os.getppid(), "torch" in sys.modules, "ccstae_hpc.stages.map" in sys.modules,
-            os.environ.get("CCSTAE_TEST_CLIENTS"))
+            os.environ.get("CCSTAE_TEST_CLIENTS"), gc.get_freeze_count())
 
 
 @pytest.mark.timeout(120)
@@ -30,6 +32,9 @@ def test_local_workers_fork_from_a_server_that_imported_the_stages(monkeypatch) 
     # torch and the map stage were imported before the fork, not by each worker
     assert all(s[1] and s[2] for s in state.values())
     assert all(s[3] == "seen" for s in state.values())
+    # the server froze what it imported (runtime.fork_ready) before it forked them: torch's
+    # and the stages' objects alone are well over 10^5
+    assert all(s[4] > 100_000 for s in state.values()), state
 
 
 def test_no_workers_no_scheduler_no_client() -> None:

@@ -37,6 +37,8 @@ WORKER_MODULES = (
     "ccstae_hpc.stages.map",
     "ccstae_hpc.stages.prep",
     "ccstae_hpc.stages.train",
+    # last: freezes what the ones before imported (see its docstring)
+    "ccstae_hpc.runtime.fork_ready",
 )
 
 
