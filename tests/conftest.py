@@ -154,12 +154,13 @@ SHARED_FIXTURE_GROUPS = {
 }
 # files whose tests share nothing (each starts its own subprocess): sent one test at a time
 INDEPENDENT_TESTS = {"test_benchmarks_run.py"}
-# the longest groups start first, so that the two processes end together (sums of
-# --durations=0 under two processes: hetero_1e3 ~750 s, test_uncertainty.py's other doses
-# ~420 s, prefect_server ~310 s, test_full_disk_real.py ~145 s, multislice and
-# test_faults.py ~120 s each); the rest follow in collection order
-LONGEST_FIRST = ("hetero_1e3", "test_uncertainty.py", "prefect_server", "test_full_disk_real.py",
-                 "multislice", "test_faults.py")
+# the longest groups start first, so that the two processes end together; the rest follow
+# in collection order.  Sums of --durations=0 in two processes (2026-12-06, passive OpenMP
+# threads): hetero_1e3 ~490 s, prefect_server ~300 s, test_uncertainty.py's other doses
+# ~175 s, test_full_disk_real.py ~140 s, test_faults.py ~110 s, multislice ~95 s; all tests
+# 2038 s in 1058 s of wall time, so the two processes ended within ~80 s of each other
+LONGEST_FIRST = ("hetero_1e3", "prefect_server", "test_uncertainty.py", "test_full_disk_real.py",
+                 "test_faults.py", "multislice")
 
 
 @pytest.hookimpl(tryfirst=True)
