@@ -195,6 +195,7 @@ def map_config(args: argparse.Namespace) -> MapConfig:
                 "reference_mode": args.reference_mode}
     kw["pool_sigma"] = _pool_sigma(args.pool_sigma)
     kw["forward_model"] = args.forward_model
+    kw["disk_estimate"] = args.disk_estimate
     if getattr(args, "method", None):
         kw["method"] = args.method
     return MapConfig(**kw)
@@ -225,6 +226,11 @@ def _add_map_options(p: argparse.ArgumentParser) -> None:
              "at any sub-pixel position), dictionary (the learned entry image) or auto "
              "(default: with --pool-sigma 0 both on a few central scan rows, keeping the one "
              "whose fits scatter less between neighbouring probe positions; else dictionary)")
+    p.add_argument(
+        "--disk-estimate", choices=("mean", "mode"), default="mean",
+        help="what a fit of the disk model reports: mean (default), the mean of the "
+             "pattern's likelihood over its lattice (steadier at low dose, where the "
+             "likelihood has many close local maxima), or mode, its maximum")
 
 
 def _pool_sigma(text: str) -> float | None:

@@ -210,9 +210,15 @@ class MapConfig(Config):
     # between neighbouring probe positions; for pooled maps the learned entries (they pooled
     # to the lower error, measured: README "The forward model of the fine iterations")
     forward_model: str = "auto"
+    # what a fit of the disk model reports: "mean" (default), the mean of the pattern's
+    # likelihood over its geometry (importance-sampled about its maximum; at low dose the
+    # likelihood has local optima closer together than its precision, and the mean averages
+    # over them: ccstae_hpc.core.refine.POSTERIOR_SAMPLES), or "mode", its maximum
+    disk_estimate: str = "mean"
 
     def __post_init__(self) -> None:
         check(self.refine_iters >= 0, "refine_iters must be >= 0")
+        check(self.disk_estimate in ("mean", "mode"), "disk_estimate must be 'mean' or 'mode'")
         check(self.forward_model in ("auto", "disks", "dictionary"),
               "forward_model must be 'auto', 'disks' or 'dictionary'")
         check(self.method in ("ccstae", "com"), "method must be 'ccstae' or 'com'")

@@ -136,9 +136,9 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         moved = root != cls
         if moved.any():
             theta[moved] = compose_affine(theta[moved], inputs.start[cls[moved], root[moved]])
-        kw = {}
+        kw = {"scale": st[sl], "posterior": map_cfg.disk_estimate == "mean"}
         if inputs.templates is not None:
-            kw = {"labels": inputs.labels, "templates": inputs.templates, "scale": st[sl]}
+            kw |= {"labels": inputs.labels, "templates": inputs.templates}
         fit = refine_checked(xt[sl], root, theta, info.patterns, info.masks, ring,
                              map_cfg.refine_iters, map_cfg.symmetry, ~info.vacuum,
                              disks=inputs.disk_entries, **kw)

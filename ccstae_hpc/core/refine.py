@@ -88,6 +88,27 @@ COVARIANCE_CALIBRATION = 1.7 ** 2
 # by these px and 5 sharp ones; 1.23-1.32x after 2 blurred and 3 sharp)
 DISK_FINE_BLURS_PX = (1.0, 0.5)
 DISK_EXTRA_FINE_ITERS = 2
+# What a sharp-disk fit reports (refine(posterior=True)): the mean of the pattern's
+# likelihood over its geometry, not its maximum.  At 1e3 and 500 e-/pattern the likelihood
+# has local optima closer together than the floor (above), and which one a local fit
+# settles in is noise of its own; the likelihood's mean averages over them.  Measured with
+# the simulator itself as the forward model (no model error; benchmarks/bench_efficiency.py,
+# fits from starts 1 %, 2 deg, 2 px off through the blur continuation, 200 Poisson draws of
+# one pattern): the maximum's std over the Cramer-Rao floor 1.12-1.28x at 1e3 e- and
+# 1.18-1.34x at 500 e- for the four strain and rotation components, the mean's 1.08-1.23x
+# and 1.14-1.23x (a fit started at the truth: 1.04-1.21x, 1.08-1.14x).  On `ccstae map`'s
+# own fits of the 32x32 heterostructure (benchmarks/bench_fit_spread.py): 1.21-1.34x ->
+# 1.14-1.31x at 1e3 e- and 1.28-1.46x -> 1.23-1.42x at 500 e-; 32 draws gave a spread 2-4 %
+# wider than 64, 128 (or a width of 2) the same as 64.  The mean is importance-sampled from the Laplace
+# approximation at the maximum (the Gauss-Newton curvature of the six geometric
+# parameters, scale and offset held at their fit), widened by POSTERIOR_WIDTH so that the
+# proposal covers the rough likelihood's spread, with POSTERIOR_SAMPLES antithetic
+# standard-normal draws fixed by POSTERIOR_SEED (the same for every pattern: a map is
+# reproducible)
+POSTERIOR_SAMPLES = 64
+POSTERIOR_WIDTH = 1.5
+POSTERIOR_SEED = 0
+GEOMETRY_PARAMS = 6  # (B00, B01, s_x, B10, B11, s_y): the first of the 8 fitted parameters
 # The same for fits of the sharp-disk model (refine(disks=...)) to the unsmoothed counts,
 # whose pixels are independent: see README, "Uncertainty and pooling"
 DISK_COVARIANCE_CALIBRATION = 1.0
@@ -323,6 +344,83 @@ def _weights(xi, W, Ds, g, b, floor_frac):
     mu = torch.addcmul(b[:, None], g[:, None], Ds)
     floor = floor_frac * mu.mean(1, keepdim=True).clamp(min=1e-6)
     return W / torch.maximum(mu, floor), xi - mu
+
+
+@functools.lru_cache(maxsize=2)
+def _posterior_draws(n: int, dim: int) -> torch.Tensor:
+    """``n`` antithetic standard-normal draws ``(n, dim)``, the same on every call."""
+    gen = torch.Generator().manual_seed(POSTERIOR_SEED)
+    z = torch.randn(n // 2, dim, generator=gen)
+    return torch.cat([z, -z])
+
+
+def _posterior_mean(xi, W, u, B, s, g, b, disks, H, sigma, floor_frac):
+    """The mean of each pattern's likelihood over ``B, s`` (see POSTERIOR_SAMPLES), from
+    its maximum ``B, s`` and the Gauss-Newton curvature ``H`` there, for the sharp-disk
+    model ``disks`` (a :class:`_DiskSampler`); ``sigma`` ``(N,)`` is the normalised value of
+    one count (the likelihood's temperature).  Patterns whose curvature or count scale is
+    unusable keep their maximum.
+
+    The likelihood is the one whose score the Gauss-Newton steps solve (:func:`_weights`):
+    Poisson where the model is above its floor ``f``, continued below it by its second-order
+    expansion at ``f`` (the quadratic of the floor's variance).  Each draw's model is
+    computed from precomputed per-pixel terms, a dozen array operations.
+    """
+    n = len(xi)
+    z = _posterior_draws(POSTERIOR_SAMPLES, GEOMETRY_PARAMS)
+    Hg = H[:, :GEOMETRY_PARAMS, :GEOMETRY_PARAMS].double()
+    eye = torch.eye(GEOMETRY_PARAMS, dtype=torch.float64)
+    ridge = 1e-9 * torch.diagonal(Hg, dim1=1, dim2=2).sum(-1) + 1e-30
+    sig = sigma.double()
+    # the fit's covariance: the Poisson Fisher information of normalised counts is H / sigma
+    C = sig[:, None, None] * torch.linalg.inv(Hg + ridge[:, None, None] * eye)
+    L, info = torch.linalg.cholesky_ex(C)
+    ok = (info == 0) & torch.isfinite(sig) & (sig > 0) & torch.isfinite(L).all(-1).all(-1)
+    L = torch.where(ok[:, None, None], L, torch.zeros_like(L)).float() * POSTERIOR_WIDTH
+    steps = torch.einsum("nij,mj->mni", L, z)  # (M, n, 6)
+    # the model at pixel k is b + g (bg_k + a_k f(|A (p_k - c_k)|)) with p = half (B u + s)
+    # + half - 1/2 in the entry's px: |.| = |half u + A (half s + half - 1/2 - c)|
+    h = disks.half
+    e0x, e0y = (h - 0.5) - disks.cx, (h - 0.5) - disks.cy
+    hux, huy = h * u[:, 0], h * u[:, 1]
+    ga = g[:, None] * disks.a
+    gbg = torch.addcmul(b[:, None], g[:, None], disks.bg)
+    mu0 = torch.addcmul(gbg, ga, disks.profile(torch.sqrt(
+        _distance2(hux, huy, e0x, e0y, B, s, h)))[1])
+    f = floor_frac * mu0.mean(1, keepdim=True).clamp(min=1e-6)
+    Wx, wq = W * xi, W * (xi - f) / f  # terms of the Poisson part and of the expansion
+    w2 = W / (2.0 * f)
+    ll = torch.empty(len(z), n, dtype=torch.float64)
+    for m in range(len(z)):
+        d = steps[m]
+        Bm = B + torch.stack([d[:, 0:2], d[:, 3:5]], 1)
+        sm = s + torch.stack([d[:, 2], d[:, 5]], 1)
+        mu = torch.addcmul(gbg, ga, disks.profile(torch.sqrt(
+            _distance2(hux, huy, e0x, e0y, Bm, sm, h)))[1])
+        mm = torch.maximum(mu, f)
+        below = mu.sub_(f).clamp_(max=0.0)
+        # sum W (x log m - m) + W ((x - f) dl / f - dl^2 / (2 f)), dl = min(mu - f, 0), in
+        # place: one reduction per draw
+        t = torch.log(mm).mul_(Wx).sub_(mm.mul_(W)).addcmul_(below, wq)
+        ll[m] = t.sub_(below.mul_(below).mul_(w2)).sum(1).double()
+    # importance weights: likelihood (at temperature sigma) over the Gaussian proposal
+    lw = ll / torch.where(ok, sig, torch.ones_like(sig)) + 0.5 * (z.double() ** 2).sum(1)[:, None]
+    w = torch.softmax(torch.nan_to_num(lw, nan=-torch.inf), 0)
+    ok &= torch.isfinite(w).all(0)
+    d = torch.einsum("mn,mni->ni", torch.nan_to_num(w).float(), steps)
+    d = torch.where(ok[:, None], d, torch.zeros_like(d)).clamp(-TRUST_REGION, TRUST_REGION)
+    return B + torch.stack([d[:, 0:2], d[:, 3:5]], 1), s + torch.stack([d[:, 2], d[:, 5]], 1)
+
+
+def _distance2(hux, huy, e0x, e0y, B, s, half):
+    """Squared distance ``(n, P)`` (px of the pattern) of each pixel from its disk's centre
+    under ``B, s``: ``|half u + A (half s + e0)|^2`` with ``A = B^-1``."""
+    A = torch.linalg.inv(B)
+    vx = e0x + half * s[:, 0:1]
+    vy = e0y + half * s[:, 1:2]
+    dx = (vx * A[:, 0, 0, None]).addcmul_(vy, A[:, 0, 1, None]).add_(hux)
+    dy = (vx * A[:, 1, 0, None]).addcmul_(vy, A[:, 1, 1, None]).add_(huy)
+    return (dx * dx).addcmul_(dy, dy)
 
 
 def _residual(xi, W, u, B, s, g, b, sample, floor_frac):
@@ -562,6 +660,15 @@ class _DiskSampler:
         out._set_profile(torch.from_numpy(blur_profile(v, self.step, sigma).astype(np.float32)))
         return out
 
+    def profile(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The profile's slope and value at distances ``r`` ``(n, P)`` (px of the
+        pattern)."""
+        i = (r * self.inv_step).long().clamp_(max=self.last)
+        # gather from a row view per pattern: 3-4x faster than indexing the 1-D table
+        n = r.shape[0]
+        slope = torch.gather(self.slope.expand(n, -1), 1, i)
+        return slope, torch.gather(self.intercept.expand(n, -1), 1, i).addcmul_(slope, r)
+
     def __call__(self, pts: torch.Tensor, B: torch.Tensor, values_only: bool = False
                  ) -> tuple[torch.Tensor, ...]:
         # normalised coordinates (align_corners=False) -> px of the entry -> of the pattern
@@ -571,9 +678,7 @@ class _DiskSampler:
         a00, a01, a10, a11 = (A[:, i, j, None] for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
         dx, dy = a00 * ex + a01 * ey, a10 * ex + a11 * ey
         r = torch.sqrt(dx * dx + dy * dy).clamp_(min=1e-6)
-        i = (r * self.inv_step).long().clamp_(max=self.last)
-        slope = self.slope[i]
-        f = torch.addcmul(self.intercept[i], slope, r)
+        slope, f = self.profile(r)
         D = torch.addcmul(self.bg, self.a, f)
         if values_only:
             return (D,)
@@ -587,11 +692,12 @@ class _ClassFit:
     """The registration of chunks of patterns of one class (the body of :func:`refine`)."""
 
     def __init__(self, x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
-                 coarse_iters, mode, damping, floor, disks) -> None:
+                 coarse_iters, mode, damping, floor, disks, posterior=False) -> None:
         self.x, self.x_raw, self.ring_px, self.coarse_grid = x, x_raw, ring_px, coarse_grid
         self.mask_stack, self.stacks, self.coarse_sigma = mask_stack, stacks, coarse_sigma
         self.iters, self.coarse_iters = iters, coarse_iters
         self.mode, self.damping, self.floor, self.disks = mode, damping, floor, disks
+        self.posterior = posterior
         self.Q = mask_stack.shape[-1]
         self.u_all = pixel_grid(self.Q)
         self.u_ring = self.u_all[ring_px]
@@ -621,9 +727,11 @@ class _ClassFit:
         return ((u[keep], self.x_raw[sl][:, px[keep]].contiguous(), W[:, keep].contiguous()),
                 pts[:, keep])
 
-    def __call__(self, k, sl, B, s, g, b):
+    def __call__(self, k, sl, B, s, g, b, sigma=None):
         """Refine patterns ``sl`` of class ``k``: ``B, s``, the residual, the covariance of
-        ``B`` and the pixels that hold their whole disks (for composition scoring)."""
+        ``B`` and the pixels that hold their whole disks (for composition scoring).  With
+        ``posterior`` (and ``sigma``, the normalised value of one count per pattern) a
+        sharp-disk fit reports its likelihood's mean (:func:`_posterior_mean`)."""
         # the disk-mask weights are sampled once at the start: the fit moves a pattern by a
         # pixel or two at most, which the mask's 2-px dilation absorbs, and fixed weights give
         # the fit one well-defined objective.  Pixels where no pattern of the chunk has weight
@@ -673,6 +781,8 @@ class _ClassFit:
         uu, xi, Wk = sets["fine"]
         if H is None:  # no fine step was taken: the curvature at the start
             H, _ = _normal_equations(xi, Wk, uu, B, s, g, b, fine, self.floor)
+        if self.posterior and self.disks is not None and sigma is not None:
+            B, s = _posterior_mean(xi, Wk, uu, B, s, g, b, fine, H, sigma, self.floor)
         # the curvature of the last step is that of its start, one converged step away from
         # the end: the same to well within its own uncertainty, at no extra sampling cost
         chi2, resid = _residual(xi, Wk, uu, B, s, g, b, fine, self.floor)
@@ -744,6 +854,7 @@ def refine(
     templates: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: torch.Tensor | None = None,
     disks: DiskEntries | None = None,
+    posterior: bool = False,
 ) -> Registration:
     """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
 
@@ -760,16 +871,19 @@ def refine(
         bilinear interpolant of the sharp-edged dictionary consistent with its gradient,
         which removes a sub-pixel bias of the fit.
 
-    labels, templates, scale : composition scoring, all or none: ``labels`` ``(K, Q, Q)``
-        (each entry's Bragg disks numbered 1..n, 0 elsewhere), ``templates`` from
-        :func:`disk_templates`, ``scale`` ``(N,)`` (normalised value of one count per
-        pattern).  Each pattern is then scored against every entry related to its own after
-        its own registration (see :func:`_entry_residuals`).
+    labels, templates : composition scoring, both or none, with ``scale``: ``labels``
+        ``(K, Q, Q)`` (each entry's Bragg disks numbered 1..n, 0 elsewhere), ``templates``
+        from :func:`disk_templates`.  Each pattern is then scored against every entry
+        related to its own after its own registration (see :func:`_entry_residuals`).
+    scale : ``(N,)`` normalised value of one count per pattern (the Poisson scale of
+        composition scoring and of ``posterior``).
 
     disks : the sharp-disk model of the dictionary (:class:`DiskEntries`): the fine
         iterations then fit it to the unsmoothed counts (``smooth`` applies to the coarse
         ones only), which keeps the information of the disk edges (see
         :mod:`ccstae_hpc.core.disks`).
+    posterior : with ``disks`` and ``scale``, each pattern's affine is the mean of its
+        likelihood rather than its maximum (see :data:`POSTERIOR_SAMPLES`).
 
     Returns
     -------
@@ -799,14 +913,15 @@ def refine(
     cov = torch.zeros(N, 4, 4)
     entry = torch.full((N, len(masks)), float("nan")) if templates is not None else None
     fit = _ClassFit(x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
-                    coarse_iters, mode, damping, floor, disks)
+                    coarse_iters, mode, damping, floor, disks, posterior)
     scale = scale[order] if scale is not None else None
     for k, a, z in groups:
         # chunks of a few dozen patterns: the work arrays stay in cache, and each chunk fits
         # only the pixels its own patterns reach
         for c0 in range(a, z, REFINE_CHUNK):
             sl = slice(c0, min(c0 + REFINE_CHUNK, z))
-            B[sl], s[sl], resid[sl], cov[sl], near = fit(k, sl, B[sl], s[sl], g[sl], b[sl])
+            B[sl], s[sl], resid[sl], cov[sl], near = fit(
+                k, sl, B[sl], s[sl], g[sl], b[sl], None if scale is None else scale[sl])
             if entry is not None:
                 entry[sl] = _entry_residuals(x_raw[sl][:, near], u[near], B[sl], s[sl], k,
                                              labels, templates, scale[sl])
