@@ -13,7 +13,9 @@ chooses).  Per pattern this gives
   at its true strain, rotation and origin);
 * the bias: the mean of the draws minus the fit of the noise-free pattern;
 * the spread of the same draws fitted from the noise-free pattern's fit (a start as good
-  as the truth) instead of the encoder's, and how often the two starts end apart.
+  as the truth) instead of the encoder's, and how often the two starts end apart;
+* the spread of the same draws when the fits report their likelihood's maximum
+  (``MapConfig(disk_estimate="mode")``) instead of its mean (the default).
 
 The fits go through the map's own strain assembly (:func:`ccstae_hpc.core.mapping.assemble_strain`,
 pooling off): the draws are laid out as the rows of one map, the noise-free fits as its last
@@ -113,6 +115,7 @@ def main() -> None:
         geom = prep_geometry(prep)
         model, _, _ = load_model(store)
         map_cfg = MapConfig(pool_sigma=0.0)
+        mode_cfg = MapConfig(pool_sigma=0.0, disk_estimate="mode")
         inputs = phase_inputs(prep, model, geom, map_cfg)
         hot = np.asarray(prep["hot_pixels"][...])
         pick = pick_pixels(phase, args.per_phase)
@@ -125,30 +128,34 @@ def main() -> None:
             x, scale = recentred(counts[None], hot, shift, Q)
             return normalised(x[0], scale[0]), scale[0]
 
-        def mapped(x: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarray]:
-            return map_block(model, x, scale, geom.ring, map_cfg, inputs)
+        def mapped(x: np.ndarray, scale: np.ndarray, cfg: MapConfig = map_cfg
+                   ) -> dict[str, np.ndarray]:
+            return map_block(model, x, scale, geom.ring, cfg, inputs)
 
         noise_free = mapped(*model_input(expected.astype(np.float32)))
         info = inputs.info
         rng = np.random.default_rng(NOISE_SEED)
-        fits, from_clean = [], []
+        fits, from_clean, modes = [], [], []
         for _ in range(args.realisations):
             x, scale = model_input(rng.poisson(expected).astype(np.uint16))
             fits.append(mapped(x, scale))
+            modes.append(mapped(x, scale, mode_cfg))
             reg = refine_checked(torch.from_numpy(x),
                                  torch.from_numpy(noise_free["entry"].astype(np.int64)),
                                  torch.from_numpy(noise_free["theta"]), info.patterns,
                                  info.masks, geom.ring, map_cfg.refine_iters,
                                  map_cfg.symmetry, ~info.vacuum,
-                                 disks=inputs.disk_entries)
+                                 disks=inputs.disk_entries, scale=torch.from_numpy(scale),
+                                 posterior=map_cfg.disk_estimate == "mean")
             from_clean.append({**noise_free, "theta": reg.theta.numpy(),
                                "residual": reg.residual.numpy(), "cov": reg.cov.numpy()})
         forward = inputs.forward_model.get("chosen")
         R = args.realisations
-        st = strain_rows([*fits, *from_clean, noise_free], inputs.phases, map_cfg)
+        st = strain_rows([*fits, *from_clean, *modes, noise_free], inputs.phases, map_cfg)
     c = np.stack([st[k][:R] for k in COMPONENTS], -1)  # (R, n, 4)
     c2 = np.stack([st[k][R:2 * R] for k in COMPONENTS], -1)
-    c0 = np.stack([st[k][2 * R] for k in COMPONENTS], -1)  # (n, 4)
+    cm = np.stack([st[k][2 * R:3 * R] for k in COMPONENTS], -1)
+    c0 = np.stack([st[k][3 * R] for k in COMPONENTS], -1)  # (n, 4)
     switched = np.array([f["phase"] for f in fits]) != noise_free["phase"][None]
     # own-lattice floors into the reference's units: the pattern's lattice scale there
     scale = np.sqrt(stretch_determinant({k: c0[:, i] for i, k in enumerate(COMPONENTS[:3])}))
@@ -171,6 +178,7 @@ def main() -> None:
             row[f"bias_{k}"] = float(np.nanmean(np.abs(np.nanmean(ci, 0) - c0[sel, i])
                                                 / f[:, i]))
             row[f"std_from_clean_{k}"] = float(np.nanmean(np.nanstd(c2i, 0) / f[:, i]))
+            row[f"std_mode_{k}"] = float(np.nanmean(np.nanstd(cm[:, sel, i], 0) / f[:, i]))
         row["apart"] = float((np.abs(c2[:, sel] - c[:, sel]) / f[None] > APART).any(-1).mean())
         rows.append(row)
     print(f"single-pattern fits ({forward} model), heterostructure {args.scan}x{args.scan} at "
@@ -180,7 +188,8 @@ def main() -> None:
     for row in rows:
         for label, key in (("std (encoder's start)", "std"), ("MAD", "mad"),
                            ("|bias| (std units)", "bias"),
-                           ("std (noise-free start)", "std_from_clean")):
+                           ("std (noise-free start)", "std_from_clean"),
+                           ("std (likelihood's mode)", "std_mode")):
             print(f"{row['phase']:6} {label:24} "
                   + " ".join(f"{row[f'{key}_{k}']:6.2f}" for k in COMPONENTS))
         print(f"{row['phase']:6} the two starts end > {APART} floor apart in "

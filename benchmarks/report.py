@@ -259,11 +259,12 @@ def section_efficiency(results: Path) -> str:
     out = [head + f" (written {stamp}). Poisson maximum-likelihood fits whose forward model "
            "is the simulator itself (no model error), of one unstrained pattern, "
            f"{d[0].get('patterns')} realisations each: the standard deviation of the fits "
-           "over the Cramer-Rao floor's. Started at the truth, from starts off by "
+           "over the Cramer-Rao floor's. Started at the truth, and from starts off by "
            + (f"{100 * off[0]:g} %, {off[3]:g} deg and {off[4]:g} px" if len(off) == 6
               else "the given offsets")
-           + " (sharp model at once), and from the same starts through a blur continuation. "
-           "`bench_dose`'s single-pattern ratios above compare with these.\n",
+           + " through a blur continuation, and that fit's likelihood mean (what `ccstae "
+           "map`'s disk fits report). `bench_dose`'s single-pattern ratios above compare "
+           "with these.\n",
            "| dose | start | " + " | ".join(params) + " |",
            "|---|---|" + "---|" * len(params)]
     for r in d:
