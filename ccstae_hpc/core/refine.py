@@ -99,12 +99,12 @@ DISK_EXTRA_FINE_ITERS = 2
 # and 1.14-1.23x (a fit started at the truth: 1.04-1.21x, 1.08-1.14x).  On `ccstae map`'s
 # own fits of the 32x32 heterostructure (benchmarks/bench_fit_spread.py): 1.21-1.34x ->
 # 1.14-1.31x at 1e3 e- and 1.28-1.46x -> 1.23-1.42x at 500 e-; 32 draws gave a spread 2-4 %
-# wider than 64, 128 (or a width of 2) the same as 64.  The mean is importance-sampled from the Laplace
-# approximation at the maximum (the Gauss-Newton curvature of the six geometric
-# parameters, scale and offset held at their fit), widened by POSTERIOR_WIDTH so that the
-# proposal covers the rough likelihood's spread, with POSTERIOR_SAMPLES antithetic
-# standard-normal draws fixed by POSTERIOR_SEED (the same for every pattern: a map is
-# reproducible)
+# wider than 64, 128 (or a width of 2) the same as 64.  The mean is importance-sampled
+# from the Laplace approximation at the maximum (the Gauss-Newton curvature of the six
+# geometric parameters, scale and offset held at their fit), widened by POSTERIOR_WIDTH so
+# that the proposal covers the rough likelihood's spread, with POSTERIOR_SAMPLES
+# antithetic standard-normal draws fixed by POSTERIOR_SEED (the same for every pattern: a
+# map is reproducible)
 POSTERIOR_SAMPLES = 64
 POSTERIOR_WIDTH = 1.5
 POSTERIOR_SEED = 0
