@@ -333,9 +333,13 @@ def reference_scale(ds: xr.Dataset, truth: dict) -> float:
 
 
 def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
-    """The store's ``strain`` group and its scores."""
+    """The store's ``strain`` group and its scores, with the forward model its fits used
+    (``forward_model``: "disks" or "dictionary"; None for a map without one)."""
     ds = xr.open_zarr(store, group="strain").load()
-    return ds, score(ds, truth)
+    sc = score(ds, truth)
+    sc["forward_model"] = (json.loads(ds.attrs["forward_model"]).get("chosen")
+                           if "forward_model" in ds.attrs else None)
+    return ds, sc
 
 
 def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None
@@ -418,7 +422,7 @@ def case_rows(case: Case, scan: list[int], floor: dict[str, Any],
             row[f"ratio_{k}"] = v / fl[k] if np.isfinite(fl[k]) else math.nan
         for k in ("n_phases", "acc_phase", "acc_sample", "n_eval", "n_both_sample",
                   *(f"n_{PHASE_NAMES[p]}" for p in SAMPLE_PHASES), "pool_sigma_px",
-                  "ref_scale"):
+                  "ref_scale", "forward_model"):
             if k in r and row["error"] is None:
                 row[k] = r[k]
         row["time_s"] = r.get("time_s", math.nan)
