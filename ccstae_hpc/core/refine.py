@@ -330,12 +330,17 @@ def _covariance(H: torch.Tensor, chi2: torch.Tensor, n_pix: torch.Tensor,
     ``phi = calibration * chi2 / (n_pix - N_PARAMS)`` of the pattern's own weighted
     residual."""
     phi = calibration * chi2 / (n_pix - N_PARAMS).clamp(min=1.0)
-    eye = torch.eye(H.shape[-1])
-    # a relative ridge keeps singular curvatures (empty or flat patterns) finite and huge
-    ridge = 1e-9 * torch.diagonal(H, dim1=1, dim2=2).sum(-1).double() + 1e-30
-    Hr = H.double() + ridge[:, None, None] * eye
-    C = torch.linalg.inv(Hr)[:, LINEAR_PARAMS][:, :, LINEAR_PARAMS]
+    C = _ridged_inverse(H)[:, LINEAR_PARAMS][:, :, LINEAR_PARAMS]
     return (C * phi.double()[:, None, None]).float()
+
+
+def _ridged_inverse(H: torch.Tensor) -> torch.Tensor:
+    """Inverses ``(N, k, k)`` (float64) of curvatures ``H``: a relative ridge keeps singular
+    ones (empty or flat patterns) finite and huge."""
+    Hd = H.double()
+    ridge = 1e-9 * torch.diagonal(Hd, dim1=1, dim2=2).sum(-1) + 1e-30
+    return torch.linalg.inv(Hd + ridge[:, None, None] * torch.eye(H.shape[-1],
+                                                                   dtype=torch.float64))
 
 
 def _weights(xi, W, Ds, g, b, floor_frac):
@@ -368,12 +373,9 @@ def _posterior_mean(xi, W, u, B, s, g, b, disks, H, sigma, floor_frac):
     """
     n = len(xi)
     z = _posterior_draws(POSTERIOR_SAMPLES, GEOMETRY_PARAMS)
-    Hg = H[:, :GEOMETRY_PARAMS, :GEOMETRY_PARAMS].double()
-    eye = torch.eye(GEOMETRY_PARAMS, dtype=torch.float64)
-    ridge = 1e-9 * torch.diagonal(Hg, dim1=1, dim2=2).sum(-1) + 1e-30
     sig = sigma.double()
     # the fit's covariance: the Poisson Fisher information of normalised counts is H / sigma
-    C = sig[:, None, None] * torch.linalg.inv(Hg + ridge[:, None, None] * eye)
+    C = sig[:, None, None] * _ridged_inverse(H[:, :GEOMETRY_PARAMS, :GEOMETRY_PARAMS])
     L, info = torch.linalg.cholesky_ex(C)
     ok = (info == 0) & torch.isfinite(sig) & (sig > 0) & torch.isfinite(L).all(-1).all(-1)
     L = torch.where(ok[:, None, None], L, torch.zeros_like(L)).float() * POSTERIOR_WIDTH
