@@ -4,8 +4,8 @@
 # Idempotent: exits 0 at once when `sinfo` answers and a node is idle.  Otherwise installs
 # the Debian packages if missing, writes a minimal /etc/slurm/slurm.conf (one node named
 # localhost on 127.0.0.1 with this machine's CPUs and memory, one partition `debug`), creates
-# a munge key if missing, starts the daemons as root and waits (bounded) for the node to be
-# idle.  Needs root.  An existing slurm.conf not written by this script is never replaced.
+# a munge key if missing, starts the daemons as root (slurmctld without the saved jobs of an
+# earlier run) and waits (bounded) for the node to be idle.  Needs root.  An existing slurm.conf not written by this script is never replaced.
 # The daemons it starts are recorded in /run/slurm/ccstae-started for scripts/slurm_down.sh,
 # which stops only those.  Environment:
 #   SLURM_UP_TIMEOUT   seconds to wait for an idle node (default 60)
@@ -134,7 +134,10 @@ fi
 
 if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
     log "starting slurmctld"
-    slurmctld
+    # -c: start without the jobs saved by an earlier run of this test cluster.  A run that was
+    # killed (e.g. a CI job stopped mid-suite) leaves its jobs in StateSaveLocation; recovered,
+    # they hold the node "allocated" long after their processes are gone.
+    slurmctld -c
     echo slurmctld >>"$started"
 fi
 if ! pgrep -x slurmd >/dev/null 2>&1; then
