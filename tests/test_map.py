@@ -85,6 +85,31 @@ def test_strain_identical_on_one_and_two_workers_and_in_process(trained: Path,
 
 
 @pytest.mark.timeout(300)
+def test_forward_model_choice_fits_are_the_maps_own(trained: Path, tmp_path: Path) -> None:
+    """Single-pattern maps choose their forward model on whole map blocks and keep the
+    chosen model's fits of them: the map equals, bit for bit, a map asked for that model
+    (every block fitted as a task), in process and on two Dask workers."""
+    stores = {n: shutil.copytree(trained, tmp_path / f"{n}.zarr")
+              for n in ("auto", "auto2", "asked")}
+    base = ["--pool-sigma", "0", "--rows-per-block", "2", "--quiet"]
+    assert cli.main(["map", str(stores["auto"]), *base]) == 0
+    assert cli.main(["map", str(stores["auto2"]), "--workers", "2", *base]) == 0
+    record = json.loads(xr.open_zarr(stores["auto"], group="strain").attrs["forward_model"])
+    # the 16x16 scan's 256 patterns are below the choice's 512: every block was chosen on
+    assert record["scan_rows"] == [0, 16] and record["block_fits_s"] > 0, record
+    assert cli.main(["map", str(stores["asked"]), "--forward-model", record["chosen"],
+                     *base]) == 0
+    asked = json.loads(xr.open_zarr(stores["asked"], group="strain").attrs["forward_model"])
+    assert "scan_rows" not in asked  # no choice: all blocks fitted as tasks
+    for name in ("auto", "auto2"):
+        _same(_group(stores["asked"], "affine"), _group(stores[name], "affine"))
+    ref = _group(stores["asked"], "strain")
+    # not an empty map (one epoch of training: 84 % of the sample pixels keep a fit)
+    assert np.isfinite(ref["exx"][ref["sample"]]).mean() > 0.75
+    _same(ref, _group(stores["auto"], "strain"))
+
+
+@pytest.mark.timeout(300)
 def test_model_once_per_worker_and_no_patterns_gathered(trained: Path, tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 

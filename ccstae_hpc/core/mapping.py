@@ -87,6 +87,10 @@ class MapInputs:
         self.labels = torch.from_numpy(info.labels)
         self.start = torch.from_numpy(phases.relations.astype(np.float32))
         self.K = K
+        # fits of whole map blocks already made with these inputs (scan row of the block's
+        # start -> map_block's output), each with the map's torch threads: the forward-model
+        # choice's (stages.map.choose_forward_model).  Not sent to workers.
+        self.block_fits: dict[int, dict[str, np.ndarray]] = {}
 
     def to_dict(self) -> dict:
         """Plain arrays (for a Dask payload)."""

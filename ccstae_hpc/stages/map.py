@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         before = torch.get_num_threads()
         set_torch_threads(threads if client is not None else max(threads, _cpus(workers)))
         try:
-            inputs = phase_inputs(prep, model, geom, map_cfg)
+            inputs = phase_inputs(prep, model, geom, map_cfg, rows_per_block, threads)
         finally:
             set_torch_threads(before)
         phases, K = inputs.phases, len(inputs.info.patterns)
@@ -140,9 +140,16 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         attrs["vacuum_entries"] = json.dumps(vacuum_record(inputs.info))
         base = _base_lattice(root, prep, geom, inputs)
     aff = _create_affine(store, (ny, nx), rows_per_block, K)
+    # blocks the forward-model choice has fitted with the chosen model already, with the
+    # same inputs and torch threads as a task would (identical numbers): written, not refitted
+    reused = {} if map_cfg.method == "com" else inputs.block_fits
+    for y0, out in reused.items():
+        _write_rows(payload, y0, min(y0 + rows_per_block, ny), out)
     t0 = time.perf_counter()
-    n_workers = _run_blocks(task, payload, client, workers, progress)
-    dt = time.perf_counter() - t0
+    n_workers = _run_blocks(task, payload, client, workers, progress, skip=set(reused))
+    # the reused blocks' fitting time counts too (spent while choosing)
+    dt = time.perf_counter() - t0 + (0.0 if map_cfg.method == "com" else
+                                     inputs.forward_model.get("block_fits_s", 0.0))
     aff.attrs.update({"map_config": map_cfg.to_dict(), "elapsed_s": dt,
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
@@ -182,16 +189,18 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
 
 
 def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | None,
-                progress: bool) -> int:
+                progress: bool, skip: set[int] = frozenset()) -> int:
     """``task(y0, payload)`` for every block of ``payload``'s scan on ``client`` or local
-    threads; the worker count."""
+    threads, except the blocks starting at a row of ``skip`` (already written); the worker
+    count."""
     ny, nx = payload["shape"]
-    starts = list(range(0, ny, payload["rows"]))
+    starts = [y0 for y0 in range(0, ny, payload["rows"]) if y0 not in skip]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=ny * nx, unit="pattern", desc="map", dynamic_ncols=True)
+        bar.update(sum(min(payload["rows"], ny - y0) * nx for y0 in skip))
     try:
         if isinstance(client, Future):
             client = client.result()
@@ -209,8 +218,6 @@ def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | Non
             finally:
                 client.cancel([*futures, shared])
             return n_workers
-        from concurrent.futures import ThreadPoolExecutor
-
         n_workers = _cpus(workers)
         before = torch.get_num_threads()
         try:
@@ -233,12 +240,14 @@ def _cpus(workers: int | None) -> int:
     return workers or (len(cpus) if cpus else os.cpu_count() or 1)
 
 
-def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig
-                 ) -> MapInputs:
+def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
+                 rows_per_block: int = 8, threads: int = 1) -> MapInputs:
     """Analyse the dictionary and calibrate its phases on the training sample of ``prep``,
     with the forward model of ``map_cfg.forward_model`` ("auto": the learned entries for
     pooled maps; for single-pattern fits chosen on the data, see
-    :func:`choose_forward_model`; the choice is in the result's ``forward_model``)."""
+    :func:`choose_forward_model`, which fits whole map blocks of ``rows_per_block`` scan
+    rows with ``threads`` torch threads each; the choice is in the result's
+    ``forward_model``)."""
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
@@ -272,7 +281,8 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         (name, inputs), = candidates.items()
         inputs.forward_model = {"chosen": name, "asked": map_cfg.forward_model}
     else:
-        inputs = choose_forward_model(prep, model, geom, map_cfg, candidates)
+        inputs = choose_forward_model(prep, model, geom, map_cfg, candidates, rows_per_block,
+                                      threads)
     if profile is not None:
         inputs.forward_model["disk_profile"] = {"radius_px": profile.radius,
                                                 "edge_10_90_px": profile.edge_px}
@@ -341,32 +351,57 @@ def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: Dicti
 
 
 def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
-                         candidates: dict[str, MapInputs]) -> MapInputs:
+                         candidates: dict[str, MapInputs], rows_per_block: int = 8,
+                         threads: int = 1) -> MapInputs:
     """The candidate whose fits of a few central scan rows (about :data:`CHOICE_PATTERNS`
     patterns) scatter least between neighbouring probe positions
     (:func:`ccstae_hpc.core.mapping.neighbour_scatter`): the better forward model for these
     data, judged by the precision it reaches on them, not by the model's own assumptions.
     The sharp-disk model wins on flat, aperture-shaped disks; the learned entry where the
-    disks have inner structure (measured: multislice WS2 with dynamical disks)."""
+    disks have inner structure (measured: multislice WS2 with dynamical disks).
+
+    The rows are whole map blocks of ``rows_per_block`` rows, each fitted as a map task
+    fits it (``threads`` torch threads, blocks in parallel on the torch threads this process
+    has): the chosen candidate keeps its fits (``block_fits``) and the map does not fit
+    those rows again.
+    """
     ny, nx = prep["patterns"].shape[:2]
     rows = min(ny, max(CHOICE_MIN_ROWS, -(-CHOICE_PATTERNS // nx)))
     y0 = (ny - rows) // 2
+    # widened to the map's block edges
+    y0, y1 = y0 - y0 % rows_per_block, min(ny, -(-(y0 + rows) // rows_per_block) * rows_per_block)
+    starts = list(range(y0, y1, rows_per_block))
     bg = prep["background"][...] if "background" in prep else None
-    scale = prep["scale"][y0:y0 + rows]
-    x = normalised(prep["patterns"][y0:y0 + rows], scale, background=bg)
-    x = x.reshape(-1, *x.shape[2:])
-    scatter = {}
+    blocks = []
+    for b in starts:
+        scale = prep["scale"][b:min(b + rows_per_block, ny)]
+        x = normalised(prep["patterns"][b:min(b + rows_per_block, ny)], scale, background=bg)
+        blocks.append((x.reshape(-1, *x.shape[2:]), scale))
+    pool = max(1, torch.get_num_threads() // max(1, threads))
+    scatter, fits, seconds = {}, {}, {}
     for name, inputs in candidates.items():
-        out = map_block(model, x, scale, geom.ring, map_cfg, inputs)
-        scatter[name] = neighbour_scatter(out["theta"].reshape(rows, nx, 2, 3),
-                                          out["entry"].reshape(rows, nx),
-                                          out["phase"].reshape(rows, nx), map_cfg.symmetry)
+        def fit(block: tuple[np.ndarray, np.ndarray], inputs: MapInputs = inputs
+                ) -> dict[str, np.ndarray]:
+            set_torch_threads(threads)  # per calling thread, as map_rows
+            keep_work_memory()  # as map_rows: the fits' work arrays reused, not page-faulted
+            return map_block(model, block[0], block[1], geom.ring, map_cfg, inputs)
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(min(pool, len(blocks))) as ex:
+            outs = list(ex.map(fit, blocks))
+        seconds[name] = time.perf_counter() - t
+        fits[name] = dict(zip(starts, outs, strict=True))
+        out = {k: np.concatenate([o[k] for o in outs]) for k in ("theta", "entry", "phase")}
+        scatter[name] = neighbour_scatter(out["theta"].reshape(y1 - y0, nx, 2, 3),
+                                          out["entry"].reshape(y1 - y0, nx),
+                                          out["phase"].reshape(y1 - y0, nx), map_cfg.symmetry)
     finite = {k: v for k, v in scatter.items() if np.isfinite(v)}
     # without neighbouring sample fits to judge by, the learned entries (the method's own)
     best = min(finite, key=finite.get) if finite else "dictionary"
     inputs = candidates[best]
-    inputs.forward_model = {"chosen": best, "scan_rows": [int(y0), int(y0 + rows)],
-                            "neighbour_scatter": scatter}
+    inputs.block_fits = fits[best]
+    inputs.forward_model = {"chosen": best, "scan_rows": [int(y0), int(y1)],
+                            "neighbour_scatter": scatter, "block_fits_s": seconds[best]}
     return inputs
 
 
