@@ -33,13 +33,16 @@ test: venv
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -x -rs --timeout=1200 --durations=30 \
 		-n $(TEST_PROCS) --dist loadgroup --no-loadscope-reorder
 
-# The report's benchmarks (~25 min on 2 cores), then benchmarks/REPORT.md with its plots;
-# bench-all also runs the others (ingest of 4 GB, 1 GB vs 8 GB memory, ...), each by hand
-REPORT_BENCHES := bench_peers bench_training bench_dose bench_efficiency bench_multislice \
-	bench_memory bench_gpu_projection bench_ablation
+# The report's benchmarks (~30 min on 2 cores), then benchmarks/REPORT.md with its plots;
+# bench-all also runs the others (ingest of 4 GB, 1 GB vs 8 GB memory, ...), each by hand.
+# The abTEM comparison is bench_dose's abTEM rows (bench_multislice, in bench-all, repeats
+# its noise-free and 1e5 e- cases with an in-script per-pattern CoM)
+REPORT_BENCHES := bench_peers bench_training bench_dose bench_efficiency bench_memory \
+	bench_gpu_projection bench_ablation
 
 bench: venv $(PEERS_STAMP)
-	for b in $(REPORT_BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in $(REPORT_BENCHES); do t=$$(date +%s); $(BIN)/python benchmarks/$$b.py || exit 1; \
+		echo "make bench: $$b took $$(( $$(date +%s) - t )) s"; done
 	$(BIN)/python benchmarks/report.py
 
 bench-all: venv $(PEERS_STAMP)

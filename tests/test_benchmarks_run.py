@@ -78,11 +78,12 @@ def test_report_from_results(tmp_path: Path) -> None:
     the others as 'not measured yet' with the command that measures them."""
     results = tmp_path / "results"
     results.mkdir()
-    multislice = [{"set": "single", "dose": None, "scan": [12, 12], "run_s": 1.0,
-                   "ccstae": {f"mae_{k}": 1e-4 for k in ("exx", "eyy", "exy", "theta")},
-                   "com": {"error": "no lattice"}}]
-    (results / "multislice.json").write_text(json.dumps(multislice))
-    (results / "written.json").write_text(json.dumps({"multislice.json": "2026-01-02 03:04 UTC"}))
+    # bench_dose's rows; its abTEM ones also make the multislice section
+    dose = [{"data": "abtem_single", "dose": None, "method": "ccstae",
+             **{f"mae_{k}": 1e-4 for k in ("exx", "eyy", "exy", "theta")}},
+            {"data": "abtem_single", "dose": None, "method": "com", "error": "no lattice"}]
+    (results / "dose.json").write_text(json.dumps(dose))
+    (results / "written.json").write_text(json.dumps({"dose.json": "2026-01-02 03:04 UTC"}))
     (results / "training.json").write_text(json.dumps({"scan": [16, 16]}))  # no recorded time
     out = tmp_path / "REPORT.md"
     r = subprocess.run([sys.executable, "benchmarks/report.py", "--results", str(results),
@@ -94,5 +95,6 @@ def test_report_from_results(tmp_path: Path) -> None:
     assert "failed: no lattice" in text and (results / "multislice.png").exists()
     assert "Not measured yet: run `python benchmarks/bench_peers.py`" in text
     # the time the benchmark recorded, else the file's own time marked as such
-    assert "`python benchmarks/bench_multislice.py` (written 2026-01-02 03:04 UTC)" in text
+    assert ("`python benchmarks/bench_dose.py`, its abTEM rows (written 2026-01-02 03:04 UTC)"
+            in text)
     assert "UTC, file time)" in text
