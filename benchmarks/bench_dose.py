@@ -80,7 +80,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from bench_multislice import DATA, PEERS_PYTHON, SETS, py4dstem_errors
+from bench_multislice import DATA, PEERS_PYTHON, SETS, peer_module, py4dstem_errors
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -342,10 +342,11 @@ def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
     return ds, sc
 
 
-def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None
-                ) -> dict[str, dict[str, Any]]:
+def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None,
+                peer: Any | None = None) -> dict[str, dict[str, Any]]:
     """Every method on one case, in the order ccstae, unpooled, com, py4DSTEM; ``epochs``
-    fixes `ccstae run`'s training length (default: until converged).
+    fixes `ccstae run`'s training length (default: until converged); ``peer``: the started
+    py4DSTEM process (``check_py4dstem.PeerProcess``; None: one process for this case).
 
     Returns
     -------
@@ -390,16 +391,17 @@ def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None
     t = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            peer = py4dstem_errors(npy, truth, ds, tmp)
+            found = py4dstem_errors(npy, truth, ds, tmp, peer)
     except Exception as e:  # reported in the table
-        peer = {"error": short(f"{type(e).__name__}: {e}")}
-    if peer is not None:
+        found = {"error": short(f"{type(e).__name__}: {e}")}
+    if found is not None:
         # py4DSTEM's strains are referenced on the same pixels as ccstae's
-        peer = {**peer, "time_s": time.perf_counter() - t,
-                "ref_scale": reference_scale(ds, truth)}
-        if "error" not in peer and not all(np.isfinite(peer[f"mae_{k}"]) for k in COMPONENTS):
-            peer["error"] = "no pixel evaluated"
-    out["py4dstem"] = peer
+        found = {**found, "time_s": time.perf_counter() - t,
+                 "ref_scale": reference_scale(ds, truth)}
+        if "error" not in found and not all(np.isfinite(found[f"mae_{k}"])
+                                            for k in COMPONENTS):
+            found["error"] = "no pixel evaluated"
+    out["py4dstem"] = found
     return out
 
 
@@ -601,12 +603,17 @@ def main() -> None:
     cases = cases_for(args.quick)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        # py4DSTEM started once for every case: its imports (~3 s) are not its work; its
+        # whole-script time is bench_peers' measure
+        peer = (stack.enter_context(peer_module().PeerProcess(PEERS_PYTHON))
+                if PEERS_PYTHON.exists() else None)
         for i, case in enumerate(cases, 1):
             t = time.perf_counter()
             npy, truth, floor = make_case(case, scan, Path(tmp))
             shape = list(np.load(npy, mmap_mode="r").shape[:2])
-            res = run_methods(npy, truth, Path(tmp), args.epochs)
+            res = run_methods(npy, truth, Path(tmp), args.epochs, peer)
             rows += case_rows(case, shape, floor, res)
             failed = [m for m, r in res.items() if r is not None and "error" in r]
             print(f"[{i}/{len(cases)}] {case.data} {dose_label(case.dose)} "

@@ -22,6 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -66,7 +67,7 @@ def com_errors(data: np.ndarray, truth: dict, ds: xr.Dataset) -> dict[str, float
     return out
 
 
-def _peer_module():  # noqa: ANN202 - a module loaded from a file path
+def peer_module():  # noqa: ANN202 - a module loaded from a file path
     spec = importlib.util.spec_from_file_location(
         "check_py4dstem", ROOT / "benchmarks" / "peers" / "check_py4dstem.py")
     mod = importlib.util.module_from_spec(spec)
@@ -74,18 +75,23 @@ def _peer_module():  # noqa: ANN202 - a module loaded from a file path
     return mod
 
 
-def py4dstem_errors(npy: Path, truth: dict, ds: xr.Dataset, tmp: Path) -> dict | None:
+def py4dstem_errors(npy: Path, truth: dict, ds: xr.Dataset, tmp: Path,
+                    peer: Any | None = None) -> dict | None:
     """py4DSTEM's Bragg-disk strain pipeline on the same patterns, referenced on ccstae's
-    reference pixels; None without its environment."""
+    reference pixels, in a process of its own or in ``peer`` (a started
+    ``check_py4dstem.PeerProcess``); None without its environment."""
     if not PEERS_PYTHON.exists():
         return None
-    chk = _peer_module()
+    chk = peer_module()
     ref = np.asarray(ds["reference"].values, bool) & (np.asarray(truth["phase"]) > 0)
     mask = tmp / f"{npy.stem}.reference.npy"
     np.save(mask, ref)
     out = tmp / f"{npy.stem}.py4dstem.npz"
     try:
-        chk.run_peer(PEERS_PYTHON, npy, out, threads=2, reference_mask=mask)
+        if peer is None:
+            chk.run_peer(PEERS_PYTHON, npy, out, threads=2, reference_mask=mask)
+        else:
+            peer.run(npy, out, threads=2, reference_mask=mask)
     except RuntimeError as e:  # reported, not hidden: the peer found no lattice here
         return {"error": str(e).strip().splitlines()[-1]}
     e = strain_errors(chk.peer_dataset(out, ref), truth)

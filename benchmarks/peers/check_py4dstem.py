@@ -67,6 +67,55 @@ def run_peer(python: Path, data: Path, out: Path, threads: int,
     print(res.stdout.strip())
 
 
+class PeerProcess:
+    """The py4DSTEM script started once (``--serve``) in its own environment, for many data
+    sets: :meth:`run` as :func:`run_peer`, without the peer's imports each time.  A context
+    manager; its stderr goes to a temporary file, quoted when a run fails."""
+
+    def __init__(self, python: Path) -> None:
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen([str(python), str(PEER_SCRIPT), "--serve"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._err, text=True)
+
+    def run(self, data: Path, out: Path, threads: int,
+            reference_mask: Path | None = None) -> None:
+        """The peer's maps of ``data`` into ``out``; RuntimeError with its message on
+        failure."""
+        req = {"data": str(data), "out": str(out), "threads": int(threads),
+               "reference_mask": None if reference_mask is None else str(reference_mask)}
+        try:
+            self._proc.stdin.write(json.dumps(req) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self._err.seek(0)
+            raise RuntimeError(f"the py4DSTEM process ended ({self._proc.poll()}):\n"
+                               f"{self._err.read()[-4000:]}")
+        answer = json.loads(line)
+        if not answer["ok"]:
+            raise RuntimeError(f"py4DSTEM failed on {data}:\n{answer['error']}")
+        print(answer["message"])
+
+    def close(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._err.close()
+
+    def __enter__(self) -> PeerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def peer_dataset(npz: Path, reference: np.ndarray | None = None) -> xr.Dataset:
     """The peer's maps as a ``strain``-group-like Dataset: ``sample`` = successful fit (py4DSTEM
     finds no phases: every fitted pixel is phase 1), ``reference`` = the pixels its reference

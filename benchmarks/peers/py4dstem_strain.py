@@ -5,6 +5,7 @@ Run with the peers environment's python (py4DSTEM 0.14.18 needs numpy < 2), neve
 project's: this script imports neither ``ccstae_hpc`` nor numpy-2-only code.
 
     python py4dstem_strain.py DATA.npy OUT.npz [--reference-mask MASK.npy] [--threads N]
+    python py4dstem_strain.py --serve    # many data sets, one JSON request per stdin line
 
 Pipeline (py4DSTEM API throughout): DataCube -> hot-pixel filter -> synthetic probe whose radius
 and edge width are measured on the data -> ``find_Bragg_disks`` (CPU) -> origin measured from
@@ -347,25 +348,59 @@ def run(data_path: Path, ref_path: Path | None, threads: int) -> dict[str, Any]:
     return out
 
 
+def run_to_file(data: Path, out_path: Path, ref_path: Path | None, threads: int) -> str:
+    """:func:`run` on ``data``, its maps saved to ``out_path``; a one-line summary."""
+    out = run(data, ref_path, max(1, threads))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out_path, **out)
+    t = json.loads(str(out["timing"]))
+    return (f"py4DSTEM {py4DSTEM.__version__}: {int(out['ok'].sum())}/{out['ok'].size} fits, "
+            f"{t['total_s']:.1f} s, {t['per_pattern_ms']:.1f} ms/pattern -> {out_path}")
+
+
+def serve() -> int:
+    """Run requests from stdin, one JSON object per line (``data``, ``out``,
+    ``reference_mask`` or null, ``threads``), until it closes; answer each with one JSON
+    line on stdout (``ok``, and ``message`` or ``error``).  A benchmark with many data sets
+    starts the peer once instead of paying its imports (~3 s) for each."""
+    reply = sys.stdout
+    sys.stdout = sys.stderr  # anything the pipeline prints stays out of the answers
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        try:
+            mask = req.get("reference_mask")
+            msg = run_to_file(Path(req["data"]), Path(req["out"]),
+                              Path(mask) if mask else None, int(req.get("threads", 1)))
+            answer = {"ok": True, "message": msg}
+        except Exception as e:  # noqa: BLE001 - reported to the caller, who raises it
+            answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        reply.write(json.dumps(answer) + "\n")
+        reply.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", type=Path, help="(scan_y, scan_x, k_y, k_x) .npy array")
-    ap.add_argument("out", type=Path, help="output .npz")
+    ap.add_argument("data", type=Path, nargs="?", help="(scan_y, scan_x, k_y, k_x) .npy array")
+    ap.add_argument("out", type=Path, nargs="?", help="output .npz")
     ap.add_argument("--reference-mask", type=Path, default=None,
                     help="(scan_y, scan_x) bool .npy: the reference lattice is the median over "
                          "its successful fits (default: every successful fit)")
     ap.add_argument("--threads", type=int, default=1,
                     help="processes for disk detection (default 1: py4DSTEM's serial loop)")
+    ap.add_argument("--serve", action="store_true",
+                    help="run the requests of stdin, one JSON line each (see serve())")
     args = ap.parse_args(argv)
     # py4DSTEM warns that the real/reciprocal rotation is uncalibrated: detector and scan axes
     # are parallel by the project's convention
     warnings.filterwarnings("ignore", message=".*rotation not calibrated.*")
-    out = run(args.data, args.reference_mask, max(1, args.threads))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, **out)
-    t = json.loads(str(out["timing"]))
-    print(f"py4DSTEM {py4DSTEM.__version__}: {int(out['ok'].sum())}/{out['ok'].size} fits, "
-          f"{t['total_s']:.1f} s, {t['per_pattern_ms']:.1f} ms/pattern -> {args.out}")
+    if args.serve:
+        return serve()
+    if args.data is None or args.out is None:
+        ap.error("DATA and OUT are required without --serve")
+    print(run_to_file(args.data, args.out, args.reference_mask, args.threads))
     return 0
 
 
