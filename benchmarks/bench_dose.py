@@ -20,11 +20,12 @@ Methods, all on the same ``.npy`` and the same store, in this order: ``ccstae`` 
 of the same model); ``com`` (`ccstae map STORE --method com --overwrite`: the library's
 centre-of-mass lattice-fit baseline, same strain contract); ``py4dstem`` (py4DSTEM 0.14.18
 in its own environment, ``make bench-peers``, via ``bench_multislice.py``; skipped with one
-message without it), referenced on ccstae's reference pixels.  Every result is scored with
-:func:`ccstae_hpc.sim.evaluate.strain_errors`: mean absolute errors over the pixels that are
-sample in truth and result and have a value (fits a method drops as diverged have none: the
-``eval`` column gives the pixels scored out of those that are sample in both), the truth
-re-referenced on the result's reference pixels.
+message without it).  The two peers find no phases, so both are referenced on ccstae's
+reference pixels (one phase's), not on every sample pixel of a heterostructure.  Every
+result is scored with :func:`ccstae_hpc.sim.evaluate.strain_errors`: mean absolute errors
+over the pixels that are sample in truth and result and have a value (fits a method drops
+as diverged have none: the ``eval`` column gives the pixels scored out of those that are
+sample in both), the truth re-referenced on the result's reference pixels.
 
 Floor: the Cramer-Rao bound of one pattern at the dose, as an MAE
 (:mod:`ccstae_hpc.sim.crb`): for the project's simulator the mean of the floors of the scan's
@@ -91,6 +92,7 @@ from train_options import add_epochs, run_epochs
 from ccstae_hpc import cli
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.geometry import estimate_geometry, ring_inner_radius
+from ccstae_hpc.core.strain import reference_deformation, relative_strain
 from ccstae_hpc.sim.crb import pattern_floor, scan_floor
 from ccstae_hpc.sim.evaluate import COMPONENTS, PHASE_NAMES, strain_errors
 from ccstae_hpc.sim.multislice import add_poisson, load_multislice, validation_set
@@ -332,6 +334,24 @@ def reference_scale(ds: xr.Dataset, truth: dict) -> float:
     return float(np.sqrt(np.median(np.abs(np.linalg.det(F[ok])))))
 
 
+def on_reference(ds: xr.Dataset, reference: np.ndarray) -> xr.Dataset:
+    """A strain result re-referenced on other pixels: its deformations against their robust
+    median lattice over ``reference`` (those of them it fitted), one lattice for the map."""
+    M = np.asarray(ds["deformation"].values, np.float64)
+    ok = np.asarray(ds["fit_ok"].values, bool) & np.isfinite(M).all(axis=(-2, -1))
+    ref = ok & np.asarray(reference, bool)
+    if not ref.any():
+        raise ValueError("no fitted pixel among the reference pixels")
+    rel = relative_strain(M[ok], reference_deformation(M, ref))
+    out = ds.copy()
+    for k in COMPONENTS:
+        v = np.full(ok.shape, np.nan)
+        v[ok] = rel[k]
+        out[k] = (("scan_y", "scan_x"), v)
+    out["reference"] = (("scan_y", "scan_x"), ref)
+    return out
+
+
 def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
     """The store's ``strain`` group and its scores, with the forward model its fits used
     (``forward_model``: "disks" or "dictionary"; None for a map without one)."""
@@ -378,7 +398,14 @@ def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None,
         res = {"time_s": time.perf_counter() - t}
         if err is None:
             try:
-                res.update(read_strain(store, truth)[1])
+                got, sc = read_strain(store, truth)
+                if method == "com" and ds is not None:
+                    # the CoM fits find no phases: their own reference is the median lattice
+                    # of every sample pixel, both phases of a heterostructure at once (interface
+                    # set noise-free: exx MAE 0.79 % against 0.32 % on ccstae's pixels).  Like
+                    # py4DSTEM they are referenced on ccstae's reference pixels
+                    sc = score(on_reference(got, ds["reference"].values), truth)
+                res.update(sc)
             except Exception as e:  # reported in the table
                 res["error"] = short(f"{type(e).__name__}: {e}")
         else:
