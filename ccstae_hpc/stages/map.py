@@ -367,9 +367,10 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
     """
     ny, nx = prep["patterns"].shape[:2]
     rows = min(ny, max(CHOICE_MIN_ROWS, -(-CHOICE_PATTERNS // nx)))
-    y0 = (ny - rows) // 2
-    # widened to the map's block edges
-    y0, y1 = y0 - y0 % rows_per_block, min(ny, -(-(y0 + rows) // rows_per_block) * rows_per_block)
+    # the fewest whole map blocks that hold these rows, centred on the scan
+    n_blocks, total = -(-rows // rows_per_block), -(-ny // rows_per_block)
+    b0 = max(0, min(total - n_blocks, round(ny / 2 / rows_per_block - n_blocks / 2)))
+    y0, y1 = b0 * rows_per_block, min(ny, (b0 + n_blocks) * rows_per_block)
     starts = list(range(y0, y1, rows_per_block))
     bg = prep["background"][...] if "background" in prep else None
     blocks = []
