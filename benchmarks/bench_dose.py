@@ -92,7 +92,7 @@ from train_options import add_epochs, run_epochs
 from ccstae_hpc import cli
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.geometry import estimate_geometry, ring_inner_radius
-from ccstae_hpc.core.strain import reference_deformation, relative_strain
+from ccstae_hpc.core.mapping import rereference
 from ccstae_hpc.sim.crb import pattern_floor, scan_floor
 from ccstae_hpc.sim.evaluate import COMPONENTS, PHASE_NAMES, strain_errors
 from ccstae_hpc.sim.multislice import add_poisson, load_multislice, validation_set
@@ -334,24 +334,6 @@ def reference_scale(ds: xr.Dataset, truth: dict) -> float:
     return float(np.sqrt(np.median(np.abs(np.linalg.det(F[ok])))))
 
 
-def on_reference(ds: xr.Dataset, reference: np.ndarray) -> xr.Dataset:
-    """A strain result re-referenced on other pixels: its deformations against their robust
-    median lattice over ``reference`` (those of them it fitted), one lattice for the map."""
-    M = np.asarray(ds["deformation"].values, np.float64)
-    ok = np.asarray(ds["fit_ok"].values, bool) & np.isfinite(M).all(axis=(-2, -1))
-    ref = ok & np.asarray(reference, bool)
-    if not ref.any():
-        raise ValueError("no fitted pixel among the reference pixels")
-    rel = relative_strain(M[ok], reference_deformation(M, ref))
-    out = ds.copy()
-    for k in COMPONENTS:
-        v = np.full(ok.shape, np.nan)
-        v[ok] = rel[k]
-        out[k] = (("scan_y", "scan_x"), v)
-    out["reference"] = (("scan_y", "scan_x"), ref)
-    return out
-
-
 def read_strain(store: Path, truth: dict) -> tuple[xr.Dataset, dict[str, Any]]:
     """The store's ``strain`` group and its scores, with the forward model its fits used
     (``forward_model``: "disks" or "dictionary"; None for a map without one)."""
@@ -408,7 +390,7 @@ def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None,
                     # of every sample pixel, both phases of a heterostructure at once (interface
                     # set noise-free: exx MAE 0.79 % against 0.32 % on ccstae's pixels).  Like
                     # py4DSTEM they are referenced on ccstae's reference pixels
-                    sc = score(on_reference(got, ds["reference"].values), truth)
+                    sc = score(rereference(got, ds["reference"].values), truth)
                 res.update(sc)
             except Exception as e:  # reported in the table
                 res["error"] = short(f"{type(e).__name__}: {e}")
