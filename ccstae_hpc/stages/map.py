@@ -118,6 +118,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                                               rows_per_block)
         attrs = {"method": "centre-of-mass lattice fit (ccstae_hpc.core.com)"}
         base = _with_calibration(dict(prep.attrs["lattice"]), root, prep)
+        reused, reused_s = {}, 0.0
     else:
         model, mcfg, tcfg = load_model(store)
         # calibration on the tasks' torch threads when workers start meanwhile: torch's
@@ -139,17 +140,17 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         attrs["forward_model"] = json.dumps(inputs.forward_model)
         attrs["vacuum_entries"] = json.dumps(vacuum_record(inputs.info))
         base = _base_lattice(root, prep, geom, inputs)
+        # blocks the forward-model choice has fitted with the chosen model already, with the
+        # same inputs and torch threads as a task would (identical numbers): written, not
+        # refitted; their fitting time (spent while choosing) counts in the map's
+        reused = inputs.block_fits
+        reused_s = inputs.forward_model.get("block_fits_s", 0.0)
     aff = _create_affine(store, (ny, nx), rows_per_block, K)
-    # blocks the forward-model choice has fitted with the chosen model already, with the
-    # same inputs and torch threads as a task would (identical numbers): written, not refitted
-    reused = {} if map_cfg.method == "com" else inputs.block_fits
     for y0, out in reused.items():
         _write_rows(payload, y0, min(y0 + rows_per_block, ny), out)
     t0 = time.perf_counter()
     n_workers = _run_blocks(task, payload, client, workers, progress, skip=set(reused))
-    # the reused blocks' fitting time counts too (spent while choosing)
-    dt = time.perf_counter() - t0 + (0.0 if map_cfg.method == "com" else
-                                     inputs.forward_model.get("block_fits_s", 0.0))
+    dt = time.perf_counter() - t0 + reused_s
     aff.attrs.update({"map_config": map_cfg.to_dict(), "elapsed_s": dt,
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
