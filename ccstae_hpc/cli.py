@@ -345,7 +345,6 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.embedded import embedded_prefect
     from flows.params import PipelineConfig
-    from flows.pipeline import run_pipeline_embedded
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),
                          map=map_cfg or MapConfig())
@@ -357,7 +356,10 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
         # flows skip the stages it finished) instead of starting over
         tmp = continue_build(out, inp, cfg.ingest.identity(), note)
         try:
-            with _flow_logging(quiet, verbose), embedded_prefect():
+            # the pipeline's imports (torch, Dask) load while Prefect's server starts
+            with _flow_logging(quiet, verbose), embedded_prefect(preload=("flows.pipeline",)):
+                from flows.pipeline import run_pipeline_embedded
+
                 run_pipeline_embedded(inp, tmp, config=cfg)
             store.publish(tmp, out, overwrite)
         except BaseException:
@@ -462,6 +464,10 @@ def _all_handlers() -> list[logging.Handler]:
 def _flow_logging(quiet: bool, verbose: bool) -> Iterator[None]:
     """Prefect/Dask logging for one embedded flow run; restored afterwards (tests run many
     commands in one process)."""
+    # Prefect sets up its log handlers when its flow API is first imported: before they are
+    # collected here (the flow modules themselves load later, while Prefect's server starts)
+    from prefect import flow  # noqa: F401
+
     filt = _NoTraceback()
     handlers = [] if verbose else _all_handlers()
     for h in handlers:

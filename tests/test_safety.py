@@ -166,8 +166,9 @@ def server_stderr() -> str:
 
 
 if __name__ == "__main__":
-    with embedded_prefect() as url:
+    with embedded_prefect(preload=("xml.dom.minidom",)) as url:
         print("url", url, flush=True)
+        print("preloaded", "xml.dom.minidom" in sys.modules, flush=True)
         hello()
         print("server-stderr", server_stderr(), flush=True)
     console.close()  # as pytest closes its captured streams before the interpreter exits
@@ -247,7 +248,8 @@ def test_normal_exit_no_logging_error(tmp_path: Path) -> None:
     whose stream is closed by then (as under pytest): `--- Logging error ---`.  The context
     manager stops the server inside the block and removes that hook.  The server's own
     output (e.g. the database operations its shutdown cancels) goes to a file, removed
-    after a clean stop, not to the user's terminal."""
+    after a clean stop, not to the user's terminal, also when modules are imported while
+    it starts."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD_EXIT))
     tmp = tmp_path / "tmp"
@@ -257,6 +259,7 @@ def test_normal_exit_no_logging_error(tmp_path: Path) -> None:
                          start_new_session=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "done" in res.stdout
+    assert "preloaded True" in res.stdout  # imported while the server started
     [where] = [ln.split(None, 1)[1] for ln in res.stdout.splitlines()
                if ln.startswith("server-stderr")]
     assert Path(where).parent == tmp and Path(where).name.startswith("ccstae-prefect-server-")
