@@ -191,3 +191,30 @@ def test_a_mean_pattern_without_bragg_peaks_is_a_data_error() -> None:
     mean = (np.hypot(yy - 32, xx - 32) <= 5).astype(np.float64) + 0.01
     with pytest.raises(com.ComLatticeError, match="fewer than two Bragg peaks"):
         com.reference_lattice(mean, 5.0)
+
+
+@pytest.mark.parametrize(("kind", "phases"), [("one", 1), ("gradient", 1), ("two", 2)])
+def test_lattice_phases_split_only_two_modes(kind: str, phases: int) -> None:
+    """Phases of CoM fits: a cell-size distribution with one mode (noise, or a strain
+    gradient's uniform spread) stays one phase however wide; two lattices 4 % apart with
+    0.5 % spreads (8 spreads) become two, each pixel on its side."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    truth = np.zeros(n, int)
+    if kind == "one":
+        s = 1 + 0.02 * rng.standard_normal(n)
+    elif kind == "gradient":
+        s = rng.uniform(0.96, 1.04, n)
+    else:
+        truth = (rng.random(n) < 0.4).astype(int)
+        s = np.where(truth == 1, 1.04, 1.0) + 0.005 * rng.standard_normal(n)
+    A = s[:, None, None] * rotation_matrix(rng.uniform(-1, 1, n))
+    found = np.ones(n, bool)
+    found[:20] = False  # no lattice: phase 0
+    A[:10] = np.nan
+    ph = com.lattice_phases(A, found)
+    assert (ph[:20] == 0).all()
+    assert len(np.unique(ph[20:])) == phases
+    if phases == 2:
+        # the larger sqrt|det A| is phase 2 here (maps renumber phases by size)
+        assert np.array_equal(ph[20:] - 1, truth[20:])

@@ -46,8 +46,17 @@ __all__ = [
     "find_dislocations",
     "fit_ripple",
     "index_burgers",
+    "valley",
 ]
 
+# valley: a density's valley counts (in windows of a given half-width, stepped by VALLEY_STEP
+# of it) this many standard errors and this fraction below the smaller of the peaks on its
+# two sides.  A gradient, or the arcsine distribution of a ripple, has no such valley; two
+# lattices 6 spreads apart do
+VALLEY_SIGNIFICANCE = 4.0
+VALLEY_DEPTH = 0.25
+VALLEY_STEP = 0.25
+VALLEY_MAX_STEPS = 400
 # expected number of false detections per map: sets every detection threshold
 FALSE_ALARMS = 0.01
 # the median absolute deviation of a normal distribution is 0.6745 sigma
@@ -573,3 +582,36 @@ def _correlation_factor(r: np.ndarray, yy: np.ndarray, xx: np.ndarray, lags: int
     sub = np.ix_(lag % shape[0], lag % shape[1])
     c = acf[sub] / np.maximum(np.rint(cnt[sub]), 1.0)
     return float(max(1.0, c.sum() / max(c[0, 0], _TINY)))
+
+
+def valley(v: np.ndarray, w: np.ndarray, lo: float, hi: float, width: float) -> float | None:
+    """Where between ``lo`` and ``hi`` the weighted distribution of ``v`` has a significant
+    valley, or None.
+
+    A unimodal density is nowhere lower than at both of two points around it; the test
+    counts the (weighted) patterns in windows of half-width ``width`` and finds the window
+    that falls furthest below the smaller of the highest windows on its two sides, in
+    standard errors (Poisson, with the weights).  A valley must be both significant
+    (VALLEY_SIGNIFICANCE) and deep (below VALLEY_DEPTH of those peaks).
+    """
+    if not np.isfinite([lo, hi, width]).all() or width <= 0 or hi <= lo:
+        return None
+    # noise-free entries can be far narrower than their distance: a bounded grid
+    width = max(width, (hi - lo) / (VALLEY_STEP * VALLEY_MAX_STEPS))
+    grid = np.arange(lo, hi + 1e-12, width * VALLEY_STEP)
+    if len(grid) < 3:
+        return None
+    inside = np.abs(v[None, :] - grid[:, None]) < width
+    n = inside @ w
+    var = inside @ (w * w)
+    left = np.maximum.accumulate(n)
+    right = np.maximum.accumulate(n[::-1])[::-1]
+    left_at = np.array([int(np.argmax(n[:i + 1])) for i in range(len(n))])
+    right_at = np.array([i + int(np.argmax(n[i:])) for i in range(len(n))])
+    peak = np.minimum(left, right)
+    peak_var = np.where(left <= right, var[left_at], var[right_at])
+    z = (peak - n) / np.sqrt(peak_var + var + 1e-12)
+    ok = (z > VALLEY_SIGNIFICANCE) & (n < VALLEY_DEPTH * peak)
+    if not ok.any():
+        return None
+    return float(grid[int(np.argmax(np.where(ok, z, -np.inf)))])

@@ -34,10 +34,17 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
-from ccstae_hpc.core.patterns import central_disk, find_hot_pixels, repair_hot_pixels
+from ccstae_hpc.core.analysis import MAD_TO_SIGMA, valley
+from ccstae_hpc.core.patterns import (
+    central_disk,
+    find_hot_pixels,
+    otsu_threshold,
+    repair_hot_pixels,
+)
 from ccstae_hpc.core.strain import affine_to_deformation
 
-__all__ = ["ComLattice", "ComLatticeError", "reference_lattice", "fit_patterns", "deformation"]
+__all__ = ["ComLattice", "ComLatticeError", "reference_lattice", "fit_patterns", "deformation",
+           "lattice_phases"]
 
 
 class ComLatticeError(ValueError):
@@ -434,3 +441,36 @@ def reference_lattice(mean_pattern: np.ndarray, disk_radius: float | None = None
     if keep.sum() >= 2:
         lat = ComLattice(origin, G, hk[keep], radius)
     return lat
+
+
+def lattice_phases(A: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Sample phases ``(...,)`` int16 of CoM fits by their lattice parameter: 0 where no
+    lattice was ``found``, else 1 and 2 on either side of a valley in the distribution of
+    ``log sqrt|det A|``; all 1 where it has none.
+
+    The CoM fit has no dictionary to tell phases apart, and one reference lattice over
+    every sample pixel of a heterostructure is the median of two lattices (noise-free abTEM
+    interface: exx MAE 0.79 % against 0.32 % on one phase's pixels).  The 2-class Otsu
+    threshold (:func:`~ccstae_hpc.core.patterns.otsu_threshold`) splits the values; the
+    split stands only where the density has a significant valley between the two classes'
+    medians (:func:`~ccstae_hpc.core.analysis.valley`, in windows of their mean robust
+    spread), the test that cuts the dictionary's entries into phases: a strain gradient or
+    a ripple has no valley, lattices a few spreads apart do.
+    """
+    A = np.asarray(A, np.float64)
+    found = np.asarray(found, bool) & np.isfinite(A).all(axis=(-2, -1))
+    phase = found.astype(np.int16)
+    det = np.abs(np.linalg.det(np.where(found[..., None, None], A, np.eye(2))))
+    v = 0.5 * np.log(np.where(found & (det > 0), det, 1.0))
+    vals = v[found]
+    thr = otsu_threshold(vals)
+    if thr is None:
+        return phase
+    a, b = vals[vals <= thr], vals[vals > thr]
+    if len(a) < 2 or len(b) < 2:
+        return phase
+    width = 0.5 * sum(MAD_TO_SIGMA * np.median(np.abs(c - np.median(c))) for c in (a, b))
+    cut = valley(vals, np.ones_like(vals), float(np.median(a)), float(np.median(b)), width)
+    if cut is not None:
+        phase[found & (v > cut)] = 2
+    return phase

@@ -32,7 +32,12 @@ __all__ = [
     "normalised",
     "fit_descan",
     "fit_lattice",
+    "otsu_threshold",
 ]
+
+# otsu_threshold: bins of the histogram the threshold is found on, between the 1st and 99th
+# percentiles (the tails of failed fits or hot patterns do not stretch it)
+OTSU_BINS = 128
 
 
 def find_hot_pixels(mean_pattern: np.ndarray, nsigma: float = 8.0, n: int | None = None
@@ -422,3 +427,24 @@ def fit_lattice(mean_pattern: np.ndarray, center: Sequence[float], r_in: float
             np.dot(G[:, 0], G[:, 1]) / np.prod(np.linalg.norm(G, axis=0))))),
         "rms_px": float(np.sqrt((resid ** 2).sum(1).mean())),
     }
+
+
+def otsu_threshold(values: np.ndarray) -> float | None:
+    """The 2-class Otsu threshold of ``values`` (1-D; OTSU_BINS bins between their 1st and
+    99th percentiles), or None when they hold no spread.  It splits any distribution, one
+    mode or two: callers test the classes it makes."""
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return None
+    lo, hi = np.percentile(v, [1, 99])
+    if hi - lo < 1e-6 * max(1.0, abs(hi)):
+        return None
+    hist, edges = np.histogram(v, bins=OTSU_BINS, range=(lo, hi))
+    p = hist / hist.sum()
+    mids = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(p)
+    m = np.cumsum(p * mids)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        between = (m[-1] * w0 - m) ** 2 / (w0 * (1 - w0))
+    return float(mids[int(np.nanargmax(between))])

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ccstae_hpc.core.analysis import MAD_TO_SIGMA
+from ccstae_hpc.core.analysis import MAD_TO_SIGMA, valley
 from ccstae_hpc.core.patterns import disk_contrast, disk_mask
 from ccstae_hpc.core.refine import (
     DiskEntries,
@@ -92,14 +92,8 @@ MERGE_SIGNIFICANCE = 3.0
 # detectors, low dose): k-means cuts of one continuous distribution stay below ~3.5
 LATTICE_SEPARATION = 4.0
 # a chain of joined entries whose ends are LATTICE_SEPARATION apart is cut where the
-# lattice parameters of its patterns have a valley: counts (in windows of the entries'
-# median spread, stepped by VALLEY_STEP of it) this many standard errors and this fraction
-# below the smaller of the peaks on its two sides.  A gradient cut into entries, or the
-# arcsine distribution of a ripple, has no such valley; two lattices 6 spreads apart do
-VALLEY_SIGNIFICANCE = 4.0
-VALLEY_DEPTH = 0.25
-VALLEY_STEP = 0.25
-VALLEY_MAX_STEPS = 400
+# lattice parameters of its patterns have a valley (core.analysis.valley, in windows of the
+# entries' median spread)
 # calibration patterns an entry needs to count as a phase candidate (a mean and its error)
 MIN_ENTRY_PATTERNS = 2
 # floor of the measured noise scale of the composition chi-square (noise-free data)
@@ -416,39 +410,6 @@ def _robust_spread(a: np.ndarray) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(a - np.median(a))))
 
 
-def _valley(v: np.ndarray, w: np.ndarray, lo: float, hi: float, width: float) -> float | None:
-    """Where between ``lo`` and ``hi`` the weighted distribution of ``v`` has a significant
-    valley, or None.
-
-    A unimodal density is nowhere lower than at both of two points around it; the test
-    counts the (weighted) patterns in windows of half-width ``width`` and finds the window
-    that falls furthest below the smaller of the highest windows on its two sides, in
-    standard errors (Poisson, with the weights).  A valley must be both significant
-    (VALLEY_SIGNIFICANCE) and deep (below VALLEY_DEPTH of those peaks).
-    """
-    if not np.isfinite([lo, hi, width]).all() or width <= 0 or hi <= lo:
-        return None
-    # noise-free entries can be far narrower than their distance: a bounded grid
-    width = max(width, (hi - lo) / (VALLEY_STEP * VALLEY_MAX_STEPS))
-    grid = np.arange(lo, hi + 1e-12, width * VALLEY_STEP)
-    if len(grid) < 3:
-        return None
-    inside = np.abs(v[None, :] - grid[:, None]) < width
-    n = inside @ w
-    var = inside @ (w * w)
-    left = np.maximum.accumulate(n)
-    right = np.maximum.accumulate(n[::-1])[::-1]
-    left_at = np.array([int(np.argmax(n[:i + 1])) for i in range(len(n))])
-    right_at = np.array([i + int(np.argmax(n[i:])) for i in range(len(n))])
-    peak = np.minimum(left, right)
-    peak_var = np.where(left <= right, var[left_at], var[right_at])
-    z = (peak - n) / np.sqrt(peak_var + var + 1e-12)
-    ok = (z > VALLEY_SIGNIFICANCE) & (n < VALLEY_DEPTH * peak)
-    if not ok.any():
-        return None
-    return float(grid[int(np.argmax(np.where(ok, z, -np.inf)))])
-
-
 def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndarray,
                   counts: np.ndarray, K: int, chi2_scale: float, lattice: LatticeSample
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -458,7 +419,8 @@ def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: 
     such links can join two entries whose lattices are separate (an entry that holds
     patterns of two phases is near both): the chain stands when the lattice parameters of
     its patterns form one continuous distribution (a strain gradient cut into entries) and
-    is cut at the valley between the two lattices when they do not (:func:`_valley`).
+    is cut at the valley between the two lattices when they do not
+    (:func:`~ccstae_hpc.core.analysis.valley`).
     """
 
     def distinct(k: int, j: int) -> bool:
@@ -503,7 +465,7 @@ def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: 
         width = float(np.median([_robust_spread(v[c == e]) for e in held])) if held else 0.0
         k, j = max(pairs, key=lambda kj: np.nanmax([gap[kj], gap[kj[::-1]]]))
         lo, hi = sorted((med[k], med[j]))
-        cut = _valley(v, w, lo, hi, width)
+        cut = valley(v, w, lo, hi, width)
         below = [e for e in members if med[e] < cut] if cut is not None else []
         if not below or len(below) == len(members):
             return [members]

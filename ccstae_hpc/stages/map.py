@@ -116,7 +116,8 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         phases, K = single_phase_map(), 2
         task, payload = com_rows, com_payload(str(store.resolve()), lattice, (ny, nx),
                                               rows_per_block)
-        attrs = {"method": "centre-of-mass lattice fit (ccstae_hpc.core.com)"}
+        attrs = {"method": "centre-of-mass lattice fit (ccstae_hpc.core.com); phases by "
+                           "lattice parameter (core.com.lattice_phases)"}
         base = _with_calibration(dict(prep.attrs["lattice"]), root, prep)
         reused, reused_s = {}, 0.0
     else:
@@ -156,6 +157,10 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
                       "threads_per_task": threads, "rows_per_block": rows_per_block,
                       "complete": True})
     affine = {k: aff[k][...] for k in ("theta", "entry", "phase", "residual", "cov")}
+    if map_cfg.method == "com":
+        # phases need every fit: split by lattice parameter once all blocks are in
+        affine["phase"] = com.lattice_phases(affine["theta"][..., :2], affine["phase"] > 0)
+        aff["phase"][...] = affine["phase"]
     ds = assemble_strain(affine, phases, map_cfg, reference_lattice=base, attrs={
         **attrs, "prep_config": json.dumps(prep.attrs["config"]),
         "geometry": json.dumps(geom.to_dict()), "map_patterns_per_s": ny * nx / dt})

@@ -49,6 +49,7 @@ from ccstae_hpc.core.patterns import (
     fit_lattice,
     measure_origins,
     normalised,
+    otsu_threshold,
     pattern_dtype,
     radial_background,
     recentred,
@@ -88,6 +89,9 @@ EDGE_MARGIN_PX = 2.0  # the annulus' outer margin (core.patterns.ring_mask's def
 NEGATIVE_MASS_LIMIT = 0.5
 # a mean pattern whose range is below this fraction of its level is flat: no diffraction
 FLAT_CONTRAST = 1e-6
+# vacuum and sample are two classes of Bragg-ring fraction only when their means are further
+# apart than this many times the sum of their standard deviations (else: no vacuum)
+VACUUM_SEPARATION = 3.0
 # what to do after fixing the input file, for a store (`ccstae run` passes its own)
 REINGEST = "ingest the corrected file again (`ccstae ingest INPUT STORE --overwrite`)"
 
@@ -605,25 +609,18 @@ def _raw_identity(root: zarr.Group) -> dict[str, Any]:
 
 
 def _vacuum(frac: np.ndarray) -> np.ndarray:
-    """Vacuum = low Bragg-ring fraction, split at the widest gap of a 2-class Otsu threshold.
+    """Vacuum = low Bragg-ring fraction, below its 2-class Otsu threshold
+    (:func:`~ccstae_hpc.core.patterns.otsu_threshold`) when the two classes are far apart
+    for their spreads (VACUUM_SEPARATION).
 
     When the fractions are unimodal (no vacuum in the scan) nothing is flagged.
     """
     v = frac.ravel()
-    lo, hi = np.percentile(v, [1, 99])
-    if hi - lo < 1e-6 or not math.isfinite(hi):
+    thr = otsu_threshold(v)
+    if thr is None:
         return np.zeros(frac.shape, bool)
-    hist, edges = np.histogram(v, bins=128, range=(lo, hi))
-    p = hist / hist.sum()
-    mids = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(p)
-    m = np.cumsum(p * mids)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        between = (m[-1] * w0 - m) ** 2 / (w0 * (1 - w0))
-    k = int(np.nanargmax(between))
-    thr = mids[k]
     a, b = v[v <= thr], v[v > thr]
-    # bimodal only if the two modes are far apart compared with their spreads
-    if len(a) == 0 or len(b) == 0 or (b.mean() - a.mean()) < 3 * (a.std() + b.std()):
+    if len(a) == 0 or len(b) == 0 or \
+            (b.mean() - a.mean()) < VACUUM_SEPARATION * (a.std() + b.std()):
         return np.zeros(frac.shape, bool)
     return frac <= thr
