@@ -138,8 +138,8 @@ def _start(server: Any, log_path: Path, preload: Sequence[str] = ()) -> None:
     the database operations that its shutdown cancels (a SQLAlchemy traceback, harmless).
     Its process inherits this process's stderr when it is spawned, so stderr goes to the
     file only until then; the server then boots in its own process (3-4 s, on another core)
-    while this thread imports ``preload`` (the flows' torch and Dask, ~3 s) and a helper
-    thread waits for the server to answer.
+    while this thread imports ``preload`` (`ccstae run`'s flow modules: 1.4 s once Prefect's
+    server module is loaded) and a helper thread waits for the server to answer.
     """
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
 
