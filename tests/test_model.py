@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ccstae_hpc.core.model import affine_grid, cycle_loss, invert_affine
+from ccstae_hpc.core.model import affine_grid, cycle_loss, invert_affine, sample
 
 
 def _thetas(n: int, seed: int = 0) -> torch.Tensor:
@@ -56,3 +56,15 @@ def test_cycle_loss_equals_sampling_dictionary_and_mask_together() -> None:
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(th1.grad, th2.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(D1.grad, D2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bf16_image_is_sampled_at_float32_positions() -> None:
+    """Under GPU autocast the dictionary is bf16 while the grid stays float32: sampling must
+    not round the positions to bf16 (8 mantissa bits: up to a quarter pixel at 128 px)."""
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(2, 1, 128, 128, generator=g).to(torch.bfloat16)
+    grid = affine_grid(_thetas(2, seed=4), 128, 128)
+    out = sample(img, grid)
+    ref = F.grid_sample(img.float(), grid, align_corners=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
