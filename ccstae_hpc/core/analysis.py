@@ -46,6 +46,7 @@ __all__ = [
     "find_dislocations",
     "fit_ripple",
     "index_burgers",
+    "robust_spread",
     "valley",
 ]
 
@@ -582,6 +583,11 @@ def _correlation_factor(r: np.ndarray, yy: np.ndarray, xx: np.ndarray, lags: int
     sub = np.ix_(lag % shape[0], lag % shape[1])
     c = acf[sub] / np.maximum(np.rint(cnt[sub]), 1.0)
     return float(max(1.0, c.sum() / max(c[0, 0], _TINY)))
+
+
+def robust_spread(a: np.ndarray) -> float:
+    """Standard deviation of ``a`` from its median absolute deviation."""
+    return float(MAD_TO_SIGMA * np.median(np.abs(a - np.median(a))))
 
 
 def valley(v: np.ndarray, w: np.ndarray, lo: float, hi: float, width: float) -> float | None:

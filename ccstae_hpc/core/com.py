@@ -34,7 +34,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
-from ccstae_hpc.core.analysis import MAD_TO_SIGMA, valley
+from ccstae_hpc.core.analysis import robust_spread, valley
 from ccstae_hpc.core.patterns import (
     central_disk,
     find_hot_pixels,
@@ -469,7 +469,7 @@ def lattice_phases(A: np.ndarray, found: np.ndarray) -> np.ndarray:
     a, b = vals[vals <= thr], vals[vals > thr]
     if len(a) < 2 or len(b) < 2:
         return phase
-    width = 0.5 * sum(MAD_TO_SIGMA * np.median(np.abs(c - np.median(c))) for c in (a, b))
+    width = 0.5 * (robust_spread(a) + robust_spread(b))
     cut = valley(vals, np.ones_like(vals), float(np.median(a)), float(np.median(b)), width)
     if cut is not None:
         phase[found & (v > cut)] = 2

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ccstae_hpc.core.analysis import MAD_TO_SIGMA, valley
+from ccstae_hpc.core.analysis import robust_spread, valley
 from ccstae_hpc.core.patterns import disk_contrast, disk_mask
 from ccstae_hpc.core.refine import (
     DiskEntries,
@@ -374,7 +374,7 @@ def lattice_gap(A: np.ndarray, cls: np.ndarray, relations: np.ndarray, entries: 
             a_j = 0.5 * np.log(np.abs(np.linalg.det(M[cls == j])))
             if len(a_c) < MIN_ENTRY_PATTERNS or len(a_j) < MIN_ENTRY_PATTERNS:
                 continue
-            spread = [_robust_spread(a) for a in (a_c, a_j)]
+            spread = [robust_spread(a) for a in (a_c, a_j)]
             pooled = np.sqrt(0.5 * (spread[0] ** 2 + spread[1] ** 2)) + 1e-12
             gap[c, j] = abs(np.median(a_c) - np.median(a_j)) / pooled
     return gap
@@ -403,11 +403,6 @@ class LatticeSample(NamedTuple):
         v = 0.5 * np.log(np.abs(np.linalg.det(M)))
         ok = np.isfinite(v)
         return v[ok], self.weight[sel][ok], c[ok]
-
-
-def _robust_spread(a: np.ndarray) -> float:
-    """Standard deviation of ``a`` from its median absolute deviation."""
-    return float(MAD_TO_SIGMA * np.median(np.abs(a - np.median(a))))
 
 
 def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: np.ndarray,
@@ -462,7 +457,7 @@ def group_entries(misfit: np.ndarray, se: np.ndarray, gap: np.ndarray, entries: 
         v, w, c = lattice.values(members, ref)
         held = [e for e in members if (c == e).sum() >= MIN_ENTRY_PATTERNS]
         med = {e: float(np.median(v[c == e])) if e in held else np.nan for e in members}
-        width = float(np.median([_robust_spread(v[c == e]) for e in held])) if held else 0.0
+        width = float(np.median([robust_spread(v[c == e]) for e in held])) if held else 0.0
         k, j = max(pairs, key=lambda kj: np.nanmax([gap[kj], gap[kj[::-1]]]))
         lo, hi = sorted((med[k], med[j]))
         cut = valley(v, w, lo, hi, width)
