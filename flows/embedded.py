@@ -224,10 +224,11 @@ def embedded_prefect(preload: Sequence[str] = ()) -> Iterator[str | None]:
     started = False
     try:
         if ours:
-            _start(server, log_path, preload)
+            _start(server, log_path, preload)  # imports preload while the server starts
             started = True
-        for name in preload:  # no server of ours started: imported here (at once if done)
-            importlib.import_module(name)
+        else:  # no server of ours to wait for: imported at once
+            for name in preload:
+                importlib.import_module(name)
         yield server.api_url if server is not None else None
     except Terminated as e:
         signum = e.signum
