@@ -45,7 +45,7 @@ from train_options import add_epochs, run_epochs
 from ccstae_hpc import cli
 from ccstae_hpc.core.config import MapConfig, SimConfig
 from ccstae_hpc.core.mapping import assemble_strain, map_block
-from ccstae_hpc.core.patterns import normalised, recentred
+from ccstae_hpc.core.patterns import normalised, recentred, recorded_pixels
 from ccstae_hpc.core.refine import refine_checked
 from ccstae_hpc.core.strain import stretch_determinant
 from ccstae_hpc.sim.crb import pattern_covariance
@@ -123,6 +123,7 @@ def main() -> None:
         clean = simulate_rows(clean_cfg, 0, args.scan)[0][pick[:, 0], pick[:, 1]]
         expected = clean * (args.dose / NOMINAL_TOTAL)
         Q = expected.shape[-1]
+        recorded = recorded_pixels(shift, hot, Q)  # the same pixels in every draw
 
         def model_input(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             x, scale = recentred(counts[None], hot, shift, Q)
@@ -130,7 +131,7 @@ def main() -> None:
 
         def mapped(x: np.ndarray, scale: np.ndarray, cfg: MapConfig = map_cfg
                    ) -> dict[str, np.ndarray]:
-            return map_block(model, x, scale, geom.ring, cfg, inputs)
+            return map_block(model, x, scale, geom.ring, cfg, inputs, recorded)
 
         noise_free = mapped(*model_input(expected.astype(np.float32)))
         info = inputs.info
@@ -146,7 +147,8 @@ def main() -> None:
                                  info.masks, geom.ring, map_cfg.refine_iters,
                                  map_cfg.symmetry, ~info.vacuum,
                                  disks=inputs.disk_entries, scale=torch.from_numpy(scale),
-                                 posterior=map_cfg.disk_estimate == "mean")
+                                 posterior=map_cfg.disk_estimate == "mean",
+                                 recorded=torch.from_numpy(recorded))
             from_clean.append({**noise_free, "theta": reg.theta.numpy(),
                                "residual": reg.residual.numpy(), "cov": reg.cov.numpy()})
         forward = inputs.forward_model.get("chosen")

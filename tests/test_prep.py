@@ -161,6 +161,34 @@ def test_binning_sums_counts_exactly():
     np.testing.assert_allclose(scale, 128 * 128 / want.sum((-1, -2)), rtol=1e-6)
 
 
+@pytest.mark.parametrize(("raw", "size", "subpixel"), [(64, 64, False), (130, 64, False),
+                                                      (64, 64, True)])
+def test_recorded_pixels_are_those_recentring_filled_with_counts(raw, size, subpixel):
+    """``recorded_pixels`` marks the pixels of ``recentred``'s output made only of detector
+    pixels: not the strips a shift uncovers, nor bins or interpolations that reach into
+    them, nor a repaired hot pixel.  Reference: ``recentred`` of a detector that reads 1
+    everywhere except 0 on its hot pixels gives the full value exactly there."""
+    from ccstae_hpc.core.patterns import recentred, recorded_pixels
+
+    rng = np.random.default_rng(1)
+    hot = np.zeros((raw, raw), bool)
+    hot[5, 7] = hot[raw // 2, 0] = True
+    if subpixel:
+        shift = rng.uniform(-3.5, 3.5, (2, 5, 2)).astype(np.float32)
+    else:
+        shift = rng.integers(-3, 4, (2, 5, 2)).astype(np.int16)
+    shift[0, 0] = 0
+    ones = np.broadcast_to((~hot).astype(np.float32), (2, 5, raw, raw)).copy()
+    out, _ = recentred(ones, np.zeros_like(hot), shift, size)
+    full = (raw // size) ** 2
+    want = np.isclose(out, full, rtol=0, atol=1e-5)
+    rec = recorded_pixels(shift, hot, size).reshape(out.shape)
+    np.testing.assert_array_equal(rec, want)
+    if not subpixel:
+        assert (~rec[0, 0]).sum() == 2  # unshifted: only the two hot pixels
+    assert (~rec).sum() > 5 * size  # the strips
+
+
 def test_radial_background_removes_the_diffuse_halo(sim_store, prepped, tmp_path):
     """background="radial": between the Bragg disks the model input drops to ~0 (the
     simulator's diffuse Lorentzian halo); the disks and the stored counts stay."""

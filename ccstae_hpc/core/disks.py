@@ -84,8 +84,6 @@ LATTICE_SAME_CELL = 0.01
 DISC_ON_DETECTOR = 0.25
 WHOLE_DISC = 0.99
 REGISTERED_COVERAGE = 0.5
-# detector border (px) left out of the fit region (edge pixels of real detectors misbehave)
-DETECTOR_MARGIN_PX = 2.0
 
 
 def blur_profile(values: np.ndarray, step: float, sigma: float) -> np.ndarray:
@@ -397,42 +395,45 @@ def render_entry(model: DiskModel, k: int, labels: np.ndarray) -> np.ndarray:
     return model.background[k] + model.amps[k][lab] * model.profile(r)
 
 
-def bragg_region(shape: tuple[int, int], center: tuple[float, float], r_in: float,
-                 margin: float = DETECTOR_MARGIN_PX) -> np.ndarray:
+def bragg_region(shape: tuple[int, int], center: tuple[float, float], r_in: float
+                 ) -> np.ndarray:
     """Detector pixels beyond the Bragg annulus' inner radius ``r_in`` about ``center``
-    (row, col), up to ``margin`` px from the detector's edge: the annulus and the corners.
-    The corners hold the outermost disks, whose positions move most with strain (the
-    Cramer-Rao floor of the annulus alone is 1.15-1.19x that of the whole detector on the
-    project's simulator)."""
+    (row, col), out to the detector's edge: the annulus and the corners.  The outermost
+    disks, cut by the edge, move most with strain (the Cramer-Rao floor of the annulus alone
+    is 1.15-1.19x that of the whole detector on the project's simulator; leaving out 2 px
+    along the edge raised WS2's by 2-4 %, 2026-12-06).  Which of these pixels each pattern
+    really recorded (not a re-centring's empty strip) is the fits' business
+    (:func:`ccstae_hpc.core.patterns.recorded_pixels`)."""
     yy, xx = np.indices(shape, dtype=np.float64)
-    r = np.hypot(yy - center[0], xx - center[1])
-    inside = ((yy >= margin) & (yy <= shape[0] - 1 - margin)
-              & (xx >= margin) & (xx <= shape[1] - 1 - margin))
-    return (r >= r_in) & inside
+    return np.hypot(yy - center[0], xx - center[1]) >= r_in
 
 
 @torch.no_grad()
-def registered_mean(x: torch.Tensor, theta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def registered_mean(x: torch.Tensor, theta: torch.Tensor, recorded: torch.Tensor | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Patterns ``x`` ``(n, Q, Q)`` carried into their entry's frame by their fitted affines
     ``theta`` ``(n, 2, 3)`` (``refine``'s convention: the entry at ``k`` is the pattern at
     ``A k + t``) and averaged: the entry as the data show it, sharp where the learned entry
     is blurred and defined where it was never trained (beyond the Bragg annulus).
 
+    ``recorded`` ``(n, Q, Q)`` bool marks the pixels of each pattern that hold recorded
+    counts (:func:`ccstae_hpc.core.patterns.recorded_pixels`; None: the whole detector).
     Returns the mean ``(Q, Q)`` and the fraction of patterns that reach each pixel.
     """
     n, Q, _ = x.shape
     grid = F.affine_grid(theta.float(), [n, 1, Q, Q], align_corners=False)
     total = torch.zeros(Q, Q)
     reach = torch.zeros(Q, Q)
-    ones = torch.ones(1, 1, Q, Q)
     for i in range(0, n, 64):  # bounded work arrays
         g = grid[i:i + 64]
-        total += F.grid_sample(x[i:i + 64, None].float(), g, mode="bilinear",
-                               padding_mode="zeros", align_corners=False).sum((0, 1))
-        # a pixel counts as reached where its whole bilinear footprint lies on the detector
-        w = F.grid_sample(ones.expand(len(g), -1, -1, -1), g, mode="bilinear",
-                          padding_mode="zeros", align_corners=False)
-        reach += (w > 0.999).float().sum((0, 1))
+        on = (torch.ones(len(g), 1, Q, Q) if recorded is None
+              else recorded[i:i + 64, None].float())
+        # a pixel counts as reached where its whole bilinear footprint lies on recorded pixels
+        w = F.grid_sample(on, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        hit = (w > 0.999).float()
+        total += (F.grid_sample(x[i:i + 64, None].float() * on, g, mode="bilinear",
+                                padding_mode="zeros", align_corners=False) * hit).sum((0, 1))
+        reach += hit.sum((0, 1))
     mean = (total / reach.clamp(min=1.0)).numpy()
     return mean, (reach / max(n, 1)).numpy()
 
@@ -549,11 +550,18 @@ def lattice_labels(labels: np.ndarray, centers: np.ndarray, amps: np.ndarray,
     yy, xx = np.indices(labels.shape, dtype=np.float64)
     dist = np.hypot(xx[None] - pts[:, 0, None, None], yy[None] - pts[:, 1, None, None])
     nearest = dist.argmin(0)
+    # each disc's pixels counted on an unbounded grid: the part beyond the detector's edge
+    # is part of the disc, not left out of it
+    span = np.arange(-int(np.ceil(r_lab)) - 1, int(np.ceil(r_lab)) + 2)
+    gx, gy = np.meshgrid(span, span)
+    base = np.floor(pts)
+    full = (np.hypot(base[:, 0, None, None] + gx - pts[:, 0, None, None],
+                     base[:, 1, None, None] + gy - pts[:, 1, None, None]) <= r_lab).sum((1, 2))
     out = np.zeros_like(labels)
     kept, whole = [], []
     for j in range(len(pts)):
         disc = dist[j] <= r_lab
-        on = (disc & allowed).sum() / max(disc.sum(), 1)
+        on = (disc & allowed).sum() / max(int(full[j]), 1)
         if on < DISC_ON_DETECTOR:
             continue
         kept.append(j)
@@ -582,7 +590,7 @@ def _amplitudes(d: np.ndarray, labels: np.ndarray, centers: np.ndarray, prof: Di
 
 def extend_model(x: torch.Tensor, theta: torch.Tensor, cls: np.ndarray, ring_model: DiskModel,
                  labels: np.ndarray, entries: np.ndarray, center: tuple[float, float],
-                 r_in: float) -> DiskModel:
+                 r_in: float, recorded: torch.Tensor | None = None) -> DiskModel:
     """The disk model re-fitted on the data and grown over the whole detector.
 
     For each listed entry, the patterns registered onto it (``x``, their affines ``theta``
@@ -604,7 +612,8 @@ def extend_model(x: torch.Tensor, theta: torch.Tensor, cls: np.ndarray, ring_mod
         sel = np.flatnonzero(cls == k)
         if len(sel) < 2 or labels[k].max() == 0:
             continue
-        mean, reach = registered_mean(x[sel], theta[sel])
+        mean, reach = registered_mean(x[sel], theta[sel],
+                                      None if recorded is None else recorded[sel])
         lat = lattice_labels(labels[k], ring_model.centers[k], ring_model.amps[k], center,
                              ring_model.profile.radius,
                              region & (reach >= REGISTERED_COVERAGE))

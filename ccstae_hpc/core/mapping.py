@@ -106,8 +106,11 @@ class MapInputs:
 
 
 def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
-              map_cfg: MapConfig, inputs: MapInputs) -> dict[str, np.ndarray]:
-    """Encode, register and classify a block of normalised patterns ``(n, Q, Q)``.
+              map_cfg: MapConfig, inputs: MapInputs, recorded: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
+    """Encode, register and classify a block of normalised patterns ``(n, Q, Q)``;
+    ``recorded`` ``(n, Q, Q)`` bool marks the pixels that hold recorded counts (the only
+    ones the registrations fit, :func:`ccstae_hpc.core.refine.refine`), None all.
 
     Each pattern is registered onto the root entry of its encoder class's phase (the
     encoder's affine composed with the entry-to-root relation as the start), then scored for
@@ -133,6 +136,7 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
            "cov": np.empty((n, 4, 4), np.float32),
            "composition": np.full((n, inputs.K), np.nan, np.float32)}
     root_of = torch.from_numpy(ph.root_of_entry)
+    rec = None if recorded is None else torch.from_numpy(np.asarray(recorded, bool))
     for i in range(0, n, map_cfg.batch_size):
         sl = slice(i, i + map_cfg.batch_size)
         cls, theta = encode(model, xt[sl])
@@ -140,7 +144,8 @@ def map_block(model: CCSTAE, x: np.ndarray, scale: np.ndarray, ring: np.ndarray,
         moved = root != cls
         if moved.any():
             theta[moved] = compose_affine(theta[moved], inputs.start[cls[moved], root[moved]])
-        kw = {"scale": st[sl], "posterior": map_cfg.disk_estimate == "mean"}
+        kw = {"scale": st[sl], "posterior": map_cfg.disk_estimate == "mean",
+              "recorded": None if rec is None else rec[sl]}
         if inputs.templates is not None:
             kw |= {"labels": inputs.labels, "templates": inputs.templates}
         fit = refine_checked(xt[sl], root, theta, info.patterns, info.masks, ring,

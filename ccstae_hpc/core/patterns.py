@@ -29,6 +29,7 @@ __all__ = [
     "bin_crop",
     "pattern_dtype",
     "recentred",
+    "recorded_pixels",
     "normalised",
     "fit_descan",
     "fit_lattice",
@@ -272,6 +273,52 @@ def pattern_dtype(raw_dtype: np.dtype, binned: bool, floats: bool = False) -> np
     if np.issubdtype(dt, np.signedinteger) and dt.itemsize <= 4:
         return np.dtype(np.int32) if binned and dt.itemsize < 4 else dt
     return np.dtype(np.float32)
+
+
+def recorded_pixels(shift: np.ndarray, hot: np.ndarray, size: int) -> np.ndarray:
+    """Which pixels of patterns re-centred by :func:`recentred` hold recorded counts.
+
+    A shift uncovers a strip along the detector's edge that :func:`recentred` fills with
+    zeros, and a repaired hot pixel holds its neighbours' mean: neither is a measurement, and
+    a fit that took them for counts would see the disks near the edge darkened.  A binned
+    pixel is recorded when all its ``f x f`` detector pixels are; a sub-pixel shift needs
+    the pixels its interpolation reads, and leaves the last row and column empty.
+
+    Parameters
+    ----------
+    shift : ``(..., 2)`` shifts (rows, cols) as :func:`recentred` takes them.
+    hot : ``(Q0, Q1)`` hot-pixel mask of the raw detector.
+    size : side of the re-centred patterns.
+
+    Returns
+    -------
+    ``(n, size, size)`` bool, one mask per shift (in ``shift``'s order, flattened).
+    """
+    Q0, Q1 = hot.shape
+    s = np.asarray(shift).reshape(-1, 2)
+    subpixel = np.issubdtype(s.dtype, np.floating)
+    if subpixel:
+        whole = np.floor(s).astype(np.int64)
+        part = (s - whole) > 0
+    else:
+        whole, part = s.astype(np.int64), np.zeros(s.shape, bool)
+    keys = np.concatenate([whole, part], 1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    f = max(1, min(Q0, Q1) // size)
+    masks = np.empty((len(uniq), size, size), bool)
+    for i, (dy, dx, py, px) in enumerate(uniq):
+        m = np.zeros((Q0, Q1), bool)
+        m[max(-dy, 0):Q0 + min(-dy, 0), max(-dx, 0):Q1 + min(-dx, 0)] = ~hot[
+            max(dy, 0):Q0 + min(dy, 0), max(dx, 0):Q1 + min(dx, 0)]
+        if py:
+            m[:-1] &= m[1:]
+        if px:
+            m[:, :-1] &= m[:, 1:]
+        if subpixel:  # the interpolation leaves its last row and column empty
+            m[-1] = False
+            m[:, -1] = False
+        masks[i] = bin_crop(m[None].astype(np.int32), size)[0] == f * f
+    return masks[inverse.reshape(-1)]
 
 
 def recentred(block: np.ndarray, hot: np.ndarray, shift: np.ndarray, size: int

@@ -258,7 +258,7 @@ def _median_linear(A_own: torch.Tensor, A_other: torch.Tensor) -> np.ndarray:
 
 def calibrate(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo, x: np.ndarray,
               scale: np.ndarray, ring: np.ndarray, iters: int, disks: DiskEntries | None = None,
-              *, symmetry: int) -> PhaseMap:
+              *, symmetry: int, recorded: np.ndarray | None = None) -> PhaseMap:
     """Group the entries into phases and calibrate their frames on a sample of patterns.
 
     Parameters
@@ -273,6 +273,8 @@ def calibrate(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo, 
         frames are calibrated with the same model, so that its fits and theirs agree.
     symmetry : rotational symmetry of the patterns (the starts' rotations are checked
         modulo 360/symmetry, :func:`ccstae_hpc.core.refine.refine_checked`).
+    recorded : (n, Q, Q) bool, the pixels of ``x`` that hold recorded counts (``refine``'s);
+        None: all.
     """
     K = len(info.patterns)
     sample_entries = np.nonzero(~info.vacuum)[0]
@@ -286,13 +288,14 @@ def calibrate(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo, 
     keep = torch.cat([torch.nonzero(cls == k).squeeze(1)[:CALIBRATION_PATTERNS]
                       for k in range(K)])
     xt, st, cls, theta0 = xt[keep], st[keep], cls[keep], theta0[keep]
+    rec = None if recorded is None else torch.from_numpy(np.asarray(recorded, bool))[keep]
     counts = np.bincount(cls.numpy(), minlength=K)
     rel = torch.from_numpy(info.relations.copy())
     labels = torch.from_numpy(info.labels)
     templates = disk_templates(info.patterns, info.labels, info.relations)
     fit = refine_checked(xt, cls, theta0, info.patterns, info.masks, ring, iters, symmetry,
                          ~info.vacuum, labels=labels, templates=templates, scale=st,
-                         disks=disks)
+                         disks=disks, recorded=rec)
     # float64: a pattern scored against an entry that does not fit it at all can reach
     # ~1e19 (seen when a vacuum entry was taken for a phase), whose square overflows float32
     theta, chi2 = fit.theta, fit.composition.numpy().astype(np.float64)
@@ -316,7 +319,8 @@ def calibrate(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo, 
                 continue
             start = compose_affine(theta[idx], rel[c, j].expand(len(idx), -1, -1))
             th_j = refine(xt[idx], torch.full((len(idx),), int(j)), start, info.patterns,
-                          info.masks, ring, iters, coarse_iters=0, disks=disks).theta
+                          info.masks, ring, iters, coarse_iters=0, disks=disks,
+                          recorded=None if rec is None else rec[idx]).theta
             calibrated[c, j, :, :2] = _median_linear(theta[idx, :, :2], th_j[:, :, :2])
     # how noisy the data really are: the chi-square of each pattern against its own entry
     # per degree of freedom (disks - scale - offset) is ~1 for Poisson counts, far less for

@@ -694,8 +694,10 @@ class _ClassFit:
     """The registration of chunks of patterns of one class (the body of :func:`refine`)."""
 
     def __init__(self, x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
-                 coarse_iters, mode, damping, floor, disks, posterior=False) -> None:
+                 coarse_iters, mode, damping, floor, disks, posterior=False, recorded=None
+                 ) -> None:
         self.x, self.x_raw, self.ring_px, self.coarse_grid = x, x_raw, ring_px, coarse_grid
+        self.recorded = recorded
         self.mask_stack, self.stacks, self.coarse_sigma = mask_stack, stacks, coarse_sigma
         self.iters, self.coarse_iters = iters, coarse_iters
         self.mode, self.damping, self.floor, self.disks = mode, damping, floor, disks
@@ -716,13 +718,18 @@ class _ClassFit:
         pixels, pts = placed
         return pixels, _DiskSampler(self.disks, k, pts)
 
+    def _recorded(self, W, sl, px):
+        """Weights ``W`` ``(n, P)`` of patterns ``sl`` on pixels ``px``, zero where a pattern
+        holds no recorded count (see :func:`refine`'s ``recorded``)."""
+        return W if self.recorded is None else W * self.recorded[sl][:, px]
+
     def _placed(self, px, masks, k, sl, B, s, allow_empty=False):
         """Detector pixels ``px`` where ``masks[k]``, placed at ``B, s``, weighs any pattern
         of ``sl`` (None if none does and not ``allow_empty``): the set ``(u, counts, W)`` and
         its sampling points."""
         u = self.u_all[px]
         pts = _points(u, B, s)
-        W = _sample(masks[k:k + 1], pts, "bilinear")[0]
+        W = self._recorded(_sample(masks[k:k + 1], pts, "bilinear")[0], sl, px)
         keep = (W > 0).any(0)
         if not (keep.any() or allow_empty):
             return None
@@ -739,7 +746,8 @@ class _ClassFit:
         # the fit one well-defined objective.  Pixels where no pattern of the chunk has weight
         # add nothing to the fit and are left out (about half of the ring)
         pts0 = _points(self.u_ring, B, s)
-        W = _sample(self.mask_stack[k:k + 1], pts0, "bilinear")[0]
+        W = self._recorded(_sample(self.mask_stack[k:k + 1], pts0, "bilinear")[0], sl,
+                           self.ring_px)
         keep = (W > 0).any(0)
         # the sharp-disk model is fitted to the counts as recorded; the image model to the
         # data smoothed as its dictionary is (see refine's ``smooth``)
@@ -820,7 +828,9 @@ def refine_checked(x: torch.Tensor, classes: torch.Tensor, theta: torch.Tensor,
     redo = torch.nonzero(checked & (off.abs() > ROTATION_CAPTURE_DEG)).squeeze(1)
     if len(redo) == 0:
         return fit
-    sub = {k: (v[redo] if k == "scale" and v is not None else v) for k, v in kw.items()}
+    # per-pattern arguments follow their patterns
+    sub = {k: (v[redo] if k in ("scale", "recorded") and v is not None else v)
+           for k, v in kw.items()}
     alt = refine(x[redo], classes[redo], on_branch(turned(theta[redo], off[redo]), symmetry),
                  dictionary, masks, ring, iters, **sub)
     # the turned fit is taken only where it both explains the pattern better and settles
@@ -857,6 +867,7 @@ def refine(
     scale: torch.Tensor | None = None,
     disks: DiskEntries | None = None,
     posterior: bool = False,
+    recorded: torch.Tensor | None = None,
 ) -> Registration:
     """Refine affines so that ``g D_c(A^-1 (u - t)) + b`` reproduces each input.
 
@@ -886,6 +897,9 @@ def refine(
         :mod:`ccstae_hpc.core.disks`).
     posterior : with ``disks`` and ``scale``, each pattern's affine is the mean of its
         likelihood rather than its maximum (see :data:`POSTERIOR_SAMPLES`).
+    recorded : ``(N, Q, Q)`` bool, the pixels of each pattern that hold recorded counts
+        (:func:`ccstae_hpc.core.patterns.recorded_pixels`: not the strip a re-centring shift
+        uncovers, not a repaired hot pixel); the others weigh nothing in its fit.  None: all.
 
     Returns
     -------
@@ -914,8 +928,9 @@ def refine(
     resid = torch.zeros(N)
     cov = torch.zeros(N, 4, 4)
     entry = torch.full((N, len(masks)), float("nan")) if templates is not None else None
+    rec = None if recorded is None else recorded.reshape(N, -1)[order].float()
     fit = _ClassFit(x, x_raw, ring_px, coarse_grid, mask_stack, stacks, coarse_sigma, iters,
-                    coarse_iters, mode, damping, floor, disks, posterior)
+                    coarse_iters, mode, damping, floor, disks, posterior, rec)
     scale = scale[order] if scale is not None else None
     for k, a, z in groups:
         # chunks of a few dozen patterns: the work arrays stay in cache, and each chunk fits

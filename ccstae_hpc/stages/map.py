@@ -44,7 +44,13 @@ from ccstae_hpc.core.refine import DiskEntries, encode, refine_checked
 from ccstae_hpc.core.training import train_input
 from ccstae_hpc.runtime.memory import keep_work_memory
 from ccstae_hpc.runtime.threads import set_torch_threads
-from ccstae_hpc.stages.prep import open_prep, prep_geometry, read_block
+from ccstae_hpc.stages.prep import (
+    open_prep,
+    prep_geometry,
+    read_block,
+    read_recorded,
+    recorded_at,
+)
 from ccstae_hpc.stages.store import (
     CODEC,
     GROUP,
@@ -258,6 +264,7 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
     x = train_input(prep["train"][:n], scale, bg).numpy()
+    rec = recorded_at(prep, prep["train_index"][:n]) if "train_index" in prep else None
     # the encoder's entry and start of each calibration pattern, once for every step below
     encoded = encode(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     info = analyse_dictionary(model.dictionary().detach().numpy(), geom.ring,
@@ -273,15 +280,15 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         disks = fit_entries(info.patterns, info.labels, np.flatnonzero(~info.vacuum), profile,
                             geom.center)
         disks = whole_detector_disks(encoded, info, x, disks, geom, map_cfg.refine_iters,
-                                     map_cfg.symmetry)
+                                     map_cfg.symmetry, rec)
         # the frames are calibrated with the model the map fits (its fits and theirs agree)
         phases = calibrate(encoded, info, x, scale, geom.ring, map_cfg.refine_iters,
                            DiskEntries.from_model(disks, info.labels),
-                           symmetry=map_cfg.symmetry)
+                           symmetry=map_cfg.symmetry, recorded=rec)
         candidates["disks"] = MapInputs(info, phases, disks)
     if wanted in ("auto", "dictionary"):
         phases = calibrate(encoded, info, x, scale, geom.ring, map_cfg.refine_iters,
-                           symmetry=map_cfg.symmetry)
+                           symmetry=map_cfg.symmetry, recorded=rec)
         candidates["dictionary"] = MapInputs(info, phases)
     if len(candidates) == 1:
         (name, inputs), = candidates.items()
@@ -321,15 +328,17 @@ def training_vacuum(prep: zarr.Group, n: int) -> np.ndarray | None:
 
 def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: DictionaryInfo,
                          x: np.ndarray, ring_model: DiskModel, geom: Geometry, iters: int,
-                         symmetry: int) -> DiskModel:
+                         symmetry: int, recorded: np.ndarray | None = None) -> DiskModel:
     """The sharp-disk model re-fitted on the calibration sample ``x`` and grown over the
     whole detector (:func:`ccstae_hpc.core.disks.extend_model`): up to
     :data:`REGISTERED_PATTERNS` of the sample per entry are registered onto their encoder
     entries (``encoded``: the encoder's entry and start of each; the learned images, trained
     on the Bragg annulus only), and each entry's registered mean gives the disks' amplitudes,
     the corner disks and the background; ``ring_model`` (the disks of the learned entries)
-    gives the lattice."""
+    gives the lattice.  ``recorded``: the pixels of ``x`` that hold recorded counts
+    (:func:`ccstae_hpc.stages.prep.recorded_at`), None all."""
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    rec = None if recorded is None else torch.from_numpy(np.asarray(recorded, bool))
     entries = np.flatnonzero(~info.vacuum)
     cls, theta0 = encoded
     sel = torch.from_numpy(np.isin(cls.numpy(), entries))
@@ -338,8 +347,9 @@ def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: Dicti
     idx = torch.nonzero(sel).squeeze(1)
     idx = torch.cat([idx[cls[idx] == k][:REGISTERED_PATTERNS] for k in entries])
     xt, cls, theta0 = xt[idx], cls[idx], theta0[idx]
+    rec = None if rec is None else rec[idx]
     fit = refine_checked(xt, cls, theta0, info.patterns, info.masks, geom.ring, iters,
-                         symmetry, ~info.vacuum)
+                         symmetry, ~info.vacuum, recorded=rec)
     theta = fit.theta
     c = cls.numpy()
     # fits thrown off (a few at low dose) would blur the mean: keep the linear parts near
@@ -353,7 +363,8 @@ def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: Dicti
             good[np.flatnonzero(m)[dev > REGISTERED_MAX_DEVIATION]] = False
     keep = torch.from_numpy(good)
     return extend_model(xt[keep], theta[keep], c[good], ring_model, info.labels, entries,
-                        geom.center, ring_inner_radius(geom.radius))
+                        geom.center, ring_inner_radius(geom.radius),
+                        None if rec is None else rec[keep])
 
 
 def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
@@ -381,17 +392,20 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
     bg = prep["background"][...] if "background" in prep else None
     blocks = []
     for b in starts:
-        scale = prep["scale"][b:min(b + rows_per_block, ny)]
-        x = normalised(prep["patterns"][b:min(b + rows_per_block, ny)], scale, background=bg)
-        blocks.append((x.reshape(-1, *x.shape[2:]), scale))
+        e = min(b + rows_per_block, ny)
+        scale = prep["scale"][b:e]
+        x = normalised(prep["patterns"][b:e], scale, background=bg)
+        blocks.append((x.reshape(-1, *x.shape[2:]), scale, recorded_at(prep, np.arange(b * nx,
+                                                                                    e * nx))))
     pool = max(1, torch.get_num_threads() // max(1, threads))
     scatter, fits, seconds = {}, {}, {}
     for name, inputs in candidates.items():
-        def fit(block: tuple[np.ndarray, np.ndarray], inputs: MapInputs = inputs
-                ) -> dict[str, np.ndarray]:
+        def fit(block: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+                inputs: MapInputs = inputs) -> dict[str, np.ndarray]:
             set_torch_threads(threads)  # per calling thread, as map_rows
             keep_work_memory()  # as map_rows: the fits' work arrays reused, not page-faulted
-            return map_block(model, block[0], block[1], geom.ring, map_cfg, inputs)
+            x, scale, rec = block
+            return map_block(model, x, scale, geom.ring, map_cfg, inputs, rec)
 
         t = time.perf_counter()
         with ThreadPoolExecutor(min(pool, len(blocks))) as ex:
@@ -511,7 +525,8 @@ def map_rows(y0: int, payload: dict) -> int:
     y1 = min(y0 + payload["rows"], ny)
     path = payload["store"]
     x, scale = read_block(path, y0, y1)
-    out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs)
+    rec = read_recorded(path, y0, y1)
+    out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs, rec)
     del x
     return _write_rows(payload, y0, y1, out)
 

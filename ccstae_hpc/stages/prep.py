@@ -53,6 +53,7 @@ from ccstae_hpc.core.patterns import (
     pattern_dtype,
     radial_background,
     recentred,
+    recorded_pixels,
     ring_mask,
 )
 from ccstae_hpc.runtime.memory import keep_work_memory
@@ -69,7 +70,8 @@ from ccstae_hpc.stages.store import (
 
 __all__ = ["MIN_DETECTOR", "MIN_PATTERNS", "REINGEST", "PrepConfig", "PrepError", "SampleStats",
            "check_raw_shape", "check_sample", "find_disk", "open_prep", "prep_geometry",
-           "preprocess_store", "read_block", "read_patterns", "sample_rows", "sample_stats"]
+           "preprocess_store", "read_block", "read_patterns", "read_recorded", "recorded_at",
+           "sample_rows", "sample_stats"]
 
 PREP = "prep"
 # raw bytes per block of whole scan rows when PrepConfig.rows_per_block is 0
@@ -151,6 +153,29 @@ def read_block(store: str | Path, y0: int, y1: int) -> tuple[np.ndarray, np.ndar
         bg = None
     scale = arr("scale")[y0:y1]
     return normalised(arr("patterns")[y0:y1], scale, background=bg), scale
+
+
+def read_recorded(store: str | Path, y0: int, y1: int) -> np.ndarray | None:
+    """Which pixels of scan rows ``y0:y1`` of ``prep/patterns`` hold recorded counts,
+    ``(n, Q, Q)`` bool (:func:`ccstae_hpc.core.patterns.recorded_pixels`: not the strip a
+    re-centring shift uncovered, not a repaired hot pixel); None for a store written before
+    ``prep/shift`` and ``prep/hot_pixels`` existed."""
+    try:
+        shift, hot, patterns = (zarr.open_array(str(store), path=f"{PREP}/{name}", mode="r",
+                                                zarr_format=3)
+                                for name in ("shift", "hot_pixels", "patterns"))
+    except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError):
+        return None
+    return recorded_pixels(shift[y0:y1], hot[...], patterns.shape[-1])
+
+
+def recorded_at(prep: zarr.Group, index: np.ndarray) -> np.ndarray | None:
+    """:func:`read_recorded` of the patterns at flat scan indices ``index`` (the training
+    sample's ``prep/train_index``)."""
+    if "shift" not in prep or "hot_pixels" not in prep:
+        return None
+    shift = np.asarray(prep["shift"][...]).reshape(-1, 2)[np.asarray(index)]
+    return recorded_pixels(shift, prep["hot_pixels"][...], prep["patterns"].shape[-1])
 
 
 def read_patterns(store: str | Path, y0: int, y1: int) -> np.ndarray:
