@@ -103,6 +103,13 @@ SEED = 3  # the project's simulator, as in README's figures
 SCAN = 32  # own-simulator scan side
 QUICK_SCAN = 16
 POISSON_SEED = 1  # Poisson noise of the abTEM sets, as bench_multislice.py
+# The single-pattern fits of the heterostructure at the doses where their target (1.3x the
+# floor) is decided are scored on this many draws of the shot noise of the same scan (a
+# `ccstae run --pool-sigma 0` each after the case's own): one 32x32 scan's MAE moves by
+# 5-15 % from draw to draw (measured at 1e3 e-: 1.21-1.41x the floor over the components
+# on the case's scan, 1.21-1.25x on 3 others, whichever draw trained the model)
+REALISATIONS = 3
+REALISED_DOSES = (1e3, 500.0)
 # data sets: own simulator (heterostructure flag) and abTEM (bench_multislice.SETS key)
 SIM_SETS = {"sim_heterostructure": True, "sim_single_phase": False}
 ABTEM_SETS = {"abtem_single": "single", "abtem_interface": "interface"}
@@ -266,12 +273,18 @@ def abtem_floor(data: np.ndarray, truth: dict, dose: float | None, name: str
     return at_dose(_ABTEM_FLOORS[name], truth, dose)
 
 
+def sim_config(case: Case, scan: int, noise_seed: int = 0) -> SimConfig:
+    """The own simulator's configuration of a case (``noise_seed``: another draw of its
+    shot noise)."""
+    return SimConfig(scan=(scan, scan), dose=case.dose, seed=SEED,
+                     background_weight=case.background, heterostructure=SIM_SETS[case.data],
+                     noise_seed=noise_seed)
+
+
 def make_case(case: Case, scan: int, tmp: Path) -> tuple[Path, dict, dict[str, Any]]:
     """Write the case's patterns as ``.npy``; return its path, the truth and the floor."""
     if case.data in SIM_SETS:
-        cfg = SimConfig(scan=(scan, scan), dose=case.dose, seed=SEED,
-                        background_weight=case.background,
-                        heterostructure=SIM_SETS[case.data])
+        cfg = sim_config(case, scan)
         npy, _ = save_simulation(tmp / f"{case.slug}.npy", cfg)
         truth = truth_rows(cfg)
         return npy, truth, sim_floor(cfg, truth, case.dose)
@@ -414,6 +427,36 @@ def run_methods(npy: Path, truth: dict, tmp: Path, epochs: int | None = None,
     return out
 
 
+def realised(case: Case) -> bool:
+    """Whether the case's single-pattern fits are scored on :data:`REALISATIONS` noise
+    draws."""
+    return case.data == "sim_heterostructure" and case.background == 0 \
+        and case.dose in REALISED_DOSES
+
+
+def with_realisations(case: Case, scan: int, truth: dict, tmp: Path, first: dict[str, Any],
+                      epochs: int | None = None) -> dict[str, Any]:
+    """The single-pattern fits' scores ``first`` (of the case's scan) with the MAE made the
+    mean over :data:`REALISATIONS` draws of the shot noise of the same scan, each through
+    `ccstae run --pool-sigma 0`; every draw's MAE under ``mae_<k>_each``."""
+    if "error" in first:
+        return first
+    each = [first]
+    for r in range(1, REALISATIONS):
+        npy, _ = save_simulation(tmp / f"{case.slug}_noise{r}.npy", sim_config(case, scan, r))
+        store = tmp / f"{npy.stem}.zarr"
+        err = run_cli(["run", str(npy), "--out", str(store), "--engine", "direct", "--quiet",
+                       "--pool-sigma", "0", *run_epochs(epochs)])
+        if err is not None:
+            return {**first, "error": f"noise draw {r}: {err}"}
+        each.append(read_strain(store, truth)[1])
+    out = dict(first, realisations=len(each))
+    for k in COMPONENTS:
+        out[f"mae_{k}_each"] = [float(e[f"mae_{k}"]) for e in each]
+        out[f"mae_{k}"] = float(np.mean(out[f"mae_{k}_each"]))
+    return out
+
+
 def case_rows(case: Case, scan: list[int], floor: dict[str, Any],
               results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
     """One JSON row per method of a case (MAE, ratio to the floor, the floor itself)."""
@@ -431,6 +474,10 @@ def case_rows(case: Case, scan: list[int], floor: dict[str, Any],
             row[f"mae_{k}"] = v
             row[f"crb_{k}"] = fl[k]
             row[f"ratio_{k}"] = v / fl[k] if np.isfinite(fl[k]) else math.nan
+        if "realisations" in r and row["error"] is None:
+            row["realisations"] = r["realisations"]
+            for k in COMPONENTS:
+                row[f"ratio_{k}_each"] = [v / fl[k] for v in r[f"mae_{k}_each"]]
         for k in ("n_phases", "acc_phase", "acc_sample", "n_eval", "n_both_sample",
                   *(f"n_{PHASE_NAMES[p]}" for p in SAMPLE_PHASES), "pool_sigma_px",
                   "ref_scale", "forward_model"):
@@ -484,6 +531,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 + f" {phases:>14} {px:>9} {r['time_s']:5.0f}s")
         if r["method"] == "ccstae" and "pool_sigma_px" in r:
             line += "  pooling " + "/".join(f"{v:g}" for v in r["pool_sigma_px"].values()) + " px"
+        if "realisations" in r:
+            line += (f"  mean of {r['realisations']} noise draws, /CRB "
+                     + " ".join(f"{min(r[f'ratio_{k}_each']):.2f}-"
+                                f"{max(r[f'ratio_{k}_each']):.2f}" for k in COMPONENTS))
         print(line)
 
 
@@ -623,6 +674,9 @@ def main() -> None:
             npy, truth, floor = make_case(case, scan, Path(tmp))
             shape = list(np.load(npy, mmap_mode="r").shape[:2])
             res = run_methods(npy, truth, Path(tmp), args.epochs, peer)
+            if realised(case) and res.get("ccstae_unpooled") is not None:
+                res["ccstae_unpooled"] = with_realisations(
+                    case, scan, truth, Path(tmp), res["ccstae_unpooled"], args.epochs)
             rows += case_rows(case, shape, floor, res)
             failed = [m for m, r in res.items() if r is not None and "error" in r]
             print(f"[{i}/{len(cases)}] {case.data} {dose_label(case.dose)} "

@@ -132,7 +132,9 @@ def section_dose(results: Path) -> str:
         return head + "\n\n" + _missing("python benchmarks/bench_dose.py")
     out = [head + f" (written {stamp}). MAE against the truth; in brackets the ratio to "
                   "the one-pattern Cramer-Rao floor of the same data (each phase's mean over "
-                  "its own patterns, weighted by the pixels scored).\n",
+                  "its own patterns, weighted by the pixels scored). Rows marked * are the "
+                  "mean over several draws of the shot noise of the same scan (each a "
+                  "`ccstae run`), the range of their ratios after it.\n",
            "| data | dose | background | method | " + " | ".join(COMPONENTS) + " |",
            "|---|---|---|---|" + "---|" * len(COMPONENTS)]
     for r in d:
@@ -145,8 +147,13 @@ def section_dose(results: Path) -> str:
         cells = []
         for k in COMPONENTS:
             ratio = r.get(f"ratio_{k}")
+            each = r.get(f"ratio_{k}_each")
             cells.append(_pct(r.get(f"mae_{k}"), k)
-                         + (f" ({ratio:.2f})" if isinstance(ratio, (int, float)) else ""))
+                         + (f" ({ratio:.2f})" if isinstance(ratio, (int, float)) else "")
+                         + (f" {min(each):.2f}-{max(each):.2f}" if each else ""))
+        if r.get("realisations"):
+            head_cells = head_cells.replace(f"{r.get('method')} | ",
+                                            f"{r.get('method')} * {r['realisations']} | ")
         out.append(head_cells + " | ".join(cells) + " |")
     out.append("")
     for png in ("dose.png", "background.png"):

@@ -547,6 +547,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "detector": args.detector,
         "dose": args.dose,
         "seed": args.seed,
+        "noise_seed": args.noise_seed,
         "background_weight": args.background_weight,
     }
     try:
@@ -618,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detector", type=int, metavar="Q", help="detector size in px (128)")
     s.add_argument("--dose", type=float, metavar="D", help="e-/pattern (default: noise-free)")
     s.add_argument("--seed", type=int, metavar="S", help="random seed (0)")
+    s.add_argument("--noise-seed", type=int, metavar="N",
+                   help="another draw of the shot noise of the same sample (0: the seed's)")
     s.add_argument("--background-weight", type=float, metavar="W", help="in [0, 1) (0)")
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
     s.set_defaults(func=_cmd_simulate)

@@ -109,6 +109,29 @@ def test_deterministic_in_seed(make_sim) -> None:
     assert not np.array_equal(t1["hot_pixels"], t3["hot_pixels"])
 
 
+@pytest.mark.parametrize("dose", [800.0, 9000.0])
+def test_noise_seed_draws_other_noise_of_the_same_sample(dose) -> None:
+    """``noise_seed``: a repeated acquisition, same truth and hot pixels, other shot noise
+    (both dose regimes of the sampler); 0 is the seed's own noise."""
+    cfg = SimConfig(scan=(3, 5), dose=dose)
+    d0, t0 = simulate(cfg)
+    d_zero, _ = simulate(cfg.replace(noise_seed=0))
+    np.testing.assert_array_equal(d0, d_zero)
+    d1, t1 = simulate(cfg.replace(noise_seed=1))
+    d2, _ = simulate(cfg.replace(noise_seed=2))
+    for k in t0:
+        np.testing.assert_array_equal(t0[k], t1[k])
+    assert not np.array_equal(d0, d1) and not np.array_equal(d1, d2)
+    hot = _hot_mask(t0, cfg.detector)
+    # the detector's hot pixels are the same
+    np.testing.assert_allclose(d1[..., hot].mean(), d0[..., hot].mean(), rtol=0.2)
+    # the same expectation: the draws' totals agree within their Poisson spread
+    tot = np.array([d.sum((2, 3), dtype=np.float64).mean() for d in (d0, d1, d2)])
+    assert np.ptp(tot) < 4 * np.sqrt(dose / 15) + 0.01 * dose, tot
+    with pytest.raises(ValueError, match="noise_seed"):
+        SimConfig(noise_seed=-1)
+
+
 @pytest.mark.parametrize("dose", [None, 700.0, 9000.0])
 def test_rows_equal_slice_of_full_simulation(make_sim, monkeypatch, dose) -> None:
     data, truth, cfg = make_sim(dose=dose)

@@ -75,6 +75,9 @@ class SimConfig(Config):
     dose: float | None = None  # e-/pattern (Poisson); None: noise-free expected intensities
     background_weight: float = 0.0  # Lorentzian diffuse background mixing weight, [0, 1)
     seed: int = 0  # random seed of the fields, the noise and the hot pixels
+    # another draw of the shot noise alone, the sample and detector unchanged (a repeated
+    # acquisition); 0: the noise of ``seed``
+    noise_seed: int = 0
     pixel_size: float = 0.0183  # 1/A per detector pixel: WS2 {100} at ~20 px
     disk_radius: float = 4.5  # px, from the convergence angle
     global_rotation_deg: float = 17.0  # in-plane orientation of the lattice
@@ -103,6 +106,7 @@ class SimConfig(Config):
         check(len(self.scan) == 2 and min(self.scan) >= 2, "scan must be (ny, nx) >= 2")
         check(self.detector >= 32, "detector must be at least 32 px")
         check(self.dose is None or self.dose > 0, "dose must be positive or None (noise-free)")
+        check(self.noise_seed >= 0, "noise_seed must be >= 0 (0: the noise of seed)")
         check(0 <= self.background_weight < 1, "background_weight must be in [0, 1)")
         check(self.scan_step_A > 0, "scan_step_A must be positive (Angstrom per scan step)")
         # JSON gives lists: normalise to hashable float tuples (the simulator caches by config)

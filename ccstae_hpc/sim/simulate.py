@@ -643,7 +643,8 @@ def simulate_rows(cfg: SimConfig, y0: int, y1: int) -> tuple[np.ndarray, dict[st
         img = img.reshape(r1 - r0, nx, Q, Q)
         hot = (hr, hc, np.rint(hot_value).astype(np.int64))
         for i in range(r1 - r0):
-            rng = _rng(cfg, 0x0D05E, y0 + r0 + i)  # per-row stream: chunking-independent
+            # per-row stream: chunking-independent
+            rng = _rng(cfg, 0x0D05E, y0 + r0 + i, *((cfg.noise_seed,) if cfg.noise_seed else ()))
             sl = slice(i * nx, (i + 1) * nx)
             _poisson_row(rng, img[i], total[sl], float(cfg.dose), hot, data[r0 + i])
     return data, truth
