@@ -32,6 +32,70 @@ def prepped(sim_store):
     return g, truth, cfg
 
 
+def test_dead_pixels_found_in_counts_only():
+    """Zeroed detector pixels (one inside a Bragg disk, one in the background, a run along the
+    detector's edge) are found in a mean of counts wherever their neighbours' counts make
+    the loss significant (here: >= 2 nsigma^2 expected counts over the patterns), and
+    nothing else is, at 1e4 and 1e3 e-/pattern; float data (no Poisson scale) flag none."""
+    from ccstae_hpc.core.patterns import find_dead_pixels
+    from ccstae_hpc.sim.simulate import simulate
+
+    nsigma = 8.0
+    for dose in (1e4, 1e3):
+        x, _ = simulate(SimConfig(scan=(16, 16), dose=dose, seed=2))
+        x = x.reshape(-1, *x.shape[-2:]).astype(np.float64)
+        m = x.mean(0)
+        assert not find_dead_pixels(m, nsigma, len(x)).any()
+        dead = np.zeros(m.shape, bool)
+        dead[np.unravel_index(np.argsort(m, axis=None)[-200], m.shape)] = True  # in a disk
+        dead[40, 100] = True
+        c = int(np.argmax(m[0]))  # the edge row's brightest stretch
+        dead[0, max(c - 10, 0):c + 10] = True
+        x[:, dead] = 0
+        found = find_dead_pixels(x.mean(0), nsigma, len(x))
+        assert not (found & ~dead).any(), np.argwhere(found & ~dead)
+        findable = dead & (m * len(x) >= 2 * nsigma**2)
+        assert np.all(found[findable]), (dose, np.argwhere(findable & ~found))
+        assert found[0].any() if dose == 1e4 else found.any()
+        assert not find_dead_pixels(x.mean(0), nsigma, None).any()
+
+
+def test_dead_pixels_repaired_and_never_fitted(sim_store, tmp_path):
+    """A store whose detector has dead pixels (one row along its edge, one pixel inside):
+    preprocessing finds them, repairs them like hot pixels, records them in
+    ``prep/hot_pixels`` and ``n_dead_pixels``, and no fit sees them as recorded counts."""
+    import shutil
+
+    from ccstae_hpc.stages.prep import read_recorded
+
+    store = tmp_path / "dead.zarr"
+    shutil.copytree(sim_store[0], store)
+    raw = zarr.open_array(str(store), path="raw", mode="r+")
+    x = raw[...]
+    m = x.reshape(-1, *x.shape[-2:]).mean(0, dtype=np.float64)
+    dead = np.zeros(m.shape, bool)
+    # pixels that receive enough electrons for their loss to show at 1e3 e-/pattern: in the
+    # Bragg disks
+    for rank in (100, 150, 200, 300):
+        dead[np.unravel_index(np.argsort(m, axis=None)[-rank], m.shape)] = True
+    r, c = np.argwhere(dead)[0]
+    x[..., dead] = 0
+    raw[...] = x
+    g = preprocess_store(store, PrepConfig(rows_per_block=5, max_train=64, shard_size=64),
+                         overwrite=True)
+    bad = g["hot_pixels"][...]
+    assert np.all(bad[dead]) and g.attrs["n_dead_pixels"] == int(dead.sum())
+    hot_truth = {tuple(p) for p in sim_store[1]["hot_pixels"]}
+    # the hot pixels are the detector's, none next to a dead one
+    assert {tuple(p) for p in np.argwhere(bad & ~dead)} == hot_truth
+    assert g.attrs["n_hot_pixels"] == len(hot_truth)
+    rec = read_recorded(store, 0, 2)
+    shift = g["shift"][0:2].reshape(-1, 2)
+    for one, (dy, dx) in zip(rec, shift, strict=True):
+        # the dead pixels, where the re-centring moved them, hold no recorded count
+        assert not one[r - dy, c - dx]
+
+
 def test_descan_recovered_to_005_px(prepped):
     g, truth, _ = prepped
     err = np.abs(g["origin_fit"][...] - truth["origin"])

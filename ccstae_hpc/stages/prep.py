@@ -7,8 +7,8 @@ never share a chunk); the client merges the small results.
 
 Passes
 ------
-1. sum pattern -> hot pixels, central disk (centre, radius);
-2. per pattern: hot-pixel repair, central-disk origin, Bragg-ring fraction (vacuum);
+1. sum pattern -> hot and dead pixels, central disk (centre, radius);
+2. per pattern: hot- and dead-pixel repair, central-disk origin, Bragg-ring fraction (vacuum);
 3. smooth descan fit of the origins (robust polynomial over the scan);
 4. per pattern: repair, integer re-centring on the fitted origin, bin/crop -> ``prep/patterns``
    and its normalising ``scale``; a random subset is returned for the shuffled training shards;
@@ -44,6 +44,7 @@ from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
 from ccstae_hpc.core.patterns import (
     central_disk,
     disk_mask,
+    find_dead_pixels,
     find_hot_pixels,
     fit_descan,
     fit_lattice,
@@ -54,6 +55,7 @@ from ccstae_hpc.core.patterns import (
     radial_background,
     recentred,
     recorded_pixels,
+    repair_hot_pixels,
     ring_mask,
 )
 from ccstae_hpc.runtime.memory import keep_work_memory
@@ -109,7 +111,8 @@ class PrepConfig(Config):
     # model input size: larger detectors are binned (integer factor) then cropped
     output_size: int = 128
     descan_order: int = 2  # polynomial order of the smooth descan fit over the scan
-    hot_nsigma: float = 8.0  # hot pixel: this many sigmas (and 3x) above its 3x3 neighbours
+    # hot (dead) pixel: this many sigmas and 3x above (below) its 3x3 neighbours
+    hot_nsigma: float = 8.0
     # "integer" (default): whole-pixel shifts, lossless, Poisson counts kept, the sub-pixel
     # rest (< 0.5 px, measured in prep/origin_fit) is left to the model's translation;
     # "subpixel": bilinear shift onto the exact origin (float32 patterns; interpolation
@@ -317,7 +320,8 @@ def check_sample(stats: SampleStats, dtype: np.dtype, redo: str = REINGEST) -> N
 
 
 def find_disk(stats: SampleStats, dtype: np.dtype, hot_nsigma: float) -> _Disk:
-    """Hot pixels and the central disk of the sampled mean pattern, checked for room.
+    """Hot and dead pixels and the central disk of the sampled mean pattern, checked for
+    room.
 
     Raises
     ------
@@ -327,7 +331,18 @@ def find_disk(stats: SampleStats, dtype: np.dtype, hot_nsigma: float) -> _Disk:
     """
     mean_raw = stats.mean
     counts = np.issubdtype(np.dtype(dtype), np.integer)
-    hot = find_hot_pixels(mean_raw, hot_nsigma, stats.n if counts else None)
+    n = stats.n if counts else None
+
+    def repaired(mask: np.ndarray) -> np.ndarray:
+        return (repair_hot_pixels(mean_raw, mask).astype(np.float64) if mask.any()
+                else mean_raw)
+
+    # each kind is looked for with the other repaired: next to a disk's edge, a dead bright
+    # neighbour turns the 3x3 median dark and a dim pixel would look hot (seen in tests)
+    dead = find_dead_pixels(repaired(find_hot_pixels(mean_raw, hot_nsigma, n)), hot_nsigma, n)
+    hot = find_hot_pixels(repaired(dead), hot_nsigma, n) & ~dead
+    n_dead = int(dead.sum())
+    hot |= dead  # both are repaired from their neighbours and never fitted
     mean_rep = mean_raw.copy()
     mean_rep[hot] = ndimage.median_filter(mean_raw, 3)[hot]
     try:
@@ -345,7 +360,7 @@ def find_disk(stats: SampleStats, dtype: np.dtype, hot_nsigma: float) -> _Disk:
             f"{Q0} x {Q1} px detector) is too large or too close to the edge. The data look "
             "like noise or a flooded detector, or the beam is off centre: check the dataset "
             "and the detector alignment")
-    return _Disk(hot, cy, cx, radius, r_in)
+    return _Disk(hot, cy, cx, radius, r_in, n_dead)
 
 
 def prep_geometry(prep: zarr.Group) -> Geometry:
@@ -401,8 +416,9 @@ def preprocess_store(
 
     # the input checks: pass 1 and 2 only read, so a refusal leaves the store as it was
     disk = _pass_disk(read, raw, cfg, client)
-    say(f"pass 1 ({time.perf_counter() - t0:.1f} s): mean pattern, {int(disk.hot.sum())} hot "
-        f"pixels, central disk r={disk.radius:.2f} px")
+    say(f"pass 1 ({time.perf_counter() - t0:.1f} s): mean pattern, "
+        f"{int(disk.hot.sum()) - disk.n_dead} hot and {disk.n_dead} dead pixels, central disk "
+        f"r={disk.radius:.2f} px")
     orig = _pass_origins(read, blocks, disk, cfg, client)
     _check_origins(orig, REINGEST)
     say(f"pass 2 ({time.perf_counter() - t0:.1f} s): origins; descan range "
@@ -424,7 +440,8 @@ def preprocess_store(
         "center_raw": [float(disk.cy), float(disk.cx)],
         "descan_coef": orig.coef.tolist(),
         "descan_order": cfg.descan_order,
-        "n_hot_pixels": int(disk.hot.sum()),
+        "n_hot_pixels": int(disk.hot.sum()) - disk.n_dead,
+        "n_dead_pixels": disk.n_dead,
         "n_train": int(out.n_train),
         "elapsed_s": time.perf_counter() - t0,
         "ccstae_hpc_version": __version__,
@@ -437,11 +454,12 @@ def preprocess_store(
 
 
 class _Disk(NamedTuple):
-    hot: np.ndarray  # (Q0, Q1) bool
+    hot: np.ndarray  # (Q0, Q1) bool: hot or dead pixels, repaired from their neighbours
     cy: float
     cx: float
     radius: float  # central disk radius, raw px
     r_in: float  # inner radius of the Bragg annulus, raw px
+    n_dead: int = 0  # of them dead (far darker than their neighbours)
 
 
 class _Origins(NamedTuple):
