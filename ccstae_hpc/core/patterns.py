@@ -306,6 +306,14 @@ def pattern_dtype(raw_dtype: np.dtype, binned: bool, floats: bool = False) -> np
     return np.dtype(np.float32)
 
 
+def _shift_slices(dy: int, dx: int, Q0: int, Q1: int
+                  ) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Source and destination ``(rows, cols)`` slices of a whole-pixel shift by ``(dy, dx)``
+    on a ``Q0 x Q1`` detector: ``out[dst] = x[src]``, the rest of ``out`` uncovered."""
+    return ((slice(max(dy, 0), Q0 + min(dy, 0)), slice(max(dx, 0), Q1 + min(dx, 0))),
+            (slice(max(-dy, 0), Q0 + min(-dy, 0)), slice(max(-dx, 0), Q1 + min(-dx, 0))))
+
+
 def recorded_pixels(shift: np.ndarray, hot: np.ndarray, size: int) -> np.ndarray:
     """Which pixels of patterns re-centred by :func:`recentred` hold recorded counts.
 
@@ -339,8 +347,8 @@ def recorded_pixels(shift: np.ndarray, hot: np.ndarray, size: int) -> np.ndarray
     masks = np.empty((len(uniq), size, size), bool)
     for i, (dy, dx, py, px) in enumerate(uniq):
         m = np.zeros((Q0, Q1), bool)
-        m[max(-dy, 0):Q0 + min(-dy, 0), max(-dx, 0):Q1 + min(-dx, 0)] = ~hot[
-            max(dy, 0):Q0 + min(dy, 0), max(dx, 0):Q1 + min(dx, 0)]
+        src, dst = _shift_slices(int(dy), int(dx), Q0, Q1)
+        m[dst] = ~hot[src]
         if py:
             m[:-1] &= m[1:]
         if px:
@@ -382,10 +390,7 @@ def recentred(block: np.ndarray, hot: np.ndarray, shift: np.ndarray, size: int
             sel = np.nonzero(keys == key)[0]
             dy, dx = (int(v) for v in s[sel[0]])
             sel = slice(sel[0], sel[-1] + 1) if sel[-1] - sel[0] + 1 == len(sel) else sel
-            src_y = slice(max(dy, 0), Q0 + min(dy, 0))
-            dst_y = slice(max(-dy, 0), Q0 + min(-dy, 0))
-            src_x = slice(max(dx, 0), Q1 + min(dx, 0))
-            dst_x = slice(max(-dx, 0), Q1 + min(-dx, 0))
+            (src_y, src_x), (dst_y, dst_x) = _shift_slices(dy, dx, Q0, Q1)
             out[sel, dst_y, dst_x] = x[sel, src_y, src_x]
             for ys in (slice(0, max(-dy, 0)), slice(Q0 + min(-dy, 0), Q0)):
                 out[sel, ys] = 0
