@@ -148,6 +148,46 @@ def test_model_once_per_worker_and_no_patterns_gathered(trained: Path, tmp_path:
     assert map_stage.map_rows(14, payload) == 2 * 16
 
 
+@pytest.mark.timeout(300)
+def test_forward_model_choice_runs_on_the_workers(trained: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single-pattern map on a cluster fits the forward-model choice's blocks as tasks
+    on its workers, every candidate's at once, and none in the calling process."""
+    from distributed import Client, LocalCluster
+
+    from ccstae_hpc.core.config import MapConfig
+
+    s = shutil.copytree(trained, tmp_path / "s.zarr")
+
+    def not_here(*args, **kw):
+        raise AssertionError("a block was fitted in the calling process")
+
+    # the workers are processes of their own: only this process' fits are refused
+    monkeypatch.setattr(map_stage, "map_block", not_here)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        seen: list = []
+        real_map = client.map
+
+        def spy(*args, **kw):
+            seen.append((args[0].__name__, list(args[1]), type(kw["payload"]).__name__))
+            return real_map(*args, **kw)
+
+        client.map = spy
+        map_stage.map_store(s, MapConfig(pool_sigma=0.0), client=client, rows_per_block=2)
+        tokens = client.run(map_stage.cached_models)
+    # the 16x16 scan is below the choice's 512 patterns: all its blocks are the choice's,
+    # the two candidates' submitted together; the map has none left to fit
+    blocks = list(range(0, 16, 2))
+    assert seen[:2] == [("timed_fit_rows", blocks, "Future")] * 2, seen
+    assert [call[1] for call in seen[2:]] in ([], [[]]), seen
+    assert all(len(t) <= map_stage.MAP_CACHE_MODELS for t in tokens.values())
+    record = json.loads(xr.open_zarr(s, group="strain").attrs["forward_model"])
+    assert 0 < record["block_fits_s"] < record["choice_s"], record
+    strain = _group(s, "strain")
+    assert np.isfinite(strain["exx"][strain["sample"]]).mean() > 0.75
+
+
 def _model_geom(store: Path) -> tuple:
     from ccstae_hpc.core.config import MapConfig
 

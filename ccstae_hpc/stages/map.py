@@ -5,7 +5,9 @@ blocks of whole scan rows as tasks (:func:`map_rows`, on Dask workers or local t
 reading its own block and writing its rows of ``affine/`` (region writes aligned with the row
 chunks), and finally assembles the ``strain`` Dataset on one reference lattice
 (:func:`ccstae_hpc.core.mapping.assemble_strain`).  The model travels once to each worker
-(:func:`map_payload`, scattered with ``broadcast=True``) and is rebuilt once per worker process.
+(:func:`map_payload`, scattered with ``broadcast=True``) and is rebuilt once per worker process;
+so do the forward-model choice's candidates, whose blocks are map tasks too
+(:func:`choose_forward_model`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ccstae_hpc.core.disks import DiskModel, extend_model, fit_entries, measure_
 from ccstae_hpc.core.geometry import Geometry, ring_inner_radius
 from ccstae_hpc.core.mapping import MapInputs, assemble_strain, map_block, neighbour_scatter
 from ccstae_hpc.core.model import CCSTAE
-from ccstae_hpc.core.patterns import fit_lattice, normalised
+from ccstae_hpc.core.patterns import fit_lattice
 from ccstae_hpc.core.phases import (
     VACUUM_RULES,
     DictionaryInfo,
@@ -66,7 +68,8 @@ from ccstae_hpc.stages.train import load_model
 
 __all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "choose_forward_model",
            "whole_detector_disks",
-           "map_payload", "map_rows", "cached_models", "com_reference", "com_payload", "com_rows",
+           "map_payload", "map_rows", "fit_rows", "timed_fit_rows", "cached_models",
+           "MAP_CACHE_MODELS", "com_reference", "com_payload", "com_rows",
            "vacuum_record"]
 
 # training-set patterns used to group the dictionary into phases and calibrate their frames
@@ -134,7 +137,8 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         before = torch.get_num_threads()
         set_torch_threads(threads if client is not None else max(threads, _cpus(workers)))
         try:
-            inputs = phase_inputs(prep, model, geom, map_cfg, rows_per_block, threads)
+            inputs = phase_inputs(prep, model, geom, map_cfg, rows_per_block, threads,
+                                  client=client, workers=workers)
         finally:
             set_torch_threads(before)
         phases, K = inputs.phases, len(inputs.info.patterns)
@@ -156,7 +160,7 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
     for y0, out in reused.items():
         _write_rows(payload, y0, min(y0 + rows_per_block, ny), out)
     t0 = time.perf_counter()
-    n_workers = _run_blocks(task, payload, client, workers, progress, skip=set(reused))
+    n_workers = _map_blocks(task, payload, client, workers, progress, skip=set(reused))
     dt = time.perf_counter() - t0 + reused_s
     aff.attrs.update({"map_config": map_cfg.to_dict(), "elapsed_s": dt,
                       "patterns_per_s": ny * nx / dt, "workers": n_workers,
@@ -200,11 +204,10 @@ def _create_affine(store: Path, shape: tuple[int, int], rows_per_block: int, K: 
     return aff
 
 
-def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | None,
+def _map_blocks(task: Any, payload: dict, client: Any | None, workers: int | None,
                 progress: bool, skip: set[int] = frozenset()) -> int:
-    """``task(y0, payload)`` for every block of ``payload``'s scan on ``client`` or local
-    threads, except the blocks starting at a row of ``skip`` (already written); the worker
-    count."""
+    """``task(y0, payload)`` for every block of ``payload``'s scan (:func:`_run_blocks`),
+    except the blocks starting at a row of ``skip`` (already written); the worker count."""
     ny, nx = payload["shape"]
     starts = [y0 for y0 in range(0, ny, payload["rows"]) if y0 not in skip]
     bar = None
@@ -214,36 +217,53 @@ def _run_blocks(task: Any, payload: dict, client: Any | None, workers: int | Non
         bar = tqdm(total=ny * nx, unit="pattern", desc="map", dynamic_ncols=True)
         bar.update(sum(min(payload["rows"], ny - y0) * nx for y0 in skip))
     try:
-        if isinstance(client, Future):
-            client = client.result()
-        if client is not None:
-            from distributed import as_completed
-
-            n_workers = len(client.scheduler_info()["workers"])
-            [shared] = client.scatter([payload], broadcast=True, hash=False)
-            futures = client.map(task, starts, payload=shared, pure=False)
-            try:
-                for fut in as_completed(futures):
-                    n = fut.result()  # raises the first failed block's error
-                    if bar is not None:
-                        bar.update(n)
-            finally:
-                client.cancel([*futures, shared])
-            return n_workers
-        n_workers = _cpus(workers)
-        before = torch.get_num_threads()
-        try:
-            # torch releases the GIL inside its kernels: threads run blocks in parallel
-            with ThreadPoolExecutor(n_workers) as ex:
-                for n in ex.map(lambda y0: task(y0, payload), starts):
-                    if bar is not None:
-                        bar.update(n)
-        finally:
-            set_torch_threads(before)
-        return n_workers
+        return _run_blocks(task, [(y0, payload) for y0 in starts], client, workers,
+                           lambda _, n: bar.update(n) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _run_blocks(task: Any, jobs: list[tuple[int, dict]], client: Any | None,
+                workers: int | None, done: Any) -> int:
+    """``task(y0, payload)`` for every job ``(y0, payload)`` on ``client`` (a Dask client or
+    a future of one; each payload scattered once to every worker) or, without one, on
+    ``workers`` local threads; ``done(i, result)`` for job ``i`` as it completes.  Returns
+    the worker count."""
+    if isinstance(client, Future):
+        client = client.result()
+    if client is not None:
+        from distributed import as_completed
+
+        n_workers = len(client.scheduler_info()["workers"])
+        if not jobs:
+            return n_workers
+        payloads = {p["token"]: p for _, p in jobs}
+        shared = dict(zip(payloads, client.scatter(list(payloads.values()), broadcast=True,
+                                                   hash=False), strict=True))
+        index, futures = {}, []
+        for token in payloads:  # one map call per payload, its blocks in order
+            mine = [i for i, (_, p) in enumerate(jobs) if p["token"] == token]
+            futs = client.map(task, [jobs[i][0] for i in mine], payload=shared[token],
+                              pure=False)
+            index.update({f.key: i for i, f in zip(mine, futs, strict=True)})
+            futures += futs
+        try:
+            for fut in as_completed(futures):
+                done(index[fut.key], fut.result())  # raises the first failed block's error
+        finally:
+            client.cancel([*futures, *shared.values()])
+        return n_workers
+    n_workers = _cpus(workers)
+    before = torch.get_num_threads()
+    try:
+        # torch releases the GIL inside its kernels: threads run blocks in parallel
+        with ThreadPoolExecutor(n_workers) as ex:
+            for i, result in enumerate(ex.map(lambda job: task(*job), jobs)):
+                done(i, result)
+    finally:
+        set_torch_threads(before)
+    return n_workers
 
 
 def _cpus(workers: int | None) -> int:
@@ -253,13 +273,14 @@ def _cpus(workers: int | None) -> int:
 
 
 def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
-                 rows_per_block: int = 8, threads: int = 1) -> MapInputs:
+                 rows_per_block: int = 8, threads: int = 1, *, client: Any | None = None,
+                 workers: int | None = None) -> MapInputs:
     """Analyse the dictionary and calibrate its phases on the training sample of ``prep``,
     with the forward model of ``map_cfg.forward_model`` ("auto": the learned entries for
     pooled maps; for single-pattern fits chosen on the data, see
     :func:`choose_forward_model`, which fits whole map blocks of ``rows_per_block`` scan
-    rows with ``threads`` torch threads each; the choice is in the result's
-    ``forward_model``)."""
+    rows with ``threads`` torch threads each as map tasks, on ``client`` or ``workers``
+    local threads as :func:`map_store`; the choice is in the result's ``forward_model``)."""
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
@@ -295,7 +316,7 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         inputs.forward_model = {"chosen": name, "asked": map_cfg.forward_model}
     else:
         inputs = choose_forward_model(prep, model, geom, map_cfg, candidates, rows_per_block,
-                                      threads)
+                                      threads, client=client, workers=workers)
     if profile is not None:
         inputs.forward_model["disk_profile"] = {"radius_px": profile.radius,
                                                 "edge_10_90_px": profile.edge_px}
@@ -369,7 +390,8 @@ def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: Dicti
 
 def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
                          candidates: dict[str, MapInputs], rows_per_block: int = 8,
-                         threads: int = 1) -> MapInputs:
+                         threads: int = 1, *, client: Any | None = None,
+                         workers: int | None = None) -> MapInputs:
     """The candidate whose fits of a few central scan rows (about :data:`CHOICE_PATTERNS`
     patterns) scatter least between neighbouring probe positions
     (:func:`ccstae_hpc.core.mapping.neighbour_scatter`): the better forward model for these
@@ -377,10 +399,12 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
     The sharp-disk model wins on flat, aperture-shaped disks; the learned entry where the
     disks have inner structure (measured: multislice WS2 with dynamical disks).
 
-    The rows are whole map blocks of ``rows_per_block`` rows, each fitted as a map task
-    fits it (``threads`` torch threads, blocks in parallel on the torch threads this process
-    has): the chosen candidate keeps its fits (``block_fits``) and the map does not fit
-    those rows again.
+    The rows are whole map blocks of ``rows_per_block`` rows, each fitted by a map task
+    (:func:`fit_rows`, ``threads`` torch threads) on ``client``'s workers or on ``workers``
+    local threads, every candidate's blocks at once: the chosen candidate keeps its fits
+    (``block_fits``) and the map does not fit those rows again.  On a cluster the choice
+    runs where the map runs, not serially in the calling process (on a 48x48 scan its
+    three blocks of four rows are a quarter of the map).
     """
     ny, nx = prep["patterns"].shape[:2]
     rows = min(ny, max(CHOICE_MIN_ROWS, -(-CHOICE_PATTERNS // nx)))
@@ -389,28 +413,20 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
     b0 = max(0, min(total - n_blocks, round(ny / 2 / rows_per_block - n_blocks / 2)))
     y0, y1 = b0 * rows_per_block, min(ny, (b0 + n_blocks) * rows_per_block)
     starts = list(range(y0, y1, rows_per_block))
-    bg = prep["background"][...] if "background" in prep else None
-    blocks = []
-    for b in starts:
-        e = min(b + rows_per_block, ny)
-        scale = prep["scale"][b:e]
-        x = normalised(prep["patterns"][b:e], scale, background=bg)
-        blocks.append((x.reshape(-1, *x.shape[2:]), scale, recorded_at(prep, np.arange(b * nx,
-                                                                                    e * nx))))
-    pool = max(1, torch.get_num_threads() // max(1, threads))
-    scatter, fits, seconds = {}, {}, {}
-    for name, inputs in candidates.items():
-        def fit(block: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-                inputs: MapInputs = inputs) -> dict[str, np.ndarray]:
-            set_torch_threads(threads)  # per calling thread, as map_rows
-            keep_work_memory()  # as map_rows: the fits' work arrays reused, not page-faulted
-            x, scale, rec = block
-            return map_block(model, x, scale, geom.ring, map_cfg, inputs, rec)
-
-        t = time.perf_counter()
-        with ThreadPoolExecutor(min(pool, len(blocks))) as ex:
-            outs = list(ex.map(fit, blocks))
-        seconds[name] = time.perf_counter() - t
+    store = str(Path(prep.store.root).resolve())
+    names = list(candidates)
+    payloads = {name: map_payload(store, model, geom, map_cfg, (ny, nx), rows_per_block,
+                                  threads, candidates[name].to_dict()) for name in names}
+    jobs = [(b, payloads[name]) for name in names for b in starts]
+    results: list[Any] = [None] * len(jobs)
+    t = time.perf_counter()
+    _run_blocks(timed_fit_rows, jobs, client, workers, results.__setitem__)
+    wall = time.perf_counter() - t
+    scatter, fits, busy = {}, {}, {}
+    for i, name in enumerate(names):
+        mine = results[i * len(starts):(i + 1) * len(starts)]
+        outs = [out for out, _ in mine]
+        busy[name] = sum(sec for _, sec in mine)
         fits[name] = dict(zip(starts, outs, strict=True))
         out = {k: np.concatenate([o[k] for o in outs]) for k in ("theta", "entry", "phase")}
         scatter[name] = neighbour_scatter(out["theta"].reshape(y1 - y0, nx, 2, 3),
@@ -421,8 +437,12 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
     best = min(finite, key=finite.get) if finite else "dictionary"
     inputs = candidates[best]
     inputs.block_fits = fits[best]
+    # the chosen blocks' share of the choice's wall time (its tasks' share of the busy time):
+    # what the map would have spent fitting them as tasks
+    share = busy[best] / max(sum(busy.values()), 1e-9)
     inputs.forward_model = {"chosen": best, "scan_rows": [int(y0), int(y1)],
-                            "neighbour_scatter": scatter, "block_fits_s": seconds[best]}
+                            "neighbour_scatter": scatter, "block_fits_s": wall * share,
+                            "choice_s": wall}
     return inputs
 
 
@@ -452,8 +472,10 @@ def _with_calibration(lat: dict, root: zarr.Group, prep: zarr.Group) -> dict:
 
 # ---------------------------------------------------------------- the worker side
 
-# the model of the current map run, built once per worker process:
-# token -> (model, geometry, map config, map inputs)
+# the models of the current map run, built once per worker process:
+# token -> (model, geometry, map config, map inputs); the forward-model choice's two
+# candidates and then the map's own: the two most recent are kept
+MAP_CACHE_MODELS = 2
 _MAP_CACHE: dict[str, tuple[Any, Any, Any, Any]] = {}
 _MAP_LOCK = threading.Lock()
 
@@ -486,7 +508,8 @@ def _cached(payload: dict) -> tuple[Any, Any, Any, Any]:
     with _MAP_LOCK:
         hit = _MAP_CACHE.get(payload["token"])
         if hit is None:
-            _MAP_CACHE.clear()  # one map run at a time per process: drop older models
+            while len(_MAP_CACHE) >= MAP_CACHE_MODELS:  # the oldest first (insertion order)
+                del _MAP_CACHE[next(iter(_MAP_CACHE))]
             w = {k: torch.from_numpy(v) for k, v in payload["weights"].items()}
             Q = payload["detector"]
             model = CCSTAE(ModelConfig.from_dict(payload["model_config"]), Q,
@@ -505,18 +528,15 @@ def _cached(payload: dict) -> tuple[Any, Any, Any, Any]:
 
 
 def cached_models() -> list[str]:
-    """Tokens of the map runs whose model this process holds (at most one)."""
+    """Tokens of the payloads whose model this process holds (at most
+    :data:`MAP_CACHE_MODELS`)."""
     with _MAP_LOCK:
         return list(_MAP_CACHE)
 
 
-def map_rows(y0: int, payload: dict) -> int:
-    """Map scan rows ``y0 : y0 + rows`` of ``prep/patterns`` into ``affine/`` (a region write).
-
-    The unit of distributed inference, run the same way in a Dask worker and in a local
-    thread: reads its own block (nothing is gathered), fixes torch's thread count so that
-    the result does not depend on where it runs, and returns only the number of patterns.
-    """
+def fit_rows(y0: int, payload: dict) -> dict[str, np.ndarray]:
+    """The fits of scan rows ``y0 : y0 + rows`` of ``prep/patterns`` (one array per output,
+    ``(n, ...)``), read and fitted as a map task does (:func:`map_rows`)."""
     # per calling thread (OpenMP keeps the setting per thread): identical numerics everywhere
     set_torch_threads(payload["threads"])
     keep_work_memory()
@@ -526,9 +546,26 @@ def map_rows(y0: int, payload: dict) -> int:
     path = payload["store"]
     x, scale = read_block(path, y0, y1)
     rec = read_recorded(path, y0, y1)
-    out = map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs, rec)
-    del x
-    return _write_rows(payload, y0, y1, out)
+    return map_block(model, x.reshape(-1, *x.shape[2:]), scale, geom.ring, cfg, inputs, rec)
+
+
+def timed_fit_rows(y0: int, payload: dict) -> tuple[dict[str, np.ndarray], float]:
+    """:func:`fit_rows` and the seconds it took (the forward-model choice's tasks)."""
+    t = time.perf_counter()
+    out = fit_rows(y0, payload)
+    return out, time.perf_counter() - t
+
+
+def map_rows(y0: int, payload: dict) -> int:
+    """Map scan rows ``y0 : y0 + rows`` of ``prep/patterns`` into ``affine/`` (a region write).
+
+    The unit of distributed inference, run the same way in a Dask worker and in a local
+    thread: reads its own block (nothing is gathered), fixes torch's thread count so that
+    the result does not depend on where it runs (:func:`fit_rows`), and returns only the
+    number of patterns.
+    """
+    y1 = min(y0 + payload["rows"], payload["shape"][0])
+    return _write_rows(payload, y0, y1, fit_rows(y0, payload))
 
 
 def _write_rows(payload: dict, y0: int, y1: int, out: dict[str, np.ndarray]) -> int:
