@@ -219,6 +219,11 @@ def test_centre_of_mass_baseline_writes_the_same_strain_contract(trained: Path,
     ingest(tmp_path / "c.npy", s)
     preprocess_store(s, PrepConfig(max_train=256, shard_size=128))
     assert cli.main(["map", str(s), "--method", "com", "--quiet"]) == 0
+    # the same on two Dask workers (its payload carries no model), to the bit
+    s2 = shutil.copytree(s, tmp_path / "c2.zarr")
+    assert cli.main(["map", str(s2), "--method", "com", "--workers", "2", "--overwrite",
+                     "--quiet"]) == 0
+    _same(_group(s, "affine"), _group(s2, "affine"))
     ref = shutil.copytree(trained, tmp_path / "ccstae.zarr")
     assert cli.main(["map", str(ref), "--quiet"]) == 0
     com, main = (xr.open_zarr(p, group="strain").load() for p in (s, ref))

@@ -238,13 +238,14 @@ def _run_blocks(task: Any, jobs: list[tuple[int, dict]], client: Any | None,
         n_workers = len(client.scheduler_info()["workers"])
         if not jobs:
             return n_workers
-        payloads = {p["token"]: p for _, p in jobs}
+        # the distinct payloads, by identity (a centre-of-mass payload carries no model)
+        payloads = {id(p): p for _, p in jobs}
         shared = dict(zip(payloads, client.scatter(list(payloads.values()), broadcast=True,
                                                    hash=False), strict=True))
         index, futures = {}, []
-        for token in payloads:  # one map call per payload, its blocks in order
-            mine = [i for i, (_, p) in enumerate(jobs) if p["token"] == token]
-            futs = client.map(task, [jobs[i][0] for i in mine], payload=shared[token],
+        for key in payloads:  # one map call per payload, its blocks in order
+            mine = [i for i, (_, p) in enumerate(jobs) if id(p) == key]
+            futs = client.map(task, [jobs[i][0] for i in mine], payload=shared[key],
                               pure=False)
             index.update({f.key: i for i, f in zip(mine, futs, strict=True)})
             futures += futs
