@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from ccstae_hpc.core import refine as refine_module
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.disks import (
     bragg_region,
@@ -215,6 +216,30 @@ def test_fits_weigh_only_the_pixels_a_pattern_recorded(sim: dict, whole: dict) -
     naive = _mean_error(refine(cut, *args, disks=disks), sim) / floor
     assert np.all(np.abs(told - full) < 0.1), (told, full)
     assert np.max(np.abs(naive - full)) > 0.3, (naive, full)
+
+
+def test_likelihood_mean_evaluates_only_the_pixels_its_draws_move(
+        sim: dict, whole: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The likelihood's mean is evaluated on the pixels some draw can move (a pixel beyond
+    the profile's reach under every draw adds a constant that the importance weights'
+    normalisation cancels): the fits are those of every weighed disk pixel to float32
+    rounding.  With a slack of 1000 px no pixel is provably still and all are evaluated."""
+    args = (whole["cls"], whole["start"], whole["D"], whole["mask"], sim["ring"])
+    disks = DiskEntries.from_model(whole["model"], whole["labels"])
+    # one count normalised, at a dose where the likelihood's draws spread over ~0.1 px
+    x = torch.poisson(whole["x"][:32] * 500.0, generator=torch.Generator().manual_seed(0)) / 500.0
+    scale = torch.full((32,), 1.0 / 500.0)
+    fits = []
+    for slack in (refine_module.MOVING_SLACK_PX, 1e3):
+        monkeypatch.setattr(refine_module, "MOVING_SLACK_PX", slack)
+        fits.append(refine(x, *(a[:32] if torch.is_tensor(a) else a for a in args),
+                           disks=disks, scale=scale, posterior=True).theta)
+    assert torch.isfinite(fits[0]).all()
+    assert float((fits[0] - fits[1]).abs().max()) < 2e-6
+    # and the mean moved the fits off the likelihood's maximum (the test can fail)
+    mode = refine(x, *(a[:32] if torch.is_tensor(a) else a for a in args), disks=disks,
+                  scale=scale).theta
+    assert float((fits[0] - mode).abs().max()) > 1e-4
 
 
 LOW_DOSE = 1e3
