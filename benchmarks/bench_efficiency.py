@@ -23,7 +23,13 @@ Poisson realisations of one unstrained pattern, as a ratio to the floor's, per p
 This separates what `ccstae map`'s single-pattern fits lose to their forward model and
 starts from what no local fit of one pattern can avoid (README, "Measured figures").
 
+With ``--scan-pixels N`` the same estimators fit ``N`` interior patterns per phase of
+bench_fit_spread's heterostructure scan instead (strained, rotated, each at its own origin;
+``--patterns`` realisations each), the patterns whose `ccstae map` fits bench_fit_spread
+measures: what the ideal forward model reaches on exactly those.
+
     python benchmarks/bench_efficiency.py [--doses 1000 500] [--patterns 200] [--results DIR]
+    python benchmarks/bench_efficiency.py --doses 500 --scan-pixels 24 --patterns 16
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench_fit_spread import SEED as SPREAD_SEED
+from bench_fit_spread import pick_pixels
 from results_io import save_json
 from scipy import ndimage
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.refine import POSTERIOR_SAMPLES, POSTERIOR_WIDTH
 from ccstae_hpc.sim.crb import PARAMS, fisher_information, pattern_from_params
-from ccstae_hpc.sim.simulate import base_origin
+from ccstae_hpc.sim.crb import truth_params as pixel_params
+from ccstae_hpc.sim.simulate import base_origin, truth_rows
 
 RESULTS = Path(__file__).parent / "results"
 PHASE = 1  # a relaxed WS2 pattern (cramer_rao's)
@@ -51,55 +60,127 @@ CONTINUATION = ((3.0, 3), (1.5, 3), (0.7, 3), (0.0, 3))  # (blur px, Fisher-scor
 LINE_SEARCH_HALVINGS = 10
 
 
-def model(cfg: SimConfig, p: np.ndarray, dose: float, blur: float) -> np.ndarray:
-    """Expected counts (flattened) at parameters ``p``, blurred by ``blur`` px."""
-    m = pattern_from_params(cfg, p, PHASE, dose)
+def model(cfg: SimConfig, p: np.ndarray, dose: float, blur: float, phase: int = PHASE
+          ) -> np.ndarray:
+    """Expected counts (flattened) of ``phase`` at parameters ``p``, blurred by ``blur`` px."""
+    m = pattern_from_params(cfg, p, phase, dose)
     return (ndimage.gaussian_filter(m, blur) if blur > 0 else m).ravel()
 
 
-def loglik(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float, blur: float) -> float:
-    mu = np.maximum(model(cfg, p, dose, blur), 1e-12)
+def loglik(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float, blur: float,
+           phase: int = PHASE) -> float:
+    mu = np.maximum(model(cfg, p, dose, blur, phase), 1e-12)
     return float(np.sum(x * np.log(mu) - mu))
 
 
 def scoring_step(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float,
-                 blur: float) -> np.ndarray:
+                 blur: float, phase: int = PHASE) -> np.ndarray:
     """One Fisher-scoring step with a backtracking line search (never lowers the
     likelihood)."""
-    mu = np.maximum(model(cfg, p, dose, blur), 1e-12)
+    mu = np.maximum(model(cfg, p, dose, blur, phase), 1e-12)
     J = np.empty((len(p), mu.size))
     for i, h in enumerate(STEPS * (1.0 + 10.0 * blur)):
         e = np.zeros(len(p))
         e[i] = h
-        J[i] = (model(cfg, p + e, dose, blur) - model(cfg, p - e, dose, blur)) / (2 * h)
+        J[i] = (model(cfg, p + e, dose, blur, phase)
+                - model(cfg, p - e, dose, blur, phase)) / (2 * h)
     d = np.linalg.solve((J / mu) @ J.T, J @ ((x - mu) / mu))
-    base, t = loglik(cfg, x, p, dose, blur), 1.0
+    base, t = loglik(cfg, x, p, dose, blur, phase), 1.0
     for _ in range(LINE_SEARCH_HALVINGS):
-        if loglik(cfg, x, p + t * d, dose, blur) >= base:
+        if loglik(cfg, x, p + t * d, dose, blur, phase) >= base:
             return p + t * d
         t *= 0.5
     return p
 
 
 def fit(cfg: SimConfig, x: np.ndarray, start: np.ndarray, dose: float,
-        schedule: tuple[tuple[float, int], ...]) -> np.ndarray:
+        schedule: tuple[tuple[float, int], ...], phase: int = PHASE) -> np.ndarray:
     p = start.copy()
     for blur, steps in schedule:
         for _ in range(steps):
-            p = scoring_step(cfg, x, p, dose, blur)
+            p = scoring_step(cfg, x, p, dose, blur, phase)
     return p
 
 
 def likelihood_mean(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float,
-                    z: np.ndarray) -> np.ndarray:
+                    z: np.ndarray, phase: int = PHASE) -> np.ndarray:
     """The mean of the likelihood of ``x`` over the parameters, importance-sampled from the
     Laplace approximation at its maximum ``p`` (widened by POSTERIOR_WIDTH) with the
     standard-normal draws ``z``."""
-    C = np.linalg.inv(fisher_information(cfg, dose, PHASE, p))
+    C = np.linalg.inv(fisher_information(cfg, dose, phase, p))
     steps = z @ (np.linalg.cholesky(C) * POSTERIOR_WIDTH).T
-    lw = np.array([loglik(cfg, x, p + d, dose, 0.0) for d in steps]) + 0.5 * (z * z).sum(1)
+    lw = np.array([loglik(cfg, x, p + d, dose, 0.0, phase) for d in steps]) \
+        + 0.5 * (z * z).sum(1)
     w = np.exp(lw - lw.max())
     return p + (w / w.sum()) @ steps
+
+
+def antithetic(seed: int, dim: int) -> np.ndarray:
+    """:data:`POSTERIOR_SAMPLES` antithetic standard-normal draws ``(M, dim)``, as the
+    map's."""
+    z = np.random.default_rng(seed).normal(size=(POSTERIOR_SAMPLES // 2, dim))
+    return np.concatenate([z, -z])
+
+
+def one_pixel(args: tuple[SimConfig, float, np.ndarray, int, np.ndarray, int, int]
+              ) -> np.ndarray:
+    """Fits ``(n, 3, 6)`` of ``n`` realisations of one pattern of a scan (parameters ``p0``,
+    ``phase``) at ``dose``: from its truth, through the continuation from an offset start,
+    and that fit's likelihood mean."""
+    cfg, dose, p0, phase, offsets, n, seed = args
+    rng = np.random.default_rng(seed)
+    mu = pattern_from_params(cfg, p0, phase, dose)
+    z = antithetic(seed + 1000, len(p0))
+    out = np.empty((n, 3, len(p0)))
+    for i in range(n):
+        x = rng.poisson(mu).ravel().astype(np.float64)
+        off = rng.normal(0.0, 1.0, len(p0)) * offsets
+        out[i, 0] = fit(cfg, x, p0, dose, ((0.0, SHARP_STEPS),), phase)
+        out[i, 1] = fit(cfg, x, p0 + off, dose, CONTINUATION, phase)
+        out[i, 2] = likelihood_mean(cfg, x, out[i, 1], dose, z, phase)
+    return out
+
+
+def scan_patterns(args: argparse.Namespace, offsets: np.ndarray) -> None:
+    """The same estimators on bench_fit_spread's patterns: ``--scan-pixels`` interior
+    pixels per phase of its heterostructure scan (strained, rotated, each at its own
+    origin), ``--patterns`` realisations each, std over the realisations / the pattern's
+    own floor, root-mean-square over the pixels of a phase (the figure bench_fit_spread
+    prints for `ccstae map`'s fits of the same patterns)."""
+    cfg = SimConfig(scan=(args.scan, args.scan), dose=None, seed=SPREAD_SEED,
+                    heterostructure=True)
+    truth = truth_rows(cfg)
+    phase = np.asarray(truth["phase"])
+    pick = pick_pixels(phase, args.scan_pixels)
+    phases = [int(phase[y, x]) for y, x in pick]
+    p0 = [pixel_params(truth, int(y), int(x)) for y, x in pick]
+    jobs = [(cfg, d, p, ph, offsets, args.patterns, args.seed + 1000 * i + j)
+            for i, d in enumerate(args.doses) for j, (p, ph) in enumerate(zip(p0, phases,
+                                                                               strict=True))]
+    t = time.perf_counter()
+    with ProcessPoolExecutor(max(1, args.workers)) as pool:
+        fits = list(pool.map(one_pixel, jobs))
+    print(f"exact-model Poisson fits of {args.patterns} realisations of {len(pick)} patterns "
+          f"of the {args.scan}x{args.scan} heterostructure ({time.perf_counter() - t:.0f} s)")
+    print("std / the pattern's Cramer-Rao std, rms over a phase's patterns: "
+          + ", ".join(PARAMS[:4]))
+    rows = []
+    for i, d in enumerate(args.doses):
+        ratio = np.empty((len(pick), 3, 4))
+        for j, (p, ph) in enumerate(zip(p0, phases, strict=True)):
+            crb = np.sqrt(np.diag(np.linalg.inv(fisher_information(cfg, d, ph, p))))
+            ratio[j] = fits[i * len(pick) + j].std(0, ddof=1)[:, :4] / crb[:4]
+        for ph in sorted(set(phases)):
+            sel = np.asarray(phases) == ph
+            for k, name in enumerate(("truth", "continuation", "continuation_mean")):
+                r = np.sqrt(np.mean(ratio[sel, k] ** 2, 0))
+                named = zip(PARAMS[:4], r, strict=True)
+                rows.append({"dose": d, "phase": ph, "start": name, "pixels": int(sel.sum()),
+                             "patterns": args.patterns, "offsets": offsets.tolist(),
+                             **{f"ratio_{n}": float(v) for n, v in named}})
+                print(f"  {d:7g} e-  phase {ph}  {name:18s} "
+                      + "  ".join(f"{v:.2f}" for v in r))
+    print(f"-> {save_json(args.results, 'efficiency_scan.json', rows)}")
 
 
 def one_case(args: tuple[float, str, np.ndarray, int, int]) -> np.ndarray:
@@ -110,8 +191,7 @@ def one_case(args: tuple[float, str, np.ndarray, int, int]) -> np.ndarray:
     p0 = truth_params(cfg)
     rng = np.random.default_rng(seed)
     mu = pattern_from_params(cfg, p0, PHASE, dose)
-    z = np.random.default_rng(seed + 1000).normal(size=(POSTERIOR_SAMPLES // 2, len(p0)))
-    z = np.concatenate([z, -z])  # antithetic, as the map's
+    z = antithetic(seed + 1000, len(p0))
     out = np.empty((n, 2 if start == "continuation" else 1, len(p0)))
     for i in range(n):
         x = rng.poisson(mu).ravel().astype(np.float64)
@@ -140,9 +220,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--results", type=Path, default=RESULTS, help="directory of efficiency.json")
+    ap.add_argument("--scan-pixels", type=int, default=0,
+                    help="instead: this many patterns per phase of bench_fit_spread's "
+                         "heterostructure, --patterns realisations each")
+    ap.add_argument("--scan", type=int, default=32, help="that scan's side (--scan-pixels)")
     args = ap.parse_args()
     s, deg, px = args.offsets
     offsets = np.array([s, s, s, deg, px, px])
+    if args.scan_pixels > 0:
+        scan_patterns(args, offsets)
+        return
     cfg = SimConfig()
     p0 = truth_params(cfg)
     starts = ("truth", "continuation")

@@ -27,10 +27,12 @@ ONE_EPOCH = ["--epochs", "1"]
     ["benchmarks/bench_gpu_projection.py", "--quick"],
     ["benchmarks/bench_dose.py", "--quick", *ONE_EPOCH],
     ["benchmarks/bench_efficiency.py", "--doses", "1e4", "--patterns", "2", "--workers", "1"],
+    ["benchmarks/bench_efficiency.py", "--doses", "1e4", "--scan-pixels", "1", "--patterns",
+     "2", "--workers", "1"],
     ["benchmarks/bench_fit_spread.py", "--scan", "16", "--realisations", "2", "--per-phase",
      "4", *ONE_EPOCH],
 ], ids=["multislice", "ablation", "phase_cost", "peers", "training", "memory",
-        "gpu_projection", "dose", "efficiency", "fit_spread"])
+        "gpu_projection", "dose", "efficiency", "efficiency_scan", "fit_spread"])
 def test_benchmark_runs(argv: list[str], tmp_path: Path) -> None:
     if "phase_cost" not in argv[0]:
         argv = [*argv, "--results", str(tmp_path)]  # the committed full-size results stay
