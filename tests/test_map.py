@@ -164,6 +164,14 @@ def test_forward_model_choice_runs_on_the_workers(trained: Path, tmp_path: Path,
 
     # the workers are processes of their own: only this process' fits are refused
     monkeypatch.setattr(map_stage, "map_block", not_here)
+    built: list = []
+    real_payload = map_stage.map_payload
+
+    def counted(*args):
+        built.append(args)
+        return real_payload(*args)
+
+    monkeypatch.setattr(map_stage, "map_payload", counted)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         seen: list = []
@@ -182,6 +190,8 @@ def test_forward_model_choice_runs_on_the_workers(trained: Path, tmp_path: Path,
     assert seen[:2] == [("timed_fit_rows", blocks, "Future")] * 2, seen
     assert [call[1] for call in seen[2:]] in ([], [[]]), seen
     assert all(len(t) <= map_stage.MAP_CACHE_MODELS for t in tokens.values())
+    # one payload per candidate: the map's own is the chosen candidate's, not a third model
+    assert len(built) == 2, len(built)
     record = json.loads(xr.open_zarr(s, group="strain").attrs["forward_model"])
     assert 0 < record["block_fits_s"] < record["choice_s"], record
     strain = _group(s, "strain")

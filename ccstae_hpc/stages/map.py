@@ -68,7 +68,7 @@ from ccstae_hpc.stages.train import load_model
 
 __all__ = ["CALIBRATION_SAMPLE", "map_store", "phase_inputs", "choose_forward_model",
            "whole_detector_disks",
-           "map_payload", "map_rows", "fit_rows", "timed_fit_rows", "cached_models",
+           "map_payload", "Payloads", "map_rows", "fit_rows", "timed_fit_rows", "cached_models",
            "MAP_CACHE_MODELS", "com_reference", "com_payload", "com_rows",
            "vacuum_record"]
 
@@ -136,15 +136,17 @@ def map_store(store: str | Path, map_cfg: MapConfig | None = None, client: Any |
         # process; mapping in this process, nothing else runs yet and it gets every core
         before = torch.get_num_threads()
         set_torch_threads(threads if client is not None else max(threads, _cpus(workers)))
+        payloads = Payloads(str(store.resolve()), model, geom, map_cfg, (ny, nx),
+                            rows_per_block, threads)
         try:
             inputs = phase_inputs(prep, model, geom, map_cfg, rows_per_block, threads,
-                                  client=client, workers=workers)
+                                  client=client, workers=workers, payloads=payloads)
         finally:
             set_torch_threads(before)
         phases, K = inputs.phases, len(inputs.info.patterns)
-        task, payload = map_rows, map_payload(str(store.resolve()), model, geom, map_cfg,
-                                              (ny, nx), rows_per_block, threads,
-                                              inputs.to_dict())
+        # the chosen candidate's payload, as the forward-model choice sent it: its model is
+        # built once per worker, not again for the map
+        task, payload = map_rows, payloads(inputs)
         attrs = {"model_config": mcfg.to_json(), "train_config": tcfg.to_json(),
                  "final_loss": float(np.mean(root["model"].attrs["loss"][-10:])),
                  "entry_relations": json.dumps(entry_relations(inputs.info, inputs.phases))}
@@ -275,13 +277,14 @@ def _cpus(workers: int | None) -> int:
 
 def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
                  rows_per_block: int = 8, threads: int = 1, *, client: Any | None = None,
-                 workers: int | None = None) -> MapInputs:
+                 workers: int | None = None, payloads: Payloads | None = None) -> MapInputs:
     """Analyse the dictionary and calibrate its phases on the training sample of ``prep``,
     with the forward model of ``map_cfg.forward_model`` ("auto": the learned entries for
     pooled maps; for single-pattern fits chosen on the data, see
     :func:`choose_forward_model`, which fits whole map blocks of ``rows_per_block`` scan
     rows with ``threads`` torch threads each as map tasks, on ``client`` or ``workers``
-    local threads as :func:`map_store`; the choice is in the result's ``forward_model``)."""
+    local threads as :func:`map_store`, their payloads from ``payloads`` (default: new
+    ones); the choice is in the result's ``forward_model``)."""
     n = min(int(prep["train"].shape[0]), CALIBRATION_SAMPLE)
     scale = prep["train_scale"][:n]
     bg = torch.from_numpy(prep["background"][...]) if "background" in prep else None
@@ -317,7 +320,8 @@ def phase_inputs(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapCo
         inputs.forward_model = {"chosen": name, "asked": map_cfg.forward_model}
     else:
         inputs = choose_forward_model(prep, model, geom, map_cfg, candidates, rows_per_block,
-                                      threads, client=client, workers=workers)
+                                      threads, client=client, workers=workers,
+                                      payloads=payloads)
     if profile is not None:
         inputs.forward_model["disk_profile"] = {"radius_px": profile.radius,
                                                 "edge_10_90_px": profile.edge_px}
@@ -392,7 +396,8 @@ def whole_detector_disks(encoded: tuple[torch.Tensor, torch.Tensor], info: Dicti
 def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cfg: MapConfig,
                          candidates: dict[str, MapInputs], rows_per_block: int = 8,
                          threads: int = 1, *, client: Any | None = None,
-                         workers: int | None = None) -> MapInputs:
+                         workers: int | None = None, payloads: Payloads | None = None
+                         ) -> MapInputs:
     """The candidate whose fits of a few central scan rows (about :data:`CHOICE_PATTERNS`
     patterns) scatter least between neighbouring probe positions
     (:func:`ccstae_hpc.core.mapping.neighbour_scatter`): the better forward model for these
@@ -414,11 +419,11 @@ def choose_forward_model(prep: zarr.Group, model: CCSTAE, geom: Geometry, map_cf
     b0 = max(0, min(total - n_blocks, round(ny / 2 / rows_per_block - n_blocks / 2)))
     y0, y1 = b0 * rows_per_block, min(ny, (b0 + n_blocks) * rows_per_block)
     starts = list(range(y0, y1, rows_per_block))
-    store = str(Path(prep.store.root).resolve())
+    if payloads is None:
+        payloads = Payloads(str(Path(prep.store.root).resolve()), model, geom, map_cfg,
+                            (ny, nx), rows_per_block, threads)
     names = list(candidates)
-    payloads = {name: map_payload(store, model, geom, map_cfg, (ny, nx), rows_per_block,
-                                  threads, candidates[name].to_dict()) for name in names}
-    jobs = [(b, payloads[name]) for name in names for b in starts]
+    jobs = [(b, payloads(candidates[name])) for name in names for b in starts]
     results: list[Any] = [None] * len(jobs)
     t = time.perf_counter()
     _run_blocks(timed_fit_rows, jobs, client, workers, results.__setitem__)
@@ -475,7 +480,8 @@ def _with_calibration(lat: dict, root: zarr.Group, prep: zarr.Group) -> dict:
 
 # the models of the current map run, built once per worker process:
 # token -> (model, geometry, map config, map inputs); the forward-model choice's two
-# candidates and then the map's own: the two most recent are kept
+# candidates, the chosen one's payload also the map's own (Payloads): the two most recent
+# are kept
 MAP_CACHE_MODELS = 2
 _MAP_CACHE: dict[str, tuple[Any, Any, Any, Any]] = {}
 _MAP_LOCK = threading.Lock()
@@ -503,6 +509,26 @@ def map_payload(store: str, model: Any, geom: Any, map_cfg: Any, shape: tuple[in
         "inputs": inputs,
         "group": staging(AFFINE),  # where the blocks go until the map run commits
     }
+
+
+class Payloads:
+    """The map payload (:func:`map_payload`) of each candidate's inputs of one map run,
+    built on first use and handed out again for the same inputs object: the forward-model
+    choice's tasks and the map's own share the chosen candidate's, so that each worker
+    builds its model once."""
+
+    def __init__(self, store: str, model: Any, geom: Any, map_cfg: Any,
+                 shape: tuple[int, int], rows: int, threads: int) -> None:
+        self._args = (store, model, geom, map_cfg, shape, rows, threads)
+        self._made: list[tuple[MapInputs, dict]] = []  # by identity: inputs are not hashable
+
+    def __call__(self, inputs: MapInputs) -> dict:
+        for known, payload in self._made:
+            if known is inputs:
+                return payload
+        payload = map_payload(*self._args, inputs.to_dict())
+        self._made.append((inputs, payload))
+        return payload
 
 
 def _cached(payload: dict) -> tuple[Any, Any, Any, Any]:
