@@ -96,6 +96,7 @@ def test_report_from_results(tmp_path: Path) -> None:
     assert "| single | noise-free | ccstae | 0.010 % |" in text
     assert "failed: no lattice" in text and (results / "multislice.png").exists()
     assert "Not measured yet: run `python benchmarks/bench_peers.py`" in text
+    assert "Not measured yet: run `python benchmarks/bench_efficiency.py --doses 500" in text
     # the time the benchmark recorded, else the file's own time marked as such
     assert ("`python benchmarks/bench_dose.py`, its abTEM rows (written 2026-01-02 03:04 UTC)"
             in text)
