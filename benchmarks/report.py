@@ -271,23 +271,29 @@ def section_efficiency(results: Path) -> str:
     head = "## How close a single-pattern fit can come to the floor\n\n`" + cmd + "`"
     if d is None:
         return head + "\n\n" + _missing(cmd) + "\n" + _efficiency_scan(results)
-    params = [k.removeprefix("ratio_") for k in d[0] if k.startswith("ratio_")]
     off = d[0].get("offsets", [])
-    out = [head + f" (written {stamp}). Poisson maximum-likelihood fits whose forward model "
-           "is the simulator itself (no model error), of one unstrained pattern, "
-           f"{d[0].get('patterns')} realisations each: the standard deviation of the fits "
-           "over the Cramer-Rao floor's. Started at the truth, and from starts off by "
-           + (f"{100 * off[0]:g} %, {off[3]:g} deg and {off[4]:g} px" if len(off) == 6
-              else "the given offsets")
-           + " through a blur continuation, and that fit's likelihood mean (what `ccstae "
-           "map`'s disk fits report). `bench_dose`'s single-pattern ratios above compare "
-           "with these.\n",
-           "| dose | start | " + " | ".join(params) + " |",
-           "|---|---|" + "---|" * len(params)]
-    for r in d:
-        out.append(f"| {r['dose']:g} | {r['start']} | "
+    intro = (head + f" (written {stamp}). Poisson maximum-likelihood fits whose forward model "
+             "is the simulator itself (no model error), of one unstrained pattern, "
+             f"{d[0].get('patterns')} realisations each: the standard deviation of the fits "
+             "over the Cramer-Rao floor's. Started at the truth, and from starts off by "
+             + (f"{100 * off[0]:g} %, {off[3]:g} deg and {off[4]:g} px" if len(off) == 6
+                else "the given offsets")
+             + " through a blur continuation, and that fit's likelihood mean (what `ccstae "
+             "map`'s disk fits report). `bench_dose`'s single-pattern ratios above compare "
+             "with these.\n")
+    return _ratio_table(intro, d, ("start",)) + "\n" + _efficiency_scan(results)
+
+
+def _ratio_table(intro: str, rows: list[dict], columns: tuple[str, ...]) -> str:
+    """``intro``, then a table of bench_efficiency's rows: dose, ``columns``, and every
+    ``ratio_<parameter>`` to two decimals."""
+    params = [k.removeprefix("ratio_") for k in rows[0] if k.startswith("ratio_")]
+    out = [intro, "| dose | " + " | ".join((*columns, *params)) + " |",
+           "|---|" + "---|" * (len(columns) + len(params))]
+    for r in rows:
+        out.append(f"| {r['dose']:g} | " + " | ".join(str(r[c]) for c in columns) + " | "
                    + " | ".join(f"{r[f'ratio_{k}']:.2f}" for k in params) + " |")
-    return "\n".join(out) + "\n\n" + _efficiency_scan(results)
+    return "\n".join(out) + "\n"
 
 
 def _efficiency_scan(results: Path) -> str:
@@ -296,18 +302,12 @@ def _efficiency_scan(results: Path) -> str:
     d, stamp = _load(results, "efficiency_scan.json")
     if d is None:
         return "On the heterostructure's own patterns: " + _missing(cmd)
-    params = [k.removeprefix("ratio_") for k in d[0] if k.startswith("ratio_")]
-    out = [f"On the patterns whose `ccstae map` fits `bench_fit_spread` measures (`{cmd}`, "
-           f"written {stamp}): {d[0].get('pixels')} interior patterns per phase of the 32x32 "
-           f"heterostructure, strained and rotated, {d[0].get('patterns')} realisations "
-           "each; the root mean square over a phase's patterns of the fits' standard "
-           "deviation over each pattern's own floor.\n",
-           "| dose | phase | start | " + " | ".join(params) + " |",
-           "|---|---|---|" + "---|" * len(params)]
-    for r in d:
-        out.append(f"| {r['dose']:g} | {r['phase']} | {r['start']} | "
-                   + " | ".join(f"{r[f'ratio_{k}']:.2f}" for k in params) + " |")
-    return "\n".join(out) + "\n"
+    intro = (f"On the patterns whose `ccstae map` fits `bench_fit_spread` measures (`{cmd}`, "
+             f"written {stamp}): {d[0].get('pixels')} interior patterns per phase of the 32x32 "
+             f"heterostructure, strained and rotated, {d[0].get('patterns')} realisations "
+             "each; the root mean square over a phase's patterns of the fits' standard "
+             "deviation over each pattern's own floor.\n")
+    return _ratio_table(intro, d, ("phase", "start"))
 
 
 SECTIONS = (section_peers, section_training, section_dose, section_efficiency,

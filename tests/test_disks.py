@@ -224,7 +224,8 @@ def test_likelihood_mean_evaluates_only_the_pixels_its_draws_move(
     the profile's reach under every draw adds a constant that the importance weights'
     normalisation cancels): the fits are those of every weighed disk pixel to float32
     rounding.  With a slack of 1000 px no pixel is provably still and all are evaluated."""
-    args = (whole["cls"], whole["start"], whole["D"], whole["mask"], sim["ring"])
+    # the first 32 patterns' classes and starts; the entries, masks and ring whole
+    args = (whole["cls"][:32], whole["start"][:32], whole["D"], whole["mask"], sim["ring"])
     disks = DiskEntries.from_model(whole["model"], whole["labels"])
     # one count normalised, at a dose where the likelihood's draws spread over ~0.1 px
     x = torch.poisson(whole["x"][:32] * 500.0, generator=torch.Generator().manual_seed(0)) / 500.0
@@ -232,13 +233,11 @@ def test_likelihood_mean_evaluates_only_the_pixels_its_draws_move(
     fits = []
     for slack in (refine_module.MOVING_SLACK_PX, 1e3):
         monkeypatch.setattr(refine_module, "MOVING_SLACK_PX", slack)
-        fits.append(refine(x, *(a[:32] if torch.is_tensor(a) else a for a in args),
-                           disks=disks, scale=scale, posterior=True).theta)
+        fits.append(refine(x, *args, disks=disks, scale=scale, posterior=True).theta)
     assert torch.isfinite(fits[0]).all()
     assert float((fits[0] - fits[1]).abs().max()) < 2e-6
     # and the mean moved the fits off the likelihood's maximum (the test can fail)
-    mode = refine(x, *(a[:32] if torch.is_tensor(a) else a for a in args), disks=disks,
-                  scale=scale).theta
+    mode = refine(x, *args, disks=disks, scale=scale).theta
     assert float((fits[0] - mode).abs().max()) > 1e-4
 
 
