@@ -30,7 +30,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -43,6 +43,9 @@ from ccstae_hpc.stages.readers import IngestError, read_npy_header
 from ccstae_hpc.stages.resume import continue_build
 from ccstae_hpc.stages.store import StageExistsError
 
+if TYPE_CHECKING:
+    from flows.embedded import EarlyServer
+
 __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "CliError", "check_content",
            "check_finite", "load_npy", "main", "run_npy", "validate_array"]
 
@@ -54,6 +57,11 @@ VERBOSE_FLAG = "--verbose"
 _CHECK_BLOCK_BYTES = 64 * 2**20
 # loggers of the embedded flow run that `run --quiet` limits to warnings and errors
 _FLOW_LOGGERS = ("prefect", "distributed")
+# what `run` imports before its first training step, loaded while Prefect's server starts
+# (its process boots on the other core for ~4 s): the flow modules (torch, Dask, the stages;
+# 2.8 s) and torch._dynamo, which torch.optim imports in the first optimiser's constructor
+# (1.1-1.4 s on two cores)
+RUN_PRELOAD = ("flows.pipeline", "torch._dynamo")
 
 
 class CliError(Exception):
@@ -277,17 +285,37 @@ def run_npy(
     inp, out = Path(inp), Path(out)
     map_cfg = map_cfg or MapConfig()
     _check_output(inp, out, overwrite)
-    data = load_npy(inp)
-    validate_array(data, map_cfg.reference)
-    check_content(data)
-    ny, nx, qy, qx = data.shape
-    del data
+    # Prefect's server boots on the other core while the input is checked and Prefect and
+    # the flows load (4 s of the run's start); the flow stops it, or the finally below
+    from flows.embedded import spawn_server  # standard library only: instant
 
-    print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector) -> {out}")
+    early = spawn_server() if engine == "prefect" else None
+    try:
+        data = load_npy(inp)
+        validate_array(data, map_cfg.reference)
+        check_content(data)
+        ny, nx, qy, qx = data.shape
+        del data
+        print(f"ccstae run: {inp} ({ny} x {nx} scan, {qy} x {qx} detector) -> {out}")
+        _run_engine(inp, out, overwrite, model_cfg, train_cfg, map_cfg, progress, engine,
+                    verbose, early)
+    finally:
+        # not taken over by the flow: a check refused the input, the store was locked
+        if early is not None and early.running:
+            early.stop()
+            early.log_path.unlink(missing_ok=True)
+    return store.open_strain(out).load()
+
+
+def _run_engine(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | None,
+                train_cfg: TrainConfig | None, map_cfg: MapConfig,
+                progress: bool | Callable[[dict], None], engine: str, verbose: bool,
+                early: EarlyServer | None) -> None:
+    """The run itself, after the checks: the Prefect flow or the plain stage sequence."""
     try:
         if engine == "prefect":
             _run_flow(inp, out, overwrite, model_cfg, train_cfg, map_cfg,
-                      quiet=progress is False, verbose=verbose)
+                      quiet=progress is False, verbose=verbose, early=early)
         else:
             # imported here: torch loads in seconds, and the checks above must stay instant
             from ccstae_hpc.stages.run import run_store
@@ -302,7 +330,6 @@ def run_npy(
             raise  # not a refusal of the data: an internal error (exit code 1)
         # ingest / preprocessing / training refused the data
         raise CliError.of(e) from e
-    return store.open_strain(out).load()
 
 
 def _check_output(inp: Path, out: Path, overwrite: bool) -> None:
@@ -331,7 +358,8 @@ def _check_output(inp: Path, out: Path, overwrite: bool) -> None:
 
 def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | None,
               train_cfg: TrainConfig | None, map_cfg: MapConfig | None, *,
-              quiet: bool = False, verbose: bool = False) -> None:
+              quiet: bool = False, verbose: bool = False,
+              early: EarlyServer | None = None) -> None:
     """The Prefect ``pipeline`` flow, embedded (no separate server), into a sibling store
     that replaces ``out`` only once complete.
 
@@ -357,7 +385,7 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
         tmp = continue_build(out, inp, cfg.ingest.identity(), note)
         try:
             # the pipeline's imports (torch, Dask) load while Prefect's server starts
-            with _flow_logging(quiet, verbose), embedded_prefect(preload=("flows.pipeline",)):
+            with _flow_logging(quiet, verbose), embedded_prefect(RUN_PRELOAD, early):
                 from flows.pipeline import run_pipeline_embedded
 
                 run_pipeline_embedded(inp, tmp, config=cfg)

@@ -16,6 +16,12 @@ closes on the way out), sends the queued logs and events while the server still 
 stops the server inside the ``with`` block and removes Prefect's atexit hook.  After a
 signal it also ends any child process started inside the block that is still alive, then
 lets the signal take its usual course (the process ends with it).
+
+A command that knows early that it will run a flow (``ccstae run``) can start the server's
+process before it imports Prefect at all (:func:`spawn_server`, 10 ms) and hand it to
+:func:`embedded_prefect`: the server then boots on another core while the command checks its
+input and imports Prefect, torch and the flows, instead of after Prefect's server module
+(2 s) has been imported.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,9 +43,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.error import URLError
 from urllib.parse import urlparse
+from urllib.request import urlopen
 
-__all__ = ["LOOPBACK", "Terminated", "embedded_prefect"]
+__all__ = ["LOOPBACK", "EarlyServer", "Terminated", "embedded_prefect", "spawn_server"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,18 @@ CHILD_GRACE_S = 3.0
 SERVER_LOG_TAIL = 3000
 # seconds between looks for the server's process while stderr goes to its log
 SPAWN_POLL_S = 0.005
+# seconds between health requests to a server that is starting, and each request's limit
+HEALTH_POLL_S = 0.05
+HEALTH_TIMEOUT_S = 2.0
+# seconds a stopping server gets between SIGTERM and SIGKILL (as Prefect's own stop)
+SERVER_STOP_S = 5.0
+# the exit status of uvicorn that could not bind its port (taken meanwhile): try another
+EXIT_PORT_IN_USE = 3
+# what Prefect's own temporary server sets in its process's environment
+# (prefect.server.api.server.SubprocessASGIServer): no UI; the app built once, in ephemeral
+# mode (no background services)
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+              "PREFECT__SERVER_FINAL": "1"}
 
 
 class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
@@ -173,6 +196,133 @@ def _start(server: Any, log_path: Path, preload: Sequence[str] = ()) -> None:
                            "127.0.0.1`) and set PREFECT_API_URL")
 
 
+def _log_path() -> Path:
+    return Path(tempfile.gettempdir()) / f"ccstae-prefect-server-{os.getpid()}.log"
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+# how an early server's process runs uvicorn: it first asks the kernel to end it with its
+# parent (Linux: PR_SET_PDEATHSIG), so that no signal or crash of the parent, even one that
+# runs no clean-up (SIGKILL, a SIGTERM before embedded_prefect handles it), leaves it behind
+_LAUNCH = """\
+import os, sys
+try:
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # not Linux: embedded_prefect and the caller's finally still stop it
+if os.getppid() != int(os.environ.pop("CCSTAE_SERVER_PARENT")):
+    sys.exit(0)  # the parent ended before the request above
+import runpy
+sys.argv = sys.argv[1:]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+class EarlyServer:
+    """Prefect's temporary server (the process its ephemeral mode starts: uvicorn serving
+    ``prefect.server.api.server:create_app`` on 127.0.0.1), started without importing Prefect
+    in this process; its output goes to a log file.  :func:`embedded_prefect` waits for it,
+    points this process's Prefect settings at it and stops it."""
+
+    def __init__(self) -> None:
+        self.log_path = _log_path()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._start()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/api"
+
+    def _start(self) -> None:
+        spec = importlib.util.find_spec("prefect")
+        if spec is None or spec.origin is None:
+            raise RuntimeError("Prefect is not installed; run `make venv` (or pip install -e .)")
+        self.port = _free_port()
+        # the directory that holds the prefect package, as Prefect's own start passes it
+        app_dir = Path(spec.origin).parent.parent
+        cmd = [sys.executable, "-c", _LAUNCH, "uvicorn", "--app-dir", str(app_dir), "--factory",
+               "prefect.server.api.server:create_app", "--host", LOOPBACK, "--port",
+               str(self.port), "--log-level", "error", "--lifespan", "on"]
+        with open(self.log_path, "ab") as out:
+            env = os.environ | SERVER_ENV | {"CCSTAE_SERVER_PARENT": str(os.getpid())}
+            self.process = subprocess.Popen(cmd, env=env,
+                                            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+    def wait(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Until the server answers its health check.
+
+        Raises
+        ------
+        RuntimeError
+            The server ended or did not answer within ``timeout`` seconds (its log is kept
+            and quoted).
+        """
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.process is not None
+            rc = self.process.poll()
+            if rc == EXIT_PORT_IN_USE:  # the port was taken between our look and its bind
+                self._start()
+                continue
+            if rc is not None:
+                self._fail(f"it exited with status {rc}")
+            try:
+                with urlopen(f"{self.api_url}/health", timeout=HEALTH_TIMEOUT_S) as r:
+                    if r.status == 200:
+                        return
+            except (URLError, OSError):
+                pass
+            time.sleep(HEALTH_POLL_S)
+        self._fail(f"it did not answer within {timeout:.0f} s")
+
+    def _fail(self, why: str) -> None:
+        self.stop()
+        tail = self.log_path.read_text(errors="replace")[-SERVER_LOG_TAIL:] \
+            if self.log_path.exists() else ""
+        raise RuntimeError(f"Prefect's temporary server did not start: {why}\n"
+                           f"its output ({self.log_path}) ends with:\n{tail}")
+
+    def stop(self) -> None:
+        """End the server's process (SIGTERM, then SIGKILL); idempotent."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def spawn_server() -> EarlyServer | None:
+    """Start Prefect's temporary server now, for a later :func:`embedded_prefect`; None
+    when ``PREFECT_API_URL`` names a server (in the environment, or in Prefect's settings
+    when Prefect is imported already, e.g. a test harness's; a profile that names one is
+    found only once Prefect is imported: :func:`embedded_prefect` then stops this one)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    if "prefect.settings" in sys.modules:  # loaded already: asking costs nothing
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return None
+    # no network here and no server to wait for: Prefect's defaults assume both
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return EarlyServer()
+
+
 def _stop_server(server: Any) -> None:
     # our stop replaces Prefect's atexit hook, which would log after the streams closed
     atexit.unregister(server.stop)
@@ -180,14 +330,17 @@ def _stop_server(server: Any) -> None:
 
 
 @contextlib.contextmanager
-def embedded_prefect(preload: Sequence[str] = ()) -> Iterator[str | None]:
+def embedded_prefect(preload: Sequence[str] = (), early: EarlyServer | None = None
+                     ) -> Iterator[str | None]:
     """Run flows in this process against a temporary local Prefect server.
 
     With ``PREFECT_API_URL`` set nothing is started (the runs are recorded there), and a
     server that is already running in this process (e.g. a test harness's) is used and left
     running.  Otherwise Prefect's temporary server is started on 127.0.0.1 (4 s; 25 s when
     its database is new) and stopped when the block ends.  The modules named in ``preload``
-    are imported before the block begins, while the server starts.
+    are imported before the block begins, while the server starts.  A server ``early``
+    from :func:`spawn_server` is used instead of starting one (and stopped, also when
+    ``PREFECT_API_URL`` turns out to name another).
 
     Inside the block SIGTERM raises :class:`Terminated` in the main thread (SIGINT keeps
     raising KeyboardInterrupt), so that flows unwind and close their Dask clusters.  When the
@@ -214,8 +367,12 @@ def embedded_prefect(preload: Sequence[str] = ()) -> Iterator[str | None]:
         if not stopping.is_set():  # a second SIGTERM during the clean-up must not cut it
             raise Terminated(signum)
 
-    server = None if PREFECT_API_URL.value() else _server()
-    log_path = Path(tempfile.gettempdir()) / f"ccstae-prefect-server-{os.getpid()}.log"
+    if early is not None and PREFECT_API_URL.value():
+        early.stop()  # a profile names a server: runs are recorded there
+        early.log_path.unlink(missing_ok=True)
+        early = None
+    server = None if PREFECT_API_URL.value() or early is not None else _server()
+    log_path = _log_path()
     # a server already running here (e.g. a test harness's) is used and left running
     ours = server is not None and not server.running
     if main:
@@ -223,13 +380,24 @@ def embedded_prefect(preload: Sequence[str] = ()) -> Iterator[str | None]:
     signum: int | None = None
     started = False
     try:
-        if ours:
-            _start(server, log_path, preload)  # imports preload while the server starts
-            started = True
-        else:  # no server of ours to wait for: imported at once
-            for name in preload:
-                importlib.import_module(name)
-        yield server.api_url if server is not None else None
+        with contextlib.ExitStack() as stack:
+            if ours:
+                _start(server, log_path, preload)  # imports preload while the server starts
+                started = True
+            else:  # no server to wait for, or one that boots meanwhile: imported at once
+                for name in preload:
+                    importlib.import_module(name)
+            if early is not None:
+                try:
+                    early.wait()
+                except RuntimeError:
+                    early = None  # stopped; its log is kept, the error names it
+                    raise
+                from prefect.settings import temporary_settings
+
+                stack.enter_context(temporary_settings({PREFECT_API_URL: early.api_url}))
+            yield early.api_url if early is not None else (
+                server.api_url if server is not None else None)
     except Terminated as e:
         signum = e.signum
         raise
@@ -242,12 +410,18 @@ def embedded_prefect(preload: Sequence[str] = ()) -> Iterator[str | None]:
     finally:
         stopping.set()
         try:
+            drain = DRAIN_S if signum is None else DRAIN_AFTER_SIGNAL_S
             if ours:
                 if server.running:
-                    _drain_prefect_workers(DRAIN_S if signum is None else DRAIN_AFTER_SIGNAL_S)
+                    _drain_prefect_workers(drain)
                 _stop_server(server)
                 if started:  # kept where the server failed to start: that error names it
                     log_path.unlink(missing_ok=True)
+            if early is not None:
+                if early.running:
+                    _drain_prefect_workers(drain)
+                early.stop()
+                early.log_path.unlink(missing_ok=True)
             if signum is not None:
                 _end_new_children(before)
         finally:

@@ -123,7 +123,7 @@ _CHILD = """
 import sys, time
 from prefect import flow, get_run_logger
 from flows.dask_cluster import DaskCluster
-from flows.embedded import embedded_prefect
+from flows.embedded import embedded_prefect, spawn_server
 
 
 @flow
@@ -137,7 +137,8 @@ def busy() -> None:
 
 
 if __name__ == "__main__":
-    with embedded_prefect() as url:
+    early = spawn_server() if sys.argv[1:] == ["early"] else None
+    with embedded_prefect(early=early) as url:
         print("url", url, flush=True)
         busy()
 """
@@ -150,7 +151,7 @@ import prefect.logging.configuration as conf
 from prefect import flow, get_run_logger
 conf.setup_logging()
 sys.stderr = real
-from flows.embedded import embedded_prefect
+from flows.embedded import embedded_prefect, spawn_server
 
 
 @flow
@@ -166,10 +167,16 @@ def server_stderr() -> str:
 
 
 if __name__ == "__main__":
-    with embedded_prefect(preload=("xml.dom.minidom",)) as url:
+    early = spawn_server() if sys.argv[1:] == ["early"] else None
+    if early is not None:
+        print("early", early.api_url, flush=True)
+    with embedded_prefect(preload=("xml.dom.minidom",), early=early) as url:
         print("url", url, flush=True)
         print("preloaded", "xml.dom.minidom" in sys.modules, flush=True)
         hello()
+        from prefect.client.orchestration import get_client
+        with get_client(sync_client=True) as client:  # the server the flow reported to
+            print("runs", len(client.read_flow_runs()), flush=True)
         print("server-stderr", server_stderr(), flush=True)
     console.close()  # as pytest closes its captured streams before the interpreter exits
     print("done", flush=True)
@@ -194,15 +201,18 @@ def _uvicorn(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 @pytest.mark.timeout(CHILD_S + 60)
-def test_sigterm_ends_server_and_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["started-inside", "spawned-early"])
+def test_sigterm_ends_server_and_workers(tmp_path: Path, early: bool) -> None:
     """SIGTERM during a flow run that holds a Dask worker: the process ends by the signal,
     the uvicorn server and the worker process end with it, and stderr shows no logging
-    error.  (Before flows.embedded, uvicorn outlived its parent.)"""
+    error.  (Before flows.embedded, uvicorn outlived its parent.)  The same for a server
+    started before Prefect was imported (``spawn_server``, as ``ccstae run`` does)."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD))
     err = tmp_path / "stderr.txt"
     with open(err, "w") as ferr:
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(script), *(["early"] if early else [])],
+                                stdout=subprocess.PIPE,
                                 stderr=ferr, text=True, env=_child_env(tmp_path),
                                 start_new_session=True)
     try:
@@ -243,29 +253,105 @@ def test_sigterm_ends_server_and_workers(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(CHILD_S + 30)
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-def test_normal_exit_no_logging_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["started-inside", "spawned-early"])
+def test_normal_exit_no_logging_error(tmp_path: Path, early: bool) -> None:
     """Prefect's own atexit hook logs "Stopping temporary server" through a console handler
     whose stream is closed by then (as under pytest): `--- Logging error ---`.  The context
     manager stops the server inside the block and removes that hook.  The server's own
     output (e.g. the database operations its shutdown cancels) goes to a file, removed
     after a clean stop, not to the user's terminal, also when modules are imported while
-    it starts."""
+    it starts.  A server spawned before Prefect was imported is the one the flow reports
+    to."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD_EXIT))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(script), *(["early"] if early else [])],
+                         capture_output=True, text=True,
                          env=_child_env(tmp_path) | {"TMPDIR": str(tmp)}, timeout=CHILD_S,
                          start_new_session=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "done" in res.stdout
     assert "preloaded True" in res.stdout  # imported while the server started
+    urls = dict(ln.split(None, 1) for ln in res.stdout.splitlines()
+                if ln.startswith(("early ", "url ")))
+    assert urls["url"].startswith("http://127.0.0.1:")
+    if early:
+        assert urls["url"] == urls["early"]
+    assert "runs 1" in res.stdout  # the flow run is recorded on the server of the block
     [where] = [ln.split(None, 1)[1] for ln in res.stdout.splitlines()
                if ln.startswith("server-stderr")]
     assert Path(where).parent == tmp and Path(where).name.startswith("ccstae-prefect-server-")
     assert not any(tmp.iterdir())
     assert "Logging error" not in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+_CHILD_KILLED = """
+import sys, time
+from flows.embedded import spawn_server
+
+server = spawn_server()
+print("server", server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(CHILD_S)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_early_server_ends_with_a_killed_parent(tmp_path: Path) -> None:
+    """A server started early (``spawn_server``) ends with its parent even when the parent
+    runs no clean-up at all (SIGKILL), whatever the parent was doing."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(_CHILD_KILLED))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=_child_env(tmp_path) | {"TMPDIR": str(tmp_path)},
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline().split()[1])
+        server = psutil.Process(pid)
+        time.sleep(1.0)  # well into the server's boot
+        assert server.is_running() and "uvicorn" in server.cmdline()
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs([server], timeout=ORPHAN_S)
+        assert not alive
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.mark.timeout(CHILD_S)
+def test_run_refusing_its_input_stops_the_early_server(tmp_path: Path) -> None:
+    """`ccstae run` starts Prefect's server before it checks the input (the server boots
+    meanwhile): an input the checks refuse ends the command with its message, exit code 2,
+    and no server process or server log left behind."""
+    import numpy as np
+
+    data = np.ones((6, 5, 32, 32), np.float32)
+    data[4, 3, 10, 10] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = _child_env(tmp_path) | {"TMPDIR": str(tmp)}
+    res = subprocess.run([sys.executable, "-m", "ccstae_hpc.cli", "run", str(tmp_path / "nan.npy"),
+                          "--out", str(tmp_path / "o.zarr")], capture_output=True, text=True,
+                         env=env, timeout=CHILD_S, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "NaN" in res.stderr and "y=4, x=3" in res.stderr
+    assert not any(tmp.iterdir())  # the server's log is removed with it
+    ours = []
+    for p in psutil.process_iter():
+        try:
+            if "uvicorn" in p.cmdline() and p.environ().get("PREFECT_HOME") == env["PREFECT_HOME"]:
+                ours.append(p)
+        except psutil.Error:
+            pass
+    assert not ours, [p.cmdline() for p in ours]
+    assert not (tmp_path / "o.zarr").exists()
 
 
 # --------------------------------------------------------------------------- training
