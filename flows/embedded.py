@@ -214,8 +214,8 @@ import os, sys
 try:
     import ctypes, signal
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass  # not Linux: embedded_prefect and the caller's finally still stop it
+except (OSError, AttributeError, TypeError):
+    pass  # not Linux (no prctl): embedded_prefect and the caller's finally stop it
 if os.getppid() != int(os.environ.pop("CCSTAE_SERVER_PARENT")):
     sys.exit(0)  # the parent ended before the request above
 import runpy
