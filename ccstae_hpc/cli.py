@@ -302,8 +302,7 @@ def run_npy(
     finally:
         # not taken over by the flow: a check refused the input, the store was locked
         if early is not None and early.running:
-            early.stop()
-            early.log_path.unlink(missing_ok=True)
+            early.discard()
     return store.open_strain(out).load()
 
 

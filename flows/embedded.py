@@ -185,15 +185,20 @@ def _start(server: Any, log_path: Path, preload: Sequence[str] = ()) -> None:
         importlib.import_module(name)
     waiter.join()
     if failed:
-        tail = log_path.read_text(errors="replace")[-SERVER_LOG_TAIL:] if log_path.exists() \
-            else ""
-        raise RuntimeError(f"Prefect's temporary server did not start: {failed[0]}\n"
-                           f"its output ({log_path}) ends with:\n{tail}") from failed[0]
+        raise _not_started(failed[0], log_path) from failed[0]
     host = urlparse(server.address).hostname
     if host != LOOPBACK:
         raise RuntimeError(f"Prefect's temporary server listens on {host}, not {LOOPBACK}; "
                            "start a server yourself (`prefect server start --host "
                            "127.0.0.1`) and set PREFECT_API_URL")
+
+
+def _not_started(why: object, log_path: Path) -> RuntimeError:
+    """The error of a server that did not start, quoting the end of its output."""
+    tail = log_path.read_text(errors="replace")[-SERVER_LOG_TAIL:] if log_path.exists() \
+        else ""
+    return RuntimeError(f"Prefect's temporary server did not start: {why}\n"
+                        f"its output ({log_path}) ends with:\n{tail}")
 
 
 def _log_path() -> Path:
@@ -284,10 +289,7 @@ class EarlyServer:
 
     def _fail(self, why: str) -> None:
         self.stop()
-        tail = self.log_path.read_text(errors="replace")[-SERVER_LOG_TAIL:] \
-            if self.log_path.exists() else ""
-        raise RuntimeError(f"Prefect's temporary server did not start: {why}\n"
-                           f"its output ({self.log_path}) ends with:\n{tail}")
+        raise _not_started(why, self.log_path)
 
     def stop(self) -> None:
         """End the server's process (SIGTERM, then SIGKILL); idempotent."""
@@ -300,6 +302,12 @@ class EarlyServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def discard(self) -> None:
+        """Stop the server and remove its log (a server that was not needed, or that ended
+        its work)."""
+        self.stop()
+        self.log_path.unlink(missing_ok=True)
 
     @property
     def running(self) -> bool:
@@ -368,8 +376,7 @@ def embedded_prefect(preload: Sequence[str] = (), early: EarlyServer | None = No
             raise Terminated(signum)
 
     if early is not None and PREFECT_API_URL.value():
-        early.stop()  # a profile names a server: runs are recorded there
-        early.log_path.unlink(missing_ok=True)
+        early.discard()  # a profile names a server: runs are recorded there
         early = None
     server = None if PREFECT_API_URL.value() or early is not None else _server()
     log_path = _log_path()
@@ -379,25 +386,26 @@ def embedded_prefect(preload: Sequence[str] = (), early: EarlyServer | None = No
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     signum: int | None = None
     started = False
+    # the early server's settings: closed after its queued logs are sent, in the finally
+    settings = contextlib.ExitStack()
     try:
-        with contextlib.ExitStack() as stack:
-            if ours:
-                _start(server, log_path, preload)  # imports preload while the server starts
-                started = True
-            else:  # no server to wait for, or one that boots meanwhile: imported at once
-                for name in preload:
-                    importlib.import_module(name)
-            if early is not None:
-                try:
-                    early.wait()
-                except RuntimeError:
-                    early = None  # stopped; its log is kept, the error names it
-                    raise
-                from prefect.settings import temporary_settings
+        if ours:
+            _start(server, log_path, preload)  # imports preload while the server starts
+            started = True
+        else:  # no server to wait for, or one that boots meanwhile: imported at once
+            for name in preload:
+                importlib.import_module(name)
+        if early is not None:
+            try:
+                early.wait()
+            except RuntimeError:
+                early = None  # stopped; its log is kept, the error names it
+                raise
+            from prefect.settings import temporary_settings
 
-                stack.enter_context(temporary_settings({PREFECT_API_URL: early.api_url}))
-            yield early.api_url if early is not None else (
-                server.api_url if server is not None else None)
+            settings.enter_context(temporary_settings({PREFECT_API_URL: early.api_url}))
+        yield early.api_url if early is not None else (
+            server.api_url if server is not None else None)
     except Terminated as e:
         signum = e.signum
         raise
@@ -420,11 +428,11 @@ def embedded_prefect(preload: Sequence[str] = (), early: EarlyServer | None = No
             if early is not None:
                 if early.running:
                     _drain_prefect_workers(drain)
-                early.stop()
-                early.log_path.unlink(missing_ok=True)
+                early.discard()
             if signum is not None:
                 _end_new_children(before)
         finally:
+            settings.close()
             if main:  # None: a handler not set from Python, i.e. the default
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if signum == signal.SIGTERM and main and previous in (signal.SIG_DFL, None):
