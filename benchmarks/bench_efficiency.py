@@ -47,7 +47,7 @@ from scipy import ndimage
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.refine import POSTERIOR_SAMPLES, POSTERIOR_WIDTH
-from ccstae_hpc.sim.crb import PARAMS, fisher_information, pattern_from_params
+from ccstae_hpc.sim.crb import PARAMS, fisher_information, pattern_from_params, patterns_from_params
 from ccstae_hpc.sim.crb import truth_params as pixel_params
 from ccstae_hpc.sim.simulate import base_origin, truth_rows
 
@@ -62,30 +62,40 @@ LINE_SEARCH_HALVINGS = 10
 
 def model(cfg: SimConfig, p: np.ndarray, dose: float, blur: float, phase: int = PHASE
           ) -> np.ndarray:
-    """Expected counts (flattened) of ``phase`` at parameters ``p``, blurred by ``blur`` px."""
-    m = pattern_from_params(cfg, p, phase, dose)
-    return (ndimage.gaussian_filter(m, blur) if blur > 0 else m).ravel()
+    """Expected counts (flattened) of ``phase`` at parameters ``p``, blurred by ``blur`` px;
+    ``p`` ``(m, 6)`` gives ``(m, Q*Q)``, rendered together."""
+    m = patterns_from_params(cfg, np.atleast_2d(p), phase, dose)
+    if blur > 0:  # each pattern on its own (no blur across the stack)
+        m = ndimage.gaussian_filter(m, (0.0, blur, blur))
+    m = m.reshape(len(m), -1)
+    return m if np.ndim(p) == 2 else m[0]
 
 
 def loglik(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float, blur: float,
-           phase: int = PHASE) -> float:
-    mu = np.maximum(model(cfg, p, dose, blur, phase), 1e-12)
-    return float(np.sum(x * np.log(mu) - mu))
+           phase: int = PHASE) -> float | np.ndarray:
+    """Poisson log-likelihood of counts ``x`` at ``p`` (``(m, 6)``: one per row)."""
+    return _loglik(x, model(cfg, p, dose, blur, phase))
+
+
+def _loglik(x: np.ndarray, m: np.ndarray) -> float | np.ndarray:
+    mu = np.maximum(m, 1e-12)
+    out = np.sum(x * np.log(mu) - mu, axis=-1)
+    return float(out) if out.ndim == 0 else out
 
 
 def scoring_step(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float,
                  blur: float, phase: int = PHASE) -> np.ndarray:
     """One Fisher-scoring step with a backtracking line search (never lowers the
     likelihood)."""
-    mu = np.maximum(model(cfg, p, dose, blur, phase), 1e-12)
-    J = np.empty((len(p), mu.size))
-    for i, h in enumerate(STEPS * (1.0 + 10.0 * blur)):
-        e = np.zeros(len(p))
-        e[i] = h
-        J[i] = (model(cfg, p + e, dose, blur, phase)
-                - model(cfg, p - e, dose, blur, phase)) / (2 * h)
+    h = STEPS * (1.0 + 10.0 * blur)
+    # the model and its central differences in one render
+    m = model(cfg, np.concatenate([p[None], p + np.diag(h), p - np.diag(h)]), dose, blur,
+              phase)
+    n = len(p)
+    J = (m[1:1 + n] - m[1 + n:]) / (2 * h[:, None])
+    mu = np.maximum(m[0], 1e-12)
     d = np.linalg.solve((J / mu) @ J.T, J @ ((x - mu) / mu))
-    base, t = loglik(cfg, x, p, dose, blur, phase), 1.0
+    base, t = _loglik(x, m[0]), 1.0
     for _ in range(LINE_SEARCH_HALVINGS):
         if loglik(cfg, x, p + t * d, dose, blur, phase) >= base:
             return p + t * d
@@ -109,8 +119,7 @@ def likelihood_mean(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float,
     standard-normal draws ``z``."""
     C = np.linalg.inv(fisher_information(cfg, dose, phase, p))
     steps = z @ (np.linalg.cholesky(C) * POSTERIOR_WIDTH).T
-    lw = np.array([loglik(cfg, x, p + d, dose, 0.0, phase) for d in steps]) \
-        + 0.5 * (z * z).sum(1)
+    lw = loglik(cfg, x, p + steps, dose, 0.0, phase) + 0.5 * (z * z).sum(1)
     w = np.exp(lw - lw.max())
     return p + (w / w.sum()) @ steps
 

@@ -13,10 +13,11 @@ import numpy as np
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.strain import polar_decompose, rotation_matrix
-from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern
+from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern, render_patterns
 
-__all__ = ["PARAMS", "pattern_from_params", "fisher_information", "cramer_rao", "render_pattern",
-           "pattern_floor", "scan_floor", "truth_params", "in_frame", "pattern_covariance"]
+__all__ = ["PARAMS", "pattern_from_params", "patterns_from_params", "fisher_information",
+           "cramer_rao", "render_pattern", "pattern_floor", "scan_floor", "truth_params",
+           "in_frame", "pattern_covariance"]
 
 PARAMS = ("exx", "eyy", "exy", "theta_deg", "origin_x", "origin_y")
 # sub-pixel samples per detector pixel and axis when a measured pattern is warped: a
@@ -32,11 +33,23 @@ _STEPS = np.array([1e-4, 1e-4, 1e-4, 1e-2, 1e-2, 1e-2])
 SCAN_FLOOR_PATTERNS = 64
 
 
+def patterns_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float
+                         ) -> np.ndarray:
+    """Expected counts ``(m, Q, Q)`` for ``m`` parameter rows ``p`` ``(m, 6)`` ordered as
+    :data:`PARAMS`, rendered together: the renderer's cost is per reflection and call, so
+    the finite differences of one pattern in one call take a tenth of the time of one call
+    each (the counts equal to rounding)."""
+    p = np.atleast_2d(np.asarray(p, np.float64))
+    exx, eyy, exy, theta, ox, oy = p.T
+    e = np.stack([np.stack([exx, exy], -1), np.stack([exy, eyy], -1)], -2)  # (m, 2, 2)
+    F = rotation_matrix(theta) @ (np.eye(2) + e)
+    return render_patterns(cfg, F, np.stack([oy, ox], -1), np.full(len(p), phase),
+                           total=dose, dtype=np.float64)
+
+
 def pattern_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float) -> np.ndarray:
     """Expected counts ``(Q, Q)`` for parameters ``p`` ordered as :data:`PARAMS`."""
-    exx, eyy, exy, theta, ox, oy = (float(v) for v in p)
-    F = rotation_matrix(theta) @ (np.eye(2) + np.array([[exx, exy], [exy, eyy]]))
-    return render_pattern(cfg, F, np.array([oy, ox]), phase, total=dose, dtype=np.float64)
+    return patterns_from_params(cfg, np.asarray(p)[None], phase, dose)[0]
 
 
 def in_frame(cov: np.ndarray, frame_deg: float) -> np.ndarray:
@@ -74,14 +87,12 @@ def fisher_information(
     if p0 is None:
         oy, ox = base_origin(cfg)
         p0 = np.array([0.0, 0.0, 0.0, cfg.global_rotation_deg, ox, oy])
-    mu = pattern_from_params(cfg, p0, phase, dose).ravel()
-    J = np.empty((len(PARAMS), mu.size))
-    for i, h in enumerate(_STEPS):
-        e = np.zeros(len(PARAMS))
-        e[i] = h
-        up = pattern_from_params(cfg, p0 + e, phase, dose).ravel()
-        down = pattern_from_params(cfg, p0 - e, phase, dose).ravel()
-        J[i] = (up - down) / (2.0 * h)
+    # the pattern and its 2 x 6 central differences in one render
+    e = np.diag(_STEPS)
+    m = patterns_from_params(cfg, np.concatenate([p0[None], p0 + e, p0 - e]), phase, dose)
+    m = m.reshape(len(m), -1)
+    mu, up, down = m[0], m[1:1 + len(PARAMS)], m[1 + len(PARAMS):]
+    J = (up - down) / (2.0 * _STEPS[:, None])
     # the floor keeps empty pixels (if any) from dividing by zero; it is ~1e-12 of a count
     mu = mu + 1e-12 * dose / mu.size
     return (J / mu) @ J.T
