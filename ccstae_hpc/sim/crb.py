@@ -37,8 +37,8 @@ def patterns_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float
                          ) -> np.ndarray:
     """Expected counts ``(m, Q, Q)`` for ``m`` parameter rows ``p`` ``(m, 6)`` ordered as
     :data:`PARAMS`, rendered together: the renderer's cost is per reflection and call, so
-    the finite differences of one pattern in one call take a tenth of the time of one call
-    each (the counts equal to rounding)."""
+    one call for a pattern and its finite differences is several times faster than a call
+    each (:func:`scan_floor` of a 32x32 scan 5.1 -> 0.9 s, the floors equal to 11 digits)."""
     p = np.atleast_2d(np.asarray(p, np.float64))
     exx, eyy, exy, theta, ox, oy = p.T
     e = np.stack([np.stack([exx, exy], -1), np.stack([exy, eyy], -1)], -2)  # (m, 2, 2)
@@ -87,6 +87,7 @@ def fisher_information(
     if p0 is None:
         oy, ox = base_origin(cfg)
         p0 = np.array([0.0, 0.0, 0.0, cfg.global_rotation_deg, ox, oy])
+    p0 = np.asarray(p0, np.float64)
     # the pattern and its 2 x 6 central differences in one render
     e = np.diag(_STEPS)
     m = patterns_from_params(cfg, np.concatenate([p0[None], p0 + e, p0 - e]), phase, dose)
