@@ -367,10 +367,9 @@ def _run_flow(inp: Path, out: Path, overwrite: bool, model_cfg: ModelConfig | No
     temporary Prefect server this run started is stopped before returning, so that its
     shutdown messages come before the result or the error line, not after it.
     """
-    # no network here and no server to wait for: Prefect's defaults assume both
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.embedded import embedded_prefect
+    from flows.embedded import embedded_prefect, offline_defaults
+
+    offline_defaults()  # before Prefect is imported
     from flows.params import PipelineConfig
 
     cfg = PipelineConfig(model=model_cfg or ModelConfig(), train=train_cfg or TrainConfig(),

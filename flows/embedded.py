@@ -47,7 +47,8 @@ from urllib.error import URLError
 from urllib.parse import urlparse
 from urllib.request import urlopen
 
-__all__ = ["LOOPBACK", "EarlyServer", "Terminated", "embedded_prefect", "spawn_server"]
+__all__ = ["LOOPBACK", "EarlyServer", "Terminated", "embedded_prefect", "offline_defaults",
+           "spawn_server"]
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,16 @@ class EarlyServer:
         return self.process is not None and self.process.poll() is None
 
 
+def offline_defaults() -> None:
+    """Prefect's environment for a machine without network whose server is started here:
+    no analytics (they would try to reach the network) and a startup timeout that a new
+    database's migrations (~25 s) fit in.  Only defaults: the user's variables win.  Set
+    before Prefect's settings are first read (by an import or by the server's process)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                          str(STARTUP_TIMEOUT_S))
+
+
 def spawn_server() -> EarlyServer | None:
     """Start Prefect's temporary server now, for a later :func:`embedded_prefect`; None
     when ``PREFECT_API_URL`` names a server (in the environment, or in Prefect's settings
@@ -326,8 +337,7 @@ def spawn_server() -> EarlyServer | None:
 
         if PREFECT_API_URL.value():
             return None
-    # no network here and no server to wait for: Prefect's defaults assume both
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    offline_defaults()  # the server reads them when it starts
     return EarlyServer()
 
 
@@ -361,8 +371,7 @@ def embedded_prefect(preload: Sequence[str] = (), early: EarlyServer | None = No
     str or None
         The API URL of the temporary server, or None when ``PREFECT_API_URL`` names one.
     """
-    # no network here and no server to wait for: Prefect's defaults assume both
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    offline_defaults()
     from prefect.exceptions import TerminationSignal
     from prefect.settings import PREFECT_API_URL
 
