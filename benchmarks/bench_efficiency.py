@@ -47,7 +47,13 @@ from scipy import ndimage
 
 from ccstae_hpc.core.config import SimConfig
 from ccstae_hpc.core.refine import POSTERIOR_SAMPLES, POSTERIOR_WIDTH
-from ccstae_hpc.sim.crb import PARAMS, fisher_information, pattern_from_params, patterns_from_params
+from ccstae_hpc.sim.crb import (
+    PARAMS,
+    fisher_information,
+    model_jacobian,
+    pattern_from_params,
+    patterns_from_params,
+)
 from ccstae_hpc.sim.crb import truth_params as pixel_params
 from ccstae_hpc.sim.simulate import base_origin, truth_rows
 
@@ -87,15 +93,12 @@ def scoring_step(cfg: SimConfig, x: np.ndarray, p: np.ndarray, dose: float,
                  blur: float, phase: int = PHASE) -> np.ndarray:
     """One Fisher-scoring step with a backtracking line search (never lowers the
     likelihood)."""
-    h = STEPS * (1.0 + 10.0 * blur)
     # the model and its central differences in one render
-    m = model(cfg, np.concatenate([p[None], p + np.diag(h), p - np.diag(h)]), dose, blur,
-              phase)
-    n = len(p)
-    J = (m[1:1 + n] - m[1 + n:]) / (2 * h[:, None])
-    mu = np.maximum(m[0], 1e-12)
+    m0, J = model_jacobian(lambda q: model(cfg, q, dose, blur, phase), p,
+                           STEPS * (1.0 + 10.0 * blur))
+    mu = np.maximum(m0, 1e-12)
     d = np.linalg.solve((J / mu) @ J.T, J @ ((x - mu) / mu))
-    base, t = _loglik(x, m[0]), 1.0
+    base, t = _loglik(x, m0), 1.0
     for _ in range(LINE_SEARCH_HALVINGS):
         if loglik(cfg, x, p + t * d, dose, blur, phase) >= base:
             return p + t * d

@@ -8,6 +8,7 @@ cannot be recovered from one pattern at a given dose more precisely than this.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from ccstae_hpc.sim.simulate import LATTICE_A, base_origin, render_pattern, rend
 
 __all__ = ["PARAMS", "pattern_from_params", "patterns_from_params", "fisher_information",
            "cramer_rao", "render_pattern", "pattern_floor", "scan_floor", "truth_params",
-           "in_frame", "pattern_covariance"]
+           "in_frame", "pattern_covariance", "model_jacobian"]
 
 PARAMS = ("exx", "eyy", "exy", "theta_deg", "origin_x", "origin_y")
 # sub-pixel samples per detector pixel and axis when a measured pattern is warped: a
@@ -45,6 +46,18 @@ def patterns_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float
     F = rotation_matrix(theta) @ (np.eye(2) + e)
     return render_patterns(cfg, F, np.stack([oy, ox], -1), np.full(len(p), phase),
                            total=dose, dtype=np.float64)
+
+
+def model_jacobian(model: Callable[[np.ndarray], np.ndarray], p: np.ndarray,
+                   steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A model at parameters ``p`` ``(n,)`` and its central-difference Jacobian ``(n, P)``
+    (step ``steps[i]`` along parameter ``i``), from one call of ``model`` (rows of
+    parameters ``(m, n)`` -> ``(m, P)``) on ``p`` and its ``2 n`` shifted copies."""
+    p = np.asarray(p, np.float64)
+    h = np.asarray(steps, np.float64)
+    m = model(np.concatenate([p[None], p + np.diag(h), p - np.diag(h)]))
+    n = len(p)
+    return m[0], (m[1:1 + n] - m[1 + n:]) / (2.0 * h[:, None])
 
 
 def pattern_from_params(cfg: SimConfig, p: np.ndarray, phase: int, dose: float) -> np.ndarray:
@@ -87,13 +100,9 @@ def fisher_information(
     if p0 is None:
         oy, ox = base_origin(cfg)
         p0 = np.array([0.0, 0.0, 0.0, cfg.global_rotation_deg, ox, oy])
-    p0 = np.asarray(p0, np.float64)
     # the pattern and its 2 x 6 central differences in one render
-    e = np.diag(_STEPS)
-    m = patterns_from_params(cfg, np.concatenate([p0[None], p0 + e, p0 - e]), phase, dose)
-    m = m.reshape(len(m), -1)
-    mu, up, down = m[0], m[1:1 + len(PARAMS)], m[1 + len(PARAMS):]
-    J = (up - down) / (2.0 * _STEPS[:, None])
+    mu, J = model_jacobian(
+        lambda q: patterns_from_params(cfg, q, phase, dose).reshape(len(q), -1), p0, _STEPS)
     # the floor keeps empty pixels (if any) from dividing by zero; it is ~1e-12 of a count
     mu = mu + 1e-12 * dose / mu.size
     return (J / mu) @ J.T
